@@ -1,0 +1,56 @@
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHARED = os.path.abspath(os.path.join(HERE, "..", "..", "shared", "data"))
+PHILIPS = os.path.join(SHARED, "dmri_invivo_philips_achieva_dti32")
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def require_tckgen():
+    """Parity tests need MRtrix3: in CI its absence is a failure, elsewhere a skip with the reason."""
+    if shutil.which("tckgen") is None:
+        msg = "tckgen (MRtrix3) not on PATH: apt-get install -y mrtrix3"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+
+
+def require_philips():
+    fod = os.path.join(PHILIPS, "dwi_fod_lmax8.nii.gz")
+    if not os.path.exists(fod):
+        msg = f"real data not found at {PHILIPS} (../shared/data next to the checkout)"
+        if IN_CI:
+            pytest.fail(msg)
+        pytest.skip(msg)
+    return {"fod": fod, "seed": os.path.join(PHILIPS, "dwi_wmmask_FA0.3.nii.gz"),
+            "mask": os.path.join(PHILIPS, "dwi_brainmask.nii.gz")}
+
+
+@pytest.fixture(scope="session")
+def phantom_files(tmp_path_factory):
+    from tractfunc.phantom import make_phantom, save_phantom
+    d = tmp_path_factory.mktemp("phantom")
+    ph = make_phantom()
+    paths = save_phantom(ph, str(d / "ph"))
+    return ph, paths
+
+
+@pytest.fixture(scope="session")
+def phantom_field(phantom_files):
+    from tractfunc import field as F, params as P, io
+    ph, paths = phantom_files
+    img = io.load_fod(paths["fod"])
+    return dict(ph=ph, img=img, params=P.resolve(img.voxel_sizes),
+                field32=F.make_field(torch.as_tensor(img.data), img.affine),
+                field64=F.make_field(torch.as_tensor(img.data, dtype=torch.float64), img.affine),
+                mask=F.make_mask(torch.as_tensor(ph.mask), ph.affine))
+
+
+def unit(v):
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.linalg.norm(v, axis=-1, keepdims=True)

@@ -1,0 +1,35 @@
+"""tractfunc: differentiable streamline tractography in PyTorch, faithful to MRtrix3 SD_Stream.
+
+Layout (one concept per module):
+  sh           real SH basis (MRtrix3 convention), pole-safe derivatives, tckgen's Legendre table
+  interpolate  trilinear sampling with MRtrix3's image-edge and zero-voxel rules
+  direction    FOD peak by Newton iteration on the sphere
+  integrate    Euler / RK4 steps composed from SD_Stream's elementary move
+  stop         stopping rules and reason codes
+  params       tckgen defaults from the voxel size
+  field        FOD and mask containers
+  tracking     TrackState, the pure step, eager and fixed-shape bidirectional trackers
+  seeds        seed generation with an explicit torch.Generator
+  io           NIfTI in, .tck/.trk out, seed files
+  phantom      built-in synthetic FOD phantom
+  parity       re-tracking tckgen output and measuring agreement
+  cli          the command line
+"""
+from . import sh
+from .direction import Peak, peak
+from .field import FODField, MaskField, make_field, make_mask
+from .interpolate import sample_fod, trilinear
+from .io import TractfuncError, load_fod, load_mask, write_tractogram
+from .params import TrackParams, resolve
+from .seeds import random_in_mask
+from .integrate import euler, iterate, rk4, sd_next
+from .stop import Reason
+from .tracking import FixedTracks, Tractogram, TrackState, step, track, track_fixed
+
+__all__ = [
+    "sh", "Peak", "peak", "FODField", "MaskField", "make_field", "make_mask", "sample_fod", "trilinear",
+    "TractfuncError", "load_fod", "load_mask", "write_tractogram", "TrackParams", "resolve",
+    "random_in_mask", "euler", "iterate", "rk4", "sd_next", "Reason", "FixedTracks", "Tractogram",
+    "TrackState", "step", "track", "track_fixed",
+]
+__version__ = "0.1.0"

@@ -1,0 +1,49 @@
+"""The read-only inputs of tracking: an FOD volume with its geometry, and an optional mask."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from . import sh
+from .interpolate import Sample, sample_fod
+
+Tensor = torch.Tensor
+
+
+class FODField(NamedTuple):
+    """sh: (X, Y, Z, N) SH coefficients (MRtrix3 basis, directions in the scanner frame);
+    nonzero: (X, Y, Z) bool, voxels holding any non-zero coefficient; world_to_voxel: (4, 4) float64
+    inverse affine; table: Legendre lookup for MRtrix3-exact peaks, or None for exact evaluation."""
+    sh: Tensor
+    nonzero: Tensor
+    world_to_voxel: Tensor
+    table: Optional[sh.LegendreTable]
+
+    def sample(self, pos: Tensor) -> Sample:
+        """FOD coefficients at scanner points (..., 3) mm -> Sample(values (..., N), inside (...,))."""
+        return sample_fod(self.sh, self.nonzero, self.world_to_voxel, pos)
+
+
+class MaskField(NamedTuple):
+    """mask: (X, Y, Z) bool; world_to_voxel: (4, 4) float64 inverse affine of the mask image."""
+    mask: Tensor
+    world_to_voxel: Tensor
+
+
+def make_field(sh_volume: Tensor, affine, precomputed: bool = True) -> FODField:
+    """Build an :class:`FODField` from SH coefficients (X, Y, Z, N) and their (4, 4) voxel->scanner affine.
+
+    ``precomputed=True`` emulates tckgen's Legendre lookup table (its default) for parity; False uses the
+    exact pole-safe evaluation."""
+    A = torch.as_tensor(affine, dtype=torch.float64, device=sh_volume.device)
+    sh_volume = sh_volume.contiguous()   # sampling gathers rows of the flattened volume
+    table = sh.LegendreTable(sh.lmax_for(sh_volume.shape[-1]), device=sh_volume.device,
+                             dtype=sh_volume.dtype) if precomputed else None
+    return FODField(sh_volume, (sh_volume != 0).any(-1).contiguous(), torch.linalg.inv(A), table)
+
+
+def make_mask(mask_volume: Tensor, affine) -> MaskField:
+    """Mask (X, Y, Z) (non-zero = inside) with its (4, 4) affine -> :class:`MaskField`."""
+    A = torch.as_tensor(affine, dtype=torch.float64, device=mask_volume.device)
+    return MaskField((mask_volume != 0).contiguous(), torch.linalg.inv(A))

@@ -1,0 +1,102 @@
+"""Sampling volumes at scanner-space points with MRtrix3's rules.
+
+Frames: ``pos`` is (..., 3) in scanner (RAS) millimetres; ``world_to_voxel`` is the (4, 4) inverse of the
+NIfTI affine; voxel coordinates put voxel centres on integers.
+
+Rules (MRtrix3 ``Interp::Masked<Interp::Linear>``):
+* a point is outside when any voxel coordinate is ``<= -0.5`` or ``>= dim - 0.5``;
+* trilinear weights, with the fractional offset set to 0 beyond the outermost voxel centres (edge clamp),
+  and weights below 1e-6 dropped;
+* a point whose nearest voxel (round half away from zero) holds only zeros counts as outside.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+Tensor = torch.Tensor
+
+_EPS = 1e-6
+
+
+def to_voxel(pos: Tensor, world_to_voxel: Tensor) -> Tensor:
+    """Scanner mm (..., 3) -> voxel coordinates (..., 3), computed in the dtype of ``world_to_voxel``."""
+    A = world_to_voxel.to(device=pos.device)
+    p = pos.to(A.dtype)
+    return p @ A[:3, :3].T + A[:3, 3]
+
+
+def round_half_away(x: Tensor) -> Tensor:
+    """``std::round``: halves round away from zero (torch.round rounds them to even)."""
+    return torch.sign(x) * torch.floor(x.abs() + 0.5)
+
+
+def inside_bounds(vox: Tensor, dims) -> Tensor:
+    """(..., 3) voxel coords -> (...,) bool: strictly inside (-0.5, dim - 0.5) on every axis."""
+    d = torch.as_tensor(dims, dtype=vox.dtype, device=vox.device)
+    return ((vox > -0.5) & (vox < d - 0.5)).all(-1)
+
+
+def _flat_index(ix: Tensor, iy: Tensor, iz: Tensor, dims) -> Tensor:
+    return (ix * dims[1] + iy) * dims[2] + iz
+
+
+class Sample(NamedTuple):
+    """values: (..., C) interpolated channels (zeros where outside); inside: (...,) bool."""
+    values: Tensor
+    inside: Tensor
+
+
+def trilinear(volume: Tensor, vox: Tensor) -> Sample:
+    """Trilinear interpolation of ``volume`` (X, Y, Z, C) at voxel coordinates ``vox`` (..., 3).
+
+    Differentiable with respect to both (gather + weighted sum).  Out-of-bounds points get zeros and
+    ``inside = False``.  Weights are computed in ``vox``'s dtype and cast to ``volume``'s."""
+    dims = volume.shape[:3]
+    inside = inside_bounds(vox, dims)
+    d = torch.as_tensor(dims, dtype=vox.dtype, device=vox.device)
+    base = torch.floor(vox)
+    frac = vox - base
+    frac = torch.where((vox < 0) | (vox > d - 1), torch.zeros_like(frac), frac)
+    base = base.long()
+    flat = volume.reshape(-1, volume.shape[-1])
+    out = 0
+    for corner in range(8):
+        o = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1]   # (x, y, z) offsets
+        idx = [(base[..., a] + o[a]).clamp(0, dims[a] - 1) for a in range(3)]
+        w = 1
+        for a in range(3):
+            w = w * (frac[..., a] if o[a] else 1 - frac[..., a])
+        w = w.to(volume.dtype)
+        w = torch.where(w < _EPS, torch.zeros_like(w), w)
+        rows = flat[_flat_index(*idx, dims).reshape(-1)].reshape(*vox.shape[:-1], flat.shape[-1])
+        out = out + w.unsqueeze(-1) * rows
+    out = torch.where(inside.unsqueeze(-1), out, torch.zeros_like(out))
+    return Sample(out, inside)
+
+
+def nearest_value(volume: Tensor, vox: Tensor) -> Tensor:
+    """Value of the nearest voxel (round half away from zero) of a 3-D ``volume`` (X, Y, Z), or 0 when the
+    rounded index is out of bounds.  vox: (..., 3) -> (...,) of volume's dtype."""
+    dims = volume.shape[:3]
+    r = round_half_away(vox)
+    d = torch.as_tensor(dims, dtype=vox.dtype, device=vox.device)
+    ok = ((r >= 0) & (r <= d - 1)).all(-1)
+    ri = r.long()
+    idx = [ri[..., a].clamp(0, dims[a] - 1) for a in range(3)]
+    vals = volume.reshape(-1)[_flat_index(*idx, dims).reshape(-1)].reshape(vox.shape[:-1])
+    return torch.where(ok, vals, torch.zeros_like(vals))
+
+
+def sample_fod(sh_volume: Tensor, nonzero: Tensor, world_to_voxel: Tensor, pos: Tensor) -> Sample:
+    """FOD coefficients at scanner points, MRtrix3 style.
+
+    sh_volume: (X, Y, Z, N); nonzero: (X, Y, Z) bool, voxels with any non-zero coefficient;
+    world_to_voxel: (4, 4); pos: (..., 3) scanner mm.  Voxel coordinates are computed in float64 (as
+    MRtrix3 does), the weighted sum in ``sh_volume``'s dtype.  ``inside`` is False outside the image or
+    where the nearest voxel is all-zero; ``values`` there are zeros."""
+    vox = to_voxel(pos, world_to_voxel.to(torch.float64))
+    s = trilinear(sh_volume, vox)
+    inside = s.inside & nearest_value(nonzero, vox)
+    return Sample(torch.where(inside.unsqueeze(-1), s.values, torch.zeros_like(s.values)), inside)

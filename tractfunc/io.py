@@ -1,0 +1,155 @@
+"""File boundary: NIfTI FOD/mask images in, .tck/.trk tractograms and seed CSVs out.
+
+Everything here validates and raises :class:`TractfuncError` with a one-line message naming the problem.
+"""
+from __future__ import annotations
+
+import os
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from . import sh
+
+
+class TractfuncError(ValueError):
+    """Bad input: the message says what was wrong and what was expected."""
+
+
+class Image(NamedTuple):
+    """data: numpy array (X, Y, Z[, C]); affine: (4, 4) voxel -> scanner mm; voxel_sizes: (3,) mm."""
+    data: np.ndarray
+    affine: np.ndarray
+    voxel_sizes: tuple
+
+
+def _load(path: str):
+    import nibabel as nib
+    if not os.path.exists(path):
+        raise TractfuncError(f"{path}: no such file")
+    try:
+        img = nib.load(path)
+        data = np.asarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for corrupt files
+        raise TractfuncError(f"{path}: cannot be read as NIfTI ({type(e).__name__}: {e})") from None
+    A = np.asarray(img.affine, dtype=np.float64)
+    if not np.all(np.isfinite(A)) or abs(np.linalg.det(A[:3, :3])) < 1e-12:
+        raise TractfuncError(f"{path}: affine is not invertible; expected a valid voxel-to-scanner transform")
+    return img, data, A
+
+
+def load_fod(path: str, dtype=np.float32) -> Image:
+    """Load SH FOD coefficients (X, Y, Z, N) in the MRtrix3 basis.  N must be (l+1)(l+2)/2 for even l;
+    non-finite values are an error."""
+    img, data, A = _load(path)
+    if data.ndim != 4:
+        raise TractfuncError(f"{path}: FOD image has shape {data.shape}; expected 4-D (X, Y, Z, N SH coefficients)")
+    try:
+        sh.lmax_for(data.shape[3])
+    except ValueError as e:
+        raise TractfuncError(f"{path}: {e}") from None
+    data = data.astype(dtype, copy=False)
+    bad = ~np.isfinite(data)
+    if bad.any():
+        raise TractfuncError(f"{path}: {int(bad.any(-1).sum())} voxels hold NaN/Inf coefficients; "
+                             f"expected finite values (zero them first, e.g. mrcalc -finite)")
+    return Image(data, A, tuple(float(v) for v in np.sqrt((A[:3, :3] ** 2).sum(0))))
+
+
+def load_mask(path: str) -> Image:
+    """Load a 3-D mask (non-zero = inside); a trailing singleton 4th axis is accepted."""
+    img, data, A = _load(path)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise TractfuncError(f"{path}: mask has shape {data.shape}; expected a 3-D image")
+    return Image(data != 0, A, tuple(float(v) for v in np.sqrt((A[:3, :3] ** 2).sum(0))))
+
+
+def same_grid(a: Image, b: Image) -> bool:
+    return a.data.shape[:3] == b.data.shape[:3] and np.allclose(a.affine, b.affine, atol=1e-4)
+
+
+def read_seed_points(path: str) -> np.ndarray:
+    """Seed points (S, 3) scanner mm from rows ``x y z`` (space or comma separated, '#' comments), or
+    from a tckgen ``-output_seeds`` CSV (``Track_index,Seed_index,Pos_x,Pos_y,Pos_z``)."""
+    rows = _read_rows(path)
+    if rows and len(rows[0]) >= 5 and all(float(r[1]).is_integer() for r in rows):
+        pts = np.array([[float(v) for v in r[2:5]] for r in rows])
+    else:
+        pts = _rows3(rows, path, "x y z")
+    return pts
+
+
+def read_directions(path: str, n: Optional[int] = None) -> np.ndarray:
+    """Directions (S, 3) from rows ``dx dy dz``; each must be finite and non-zero (normalised here)."""
+    d = _rows3(_read_rows(path), path, "dx dy dz")
+    norm = np.linalg.norm(d, axis=1)
+    bad = ~np.isfinite(norm) | (norm == 0)
+    if bad.any():
+        raise TractfuncError(f"{path}: {int(bad.sum())} directions are zero or non-finite (first at row {int(np.argmax(bad)) + 1})")
+    if n is not None and len(d) != n:
+        raise TractfuncError(f"{path}: {len(d)} directions for {n} seed points; expected one per seed")
+    return d / norm[:, None]
+
+
+def _read_rows(path):
+    if not os.path.exists(path):
+        raise TractfuncError(f"{path}: no such file")
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            line = line.split("#", 1)[0].strip()
+            if not line:
+                continue
+            parts = [p for p in line.replace(",", " ").split() if p]
+            try:
+                [float(p) for p in parts]
+            except ValueError:
+                continue  # header line
+            rows.append(parts)
+    if not rows:
+        raise TractfuncError(f"{path}: no numeric rows found")
+    return rows
+
+
+def _rows3(rows, path, what):
+    if any(len(r) != 3 for r in rows):
+        raise TractfuncError(f"{path}: expected 3 columns ({what}) per row")
+    a = np.array([[float(v) for v in r] for r in rows])
+    if not np.all(np.isfinite(a)):
+        raise TractfuncError(f"{path}: non-finite values; expected finite {what}")
+    return a
+
+
+def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Image,
+                     header: Optional[dict] = None) -> None:
+    """Write streamlines ((n_i, 3) scanner mm) to .tck or .trk (by extension) with nibabel.
+
+    ``reference`` supplies the voxel grid a .trk needs; ``header`` entries are stored as tckgen-like
+    key: value properties in a .tck."""
+    import nibabel as nib
+    from nibabel.streamlines import Tractogram
+    ext = os.path.splitext(path)[1].lower()
+    tg = Tractogram([np.asarray(s, dtype=np.float32) for s in streamlines], affine_to_rasmm=np.eye(4))
+    if ext == ".tck":
+        f = nib.streamlines.TckFile(tg)
+        for k, v in (header or {}).items():
+            f.header[k] = str(v)
+    elif ext == ".trk":
+        hdr = {nib.streamlines.Field.VOXEL_TO_RASMM: reference.affine,
+               nib.streamlines.Field.VOXEL_SIZES: np.asarray(reference.voxel_sizes, dtype=np.float32),
+               nib.streamlines.Field.DIMENSIONS: np.asarray(reference.data.shape[:3], dtype=np.int16),
+               nib.streamlines.Field.VOXEL_ORDER: "".join(nib.aff2axcodes(reference.affine))}
+        f = nib.streamlines.TrkFile(tg, header=hdr)
+    else:
+        raise TractfuncError(f"{path}: unknown tractogram extension {ext!r}; expected .tck or .trk")
+    f.save(path)
+
+
+def write_seeds_csv(path: str, seed_points: np.ndarray, seed_index: Sequence[int]) -> None:
+    """tckgen ``-output_seeds`` format: ``Track_index,Seed_index,Pos_x,Pos_y,Pos_z,`` per accepted track."""
+    with open(path, "w") as fh:
+        fh.write("#Track_index,Seed_index,Pos_x,Pos_y,Pos_z,\n")
+        for i, (p, s) in enumerate(zip(seed_points, seed_index)):
+            fh.write(f"{i},{int(s)},{p[0]:.9g},{p[1]:.9g},{p[2]:.9g},\n")

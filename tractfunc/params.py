@@ -1,0 +1,85 @@
+"""Tracking parameters and their tckgen defaults.
+
+MRtrix3 derives every default from the FOD voxel size ``vox = (sx sy sz)^(1/3)`` and computes them in
+single precision; we replay that arithmetic in float32 so vertex-count limits match ``tckgen`` exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+STEP_VOXELS = 0.1          # first order (Euler)
+STEP_VOXELS_RK4 = 0.25
+ANGLE_DEG = 60.0
+CUTOFF = 0.1
+MIN_LENGTH_VOXELS = 5.0
+MAX_LENGTH_VOXELS = 100.0
+
+f32 = np.float32
+
+
+class TrackParams(NamedTuple):
+    """Resolved parameters (plain Python numbers, so they are static under torch.compile).
+
+    step: mm; cutoff: FOD amplitude; cos_angle_step: minimum dot product between consecutive peak
+    directions inside one step (-1 disables it, as with RK4); cos_angle_rk4: minimum dot product between
+    the first RK4 stage direction and the peak at the new point (RK4 only); max_points / min_points:
+    vertex limits over both halves of a streamline; rk4: integration scheme; precomputed: emulate
+    MRtrix3's Legendre lookup table in peak finding; max_length / min_length / angle: for headers."""
+    step: float
+    cutoff: float
+    cos_angle_step: float
+    cos_angle_rk4: float
+    max_points: int
+    min_points: int
+    rk4: bool
+    precomputed: bool
+    angle: float
+    min_length: float
+    max_length: float
+
+
+def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
+    """MRtrix3's ``vox()``: geometric mean of the three voxel sizes (mm), in float32."""
+    sx, sy, sz = (f32(v) for v in voxel_sizes[:3])
+    return float(f32(np.power(f32(sx * sy * sz), f32(1.0 / 3.0), dtype=f32)))
+
+
+def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[float] = None,
+            angle: Optional[float] = None, cutoff: Optional[float] = None,
+            min_length: Optional[float] = None, max_length: Optional[float] = None,
+            precomputed: bool = True) -> TrackParams:
+    """Fill unspecified parameters with tckgen SD_Stream defaults for an FOD of the given voxel sizes.
+
+    voxel_sizes: (3,) mm.  step/min_length/max_length in mm, angle in degrees, cutoff in FOD amplitude.
+    Raises ValueError for non-positive step, angle outside (0, 180], negative lengths or cutoff."""
+    vox = mean_voxel_size(voxel_sizes)
+    step = f32(step) if step is not None else f32(f32(STEP_VOXELS_RK4 if rk4 else STEP_VOXELS) * f32(vox))
+    angle = f32(ANGLE_DEG if angle is None else angle)
+    cutoff = f32(CUTOFF if cutoff is None else cutoff)
+    max_dist = f32(max_length) if max_length is not None else f32(f32(MAX_LENGTH_VOXELS) * f32(vox))
+    min_dist = f32(min_length) if min_length is not None else f32(f32(MIN_LENGTH_VOXELS) * f32(vox))
+    if not (np.isfinite(step) and step > 0):
+        raise ValueError(f"step must be a positive number of mm, got {step}")
+    if not (0 < angle <= 180):
+        raise ValueError(f"angle must be in (0, 180] degrees, got {angle}")
+    if not (np.isfinite(cutoff) and cutoff >= 0):
+        raise ValueError(f"cutoff must be a non-negative FOD amplitude, got {cutoff}")
+    if not (min_dist >= 0 and max_dist > 0):
+        raise ValueError(f"lengths must be non-negative (max > 0), got min {min_dist}, max {max_dist}")
+    angle_rad = f32(float(angle) * (math.pi / 180.0))
+    cos_angle = f32(np.cos(angle_rad))
+    min_radius = f32(step / (f32(2.0) * f32(np.sin(f32(f32(0.5) * angle_rad)))))
+    angle_minradius = f32(f32(2.0) * f32(np.arcsin(f32(step / (f32(2.0) * min_radius)))))
+    min_step = f32(0.0) if angle_minradius > f32(2.0 * math.pi) else \
+        f32(f32(2.0) * min_radius * f32(np.sin(f32(f32(0.5) * angle_minradius))))
+    max_points = (3 + int(math.ceil(f32(max_dist / min_step)))) if min_step else 2 ** 62
+    min_points = 1 + int(math.ceil(f32(min_dist / step)))
+    return TrackParams(
+        step=float(step), cutoff=float(cutoff),
+        cos_angle_step=-1.0 if rk4 else float(cos_angle),
+        cos_angle_rk4=float(cos_angle) if rk4 else -1.0,
+        max_points=max_points, min_points=min_points, rk4=bool(rk4), precomputed=bool(precomputed),
+        angle=float(angle), min_length=float(min_dist), max_length=float(max_dist))

@@ -1,0 +1,47 @@
+"""Stopping rules, each a pure function returning a boolean mask, and the per-streamline reason codes.
+
+Codes follow the order in which ``tckgen`` tests them inside one step; ``CONTINUE`` means none fired.
+Whether the vertex that triggered a stop is kept follows ``tckgen``: only ``MAX_LENGTH`` keeps it.
+"""
+from __future__ import annotations
+
+from enum import IntEnum
+
+import torch
+
+from .interpolate import nearest_value, to_voxel
+
+Tensor = torch.Tensor
+
+
+class Reason(IntEnum):
+    CONTINUE = 0
+    EXIT_IMAGE = 1      # left the FOD image, or reached an all-zero voxel
+    CUTOFF = 2          # peak amplitude below the cutoff, or peak search failed (tckgen: "model")
+    CURVATURE = 3       # angle between successive directions above the maximum
+    EXIT_MASK = 4       # new vertex outside the tracking mask
+    MAX_LENGTH = 5      # vertex budget used up (the last vertex is kept)
+    SEED_REJECTED = 6   # seed outside mask/image, or no supra-threshold peak at the seed
+
+
+def below_cutoff(amp: Tensor, cutoff: float) -> Tensor:
+    """(...,) amplitudes -> True where the FOD amplitude is below ``cutoff`` or not finite."""
+    return ~(torch.isfinite(amp) & (amp >= cutoff))
+
+
+def too_curved(prev_dir: Tensor, new_dir: Tensor, cos_max_angle: float) -> Tensor:
+    """(..., 3) unit directions -> True where their dot product is below ``cos(max angle)``."""
+    return (prev_dir * new_dir).sum(-1) < cos_max_angle
+
+
+def outside_mask(mask: Tensor, world_to_voxel: Tensor, pos: Tensor) -> Tensor:
+    """Nearest-voxel mask test.  mask: (X, Y, Z) bool; pos: (..., 3) scanner mm -> (...,) True where the
+    nearest voxel is outside the mask grid or zero.  The voxel transform runs in ``pos``'s dtype, as
+    MRtrix3 applies its single-precision mask transform to single-precision positions."""
+    vox = to_voxel(pos, world_to_voxel.to(pos.dtype))
+    return ~nearest_value(mask, vox)
+
+
+def length_reached(n_vertices: Tensor, max_points: int) -> Tensor:
+    """(...,) vertex counts over both halves -> True once ``max_points`` vertices exist."""
+    return n_vertices >= max_points
