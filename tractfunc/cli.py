@@ -92,9 +92,12 @@ def cmd_track(a) -> int:
         max_seeds = a.seeds if a.seeds else 1000 * select
         lines, seed_pts, sidx = [], [], []
         n_seeds = 0
-        chunk = max(1000, min(50000, 2 * (select or max_seeds)))
         while n_seeds < max_seeds and (not select or len(lines) < select):
-            n = min(chunk, max_seeds - n_seeds)
+            # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
+            rate = max(len(lines) / n_seeds, 0.05) if n_seeds else 0.5
+            # per-step overhead dominates small batches, so overshoot rather than run another pass
+            want = 2 * (select - len(lines)) / rate if select else max_seeds
+            n = int(min(max(want, 512), 20000, max_seeds - n_seeds))
             pts = S.random_in_mask(torch.as_tensor(seed_img.data), seed_img.affine, n, gen)
             res = track(fld, prm, pts.to(dtype=dtype, device=device), None, mask=msk, generator=gen)
             keep = res.seed_ids.tolist()
@@ -174,7 +177,8 @@ def cmd_parity(a) -> int:
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
         r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype)
     print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}): {len(r.distances)} streamlines, "
-          f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} lost, "
+          f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
+          f"{r.too_short} shorter than the minimum length, "
           f"tractfunc {r.seconds:.1f}s")
     return 0
 

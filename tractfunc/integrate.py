@@ -15,7 +15,7 @@ from . import stop
 from .direction import peak
 from .field import FODField, MaskField
 from .params import TrackParams
-from .stop import Reason
+from .stop import CONTINUE, Reason
 
 Tensor = torch.Tensor
 
@@ -50,14 +50,14 @@ def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, earl
              torch.where(stop.below_cutoff(amp, params.cutoff), _code(Reason.CUTOFF, pos),
              torch.where(stop.too_curved(dir, new_dir, params.cos_angle_step), _code(Reason.CURVATURE, pos),
                          _code(Reason.CONTINUE, pos))))
-    go = (reason == Reason.CONTINUE).unsqueeze(-1)
+    go = (reason == CONTINUE).unsqueeze(-1)
     safe_dir = torch.where(go, new_dir, dir)
     return Move(torch.where(go, pos + safe_dir * params.step, pos), safe_dir, reason, amp)
 
 
 def _merge(first: Tensor, second: Tensor) -> Tensor:
     """Keep the first non-CONTINUE reason."""
-    return torch.where(first != Reason.CONTINUE, first, second)
+    return torch.where(first != CONTINUE, first, second)
 
 
 def euler(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False) -> Move:
@@ -82,9 +82,9 @@ def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_ex
     final_pos = pos + final_dir * h
     m5 = sd_next(field, params, final_pos, final_dir, early_exit)
     reason = _merge(m1.reason, _merge(m2.reason, _merge(m3.reason, _merge(m4.reason, m5.reason))))
-    curved = (reason == Reason.CONTINUE) & stop.too_curved(d1, m5.dir, params.cos_angle_rk4)
+    curved = (reason == CONTINUE) & stop.too_curved(d1, m5.dir, params.cos_angle_rk4)
     reason = torch.where(curved, _code(Reason.CURVATURE, pos), reason)
-    go = (reason == Reason.CONTINUE).unsqueeze(-1)
+    go = (reason == CONTINUE).unsqueeze(-1)
     return Move(torch.where(go, final_pos, pos), torch.where(go, final_dir, dir), reason, m1.amp)
 
 
@@ -94,5 +94,5 @@ def iterate(field: FODField, params: TrackParams, mask: Optional[MaskField], pos
     m = (rk4 if params.rk4 else euler)(field, params, pos, dir, early_exit)
     if mask is None:
         return m
-    out = (m.reason == Reason.CONTINUE) & stop.outside_mask(mask.mask, mask.world_to_voxel, m.pos)
+    out = (m.reason == CONTINUE) & stop.outside_mask(mask.mask, mask.world_to_voxel, m.pos)
     return m._replace(reason=torch.where(out, _code(Reason.EXIT_MASK, pos), m.reason))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import field as F, io, params as P
+from .stop import Reason
 from .tracking import track
 
 
@@ -122,8 +123,10 @@ def hausdorff(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def run_tckgen(fod: str, out_tck: str, out_seeds: str, seed_image: str, mask: Optional[str], select: int,
-               rk4: bool = False, nthreads: int = 2, extra=()) -> None:
-    """Run ``tckgen -algorithm SD_Stream`` (must be on PATH) with ``-output_seeds``."""
+               rk4: bool = False, nthreads: int = 2, extra=(), rng_seed: Optional[int] = None) -> None:
+    """Run ``tckgen -algorithm SD_Stream`` (must be on PATH) with ``-output_seeds``.
+
+    With ``rng_seed`` set (MRTRIX_RNG_SEED) and ``nthreads=0`` the output is reproducible."""
     exe = shutil.which("tckgen")
     if exe is None:
         raise FileNotFoundError("tckgen not found on PATH (install MRtrix3: apt-get install -y mrtrix3)")
@@ -133,12 +136,16 @@ def run_tckgen(fod: str, out_tck: str, out_seeds: str, seed_image: str, mask: Op
         cmd += ["-mask", mask]
     if rk4:
         cmd += ["-rk4"]
-    subprocess.run(cmd + list(extra), check=True)
+    env = dict(os.environ)
+    if rng_seed is not None:
+        env["MRTRIX_RNG_SEED"] = str(rng_seed)
+    subprocess.run(cmd + list(extra), check=True, env=env)
 
 
 class ParityResult(NamedTuple):
-    distances: np.ndarray     # (S,) symmetric Hausdorff mm (inf where tractfunc rejected the seed)
-    lost: int                 # reference streamlines tractfunc did not reproduce at all
+    distances: np.ndarray     # (S,) symmetric Hausdorff mm (inf where tractfunc produced no streamline)
+    lost: int                 # seeds tractfunc rejected at seeding (outside mask/image, no peak)
+    too_short: int            # seeds tracked but ending below the minimum length (a termination flip)
     within_01: float
     within_1: float
     seconds: float
@@ -161,5 +168,6 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     sec = time.time() - t0
     got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines)}
     H = np.array([hausdorff(got[i], t) if i in got else np.inf for i, t in enumerate(ref.streamlines)])
-    return ParityResult(H, int(sum(i not in got for i in range(len(H)))), float((H < 0.1).mean()),
+    seed_rejected = int((out.reasons[:, 0] == int(Reason.SEED_REJECTED)).sum())
+    return ParityResult(H, seed_rejected, int(len(H) - len(got) - seed_rejected), float((H < 0.1).mean()),
                         float((H < 1.0).mean()), sec)

@@ -24,6 +24,9 @@ class Reason(IntEnum):
     SEED_REJECTED = 6   # seed outside mask/image, or no supra-threshold peak at the seed
 
 
+CONTINUE = int(Reason.CONTINUE)   # plain int for comparisons inside compiled code
+
+
 def below_cutoff(amp: Tensor, cutoff: float) -> Tensor:
     """(...,) amplitudes -> True where the FOD amplitude is below ``cutoff`` or not finite."""
     return ~(torch.isfinite(amp) & (amp >= cutoff))

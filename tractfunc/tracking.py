@@ -26,7 +26,7 @@ from . import stop
 from .field import FODField, MaskField
 from .params import TrackParams
 from .integrate import find_peak, iterate
-from .stop import Reason
+from .stop import CONTINUE, Reason
 
 Tensor = torch.Tensor
 
@@ -48,7 +48,7 @@ def step(state: TrackState, field: FODField, params: TrackParams, mask: Optional
     Returns (new_state, added) where added: (B,) bool marks streamlines that appended ``new_state.pos``
     as a vertex."""
     m = iterate(field, params, mask, state.pos, state.dir, early_exit)
-    moved = state.alive & (m.reason == Reason.CONTINUE)
+    moved = state.alive & (m.reason == CONTINUE)
     n = state.n + moved.long()
     full = moved & stop.length_reached(n, params.max_points)
     reason = torch.where(state.alive & ~moved, m.reason, state.reason)

@@ -1,0 +1,148 @@
+"""The command line, run as a subprocess like a user would."""
+import os
+import shutil
+import subprocess
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from conftest import require_philips, require_tckgen
+
+
+def run(*args, check=True):
+    p = subprocess.run([sys.executable, "-m", "tractfunc.cli", *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}: {p.stderr}")
+    return p
+
+
+def test_help_lists_subcommands_and_examples():
+    out = run("--help").stdout
+    for sub in ("track", "demo", "parity"):
+        assert sub in out
+    assert "examples:" in run("track", "--help").stdout
+
+
+def test_track_phantom_seed_image_tck_and_trk(tmp_path, phantom_files):
+    ph, paths = phantom_files
+    out = tmp_path / "t.tck"
+    p = run("track", paths["fod"], str(out), "--seed-image", paths["mask"], "--mask", paths["mask"],
+            "--select", "40", "--output-seeds", str(tmp_path / "s.csv"), "--rng-seed", "3")
+    assert "40 streamlines" in p.stdout
+    t = nib.streamlines.load(str(out))
+    assert len(t.streamlines) == 40
+    assert float(t.header["step_size"]) == pytest.approx(0.2, rel=1e-6)
+    rows = np.loadtxt(tmp_path / "s.csv", delimiter=",", comments="#", usecols=(0, 1, 2, 3, 4))
+    assert rows.shape == (40, 5)
+    for (k, si, x, y, z), line in zip(rows, t.streamlines):
+        assert np.allclose(line[int(si)], [x, y, z], atol=1e-4)
+    # same rng seed -> identical file content
+    out2 = tmp_path / "t2.tck"
+    run("track", paths["fod"], str(out2), "--seed-image", paths["mask"], "--mask", paths["mask"],
+        "--select", "40", "--rng-seed", "3")
+    t2 = nib.streamlines.load(str(out2))
+    assert all(np.array_equal(a, b) for a, b in zip(t.streamlines, t2.streamlines))
+    trk = tmp_path / "t.trk"
+    run("track", paths["fod"], str(trk), "--seed-image", paths["mask"], "--select", "10", "--quiet")
+    assert len(nib.streamlines.load(str(trk)).streamlines) == 10
+
+
+def test_track_seed_points_and_directions_in_seed_order(tmp_path, phantom_files):
+    ph, paths = phantom_files
+    import torch
+    from tractfunc.seeds import random_in_mask
+    pts = random_in_mask(torch.as_tensor(ph.mask), ph.affine, 30, torch.Generator().manual_seed(0)).numpy()
+    np.savetxt(tmp_path / "pts.txt", pts)
+    dirs = np.tile([0.7, -0.7, 0.1], (30, 1))
+    np.savetxt(tmp_path / "dirs.txt", dirs)
+    out = tmp_path / "o.tck"
+    run("track", paths["fod"], str(out), "--seed-points", str(tmp_path / "pts.txt"), "--seed-directions",
+        str(tmp_path / "dirs.txt"), "--output-seeds", str(tmp_path / "s.csv"))
+    lines = nib.streamlines.load(str(out)).streamlines
+    rows = np.loadtxt(tmp_path / "s.csv", delimiter=",", comments="#", usecols=(1, 2, 3, 4), ndmin=2)
+    idx = [int(np.argmin(np.linalg.norm(pts - r[1:], axis=1))) for r in rows]
+    assert idx == sorted(idx) and len(lines) == len(rows) > 0     # written in seed order
+
+
+def _nifti(path, data, affine=np.eye(4)):
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("case", ["missing", "coeffs", "nan", "grid", "outside", "baddirs", "affine"])
+def test_bad_input_one_line_error(tmp_path, phantom_files, case):
+    ph, paths = phantom_files
+    fod, mask = paths["fod"], paths["mask"]
+    args = ["--seed-image", mask]
+    if case == "missing":
+        fod = str(tmp_path / "nope.nii.gz")
+        expect = "no such file"
+    elif case == "coeffs":
+        fod = _nifti(tmp_path / "c.nii.gz", np.ones((4, 4, 4, 44), np.float32))
+        expect = "even-degree"
+    elif case == "nan":
+        d = ph.fod.copy(); d[5, 5, 5, 3] = np.nan
+        fod = _nifti(tmp_path / "n.nii.gz", d, ph.affine)
+        expect = "NaN"
+    elif case == "grid":
+        args += ["--mask", _nifti(tmp_path / "m.nii.gz", np.ones((5, 5, 5), np.uint8))]
+        expect = "does not match"
+    elif case == "outside":
+        np.savetxt(tmp_path / "p.txt", [[1000.0, 0, 0], [0, 0, 0]])
+        args = ["--seed-points", str(tmp_path / "p.txt")]
+        expect = "outside the FOD image"
+    elif case == "baddirs":
+        np.savetxt(tmp_path / "p.txt", [[0.0, 0, 0], [1, 1, 1]])
+        np.savetxt(tmp_path / "d.txt", [[0.0, 0, 0], [1, 1, 1]])
+        args = ["--seed-points", str(tmp_path / "p.txt"), "--seed-directions", str(tmp_path / "d.txt")]
+        expect = "zero or non-finite"
+    else:
+        fod = str(tmp_path / "a.nii")
+        nib.Nifti1Image(ph.fod, ph.affine).to_filename(fod)
+        raw = bytearray(open(fod, "rb").read())   # patch the header as a broken converter might write it
+        raw[252:254] = np.int16(0).tobytes()        # qform_code = 0
+        raw[254:256] = np.int16(1).tobytes()        # sform_code = 1
+        raw[312:328] = np.zeros(4, np.float32).tobytes()   # srow_z = 0: singular
+        open(fod, "wb").write(bytes(raw))
+        assert abs(np.linalg.det(nib.load(fod).affine[:3, :3])) < 1e-12
+        raw = nib.load(fod)
+        expect = "not invertible"
+    p = run("track", fod, str(tmp_path / "o.tck"), *args, check=False)
+    assert p.returncode != 0
+    assert expect in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "o.tck").exists()
+
+
+def test_bad_parameters_rejected(tmp_path, phantom_files):
+    ph, paths = phantom_files
+    for flag, val in [("--step", "0"), ("--angle", "200"), ("--min-length", "-3")]:
+        p = run("track", paths["fod"], str(tmp_path / "o.tck"), "--seed-image", paths["mask"], flag, val, check=False)
+        assert p.returncode != 0 and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_demo_writes_tractogram_and_figure(tmp_path):
+    p = run("demo", "--out", str(tmp_path / "demo"), "--seeds", "200")
+    assert "accepted" in p.stdout
+    assert len(nib.streamlines.load(str(tmp_path / "demo" / "phantom.tck")).streamlines) > 50
+    png = tmp_path / "demo" / "phantom.png"
+    assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_track_real_data_readable_by_tckinfo(tmp_path):
+    d = require_philips()
+    out = tmp_path / "r.tck"
+    run("track", d["fod"], str(out), "--seed-image", d["seed"], "--mask", d["mask"], "--select", "100")
+    assert len(nib.streamlines.load(str(out)).streamlines) == 100
+    if shutil.which("tckinfo"):
+        info = subprocess.run(["tckinfo", str(out), "-count"], capture_output=True, text=True).stdout
+        assert "actual count in file:       100" in info or " 100" in info
+
+
+def test_parity_subcommand_on_phantom(tmp_path, phantom_files):
+    require_tckgen()
+    ph, paths = phantom_files
+    p = run("parity", paths["fod"], "--seed-image", paths["mask"], "--mask", paths["mask"], "--select", "100")
+    assert "100.00% within 1 mm" in p.stdout or "within 1 mm" in p.stdout
