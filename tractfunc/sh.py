@@ -252,34 +252,6 @@ class LegendreTable:
         return (1 - f2) * p1 + f2 * p2
 
 
-@lru_cache(maxsize=None)
-def _mrtrix_consts(lmax: int, device, dtype):
-    k = torch.as_tensor(_mrtrix_deriv_consts(lmax), dtype=dtype, device=device)
-    l_idx, m_idx = k[:, 0].long(), k[:, 1].long()
-    return (l_idx, m_idx, k[:, 2].bool(), k[:, 3], k[:, 4], k[:, 5], k[:, 6], k[:, 7], (l_idx * (l_idx + 1)) // 2)
-
-
-@lru_cache(maxsize=None)
-def _mrtrix_deriv_consts(lmax: int):
-    """Per-coefficient constants for the (el, az) derivative formulas; numpy float64 arrays."""
-    L = lmax
-    rows = []
-    for l in range(0, L + 1, 2):
-        for m in range(-l, l + 1):
-            am = abs(m)
-            if am == 0:
-                a1 = math.sqrt(l * (l + 1))
-                rows.append((l, 0, 0, a1, 0.0, math.sqrt((l * (l + 1) * (l - 1) * (l + 2))) / 2.0, -l * (l + 1) / 2.0, 0.0, 0.0))
-                continue
-            s_lo = math.sqrt((l + am) * (l - am + 1))
-            s_hi = math.sqrt((l - am) * (l + am + 1)) if l > am else 0.0
-            d2_mid = -((l + am) * (l - am + 1) + (l - am) * (l + am + 1)) / 4.0
-            s_lo2 = math.sqrt((l + am) * (l - am + 1) * (l + am - 1) * (l - am + 2)) / 4.0
-            s_hi2 = math.sqrt((l - am) * (l + am + 1) * (l - am - 1) * (l + am + 2)) / 4.0 if l > am + 1 else 0.0
-            rows.append((l, am, 1 if m < 0 else 0, s_lo, s_hi, s_lo2, d2_mid, s_hi2, 0.0))
-    return np.array(rows, dtype=np.float64)
-
-
 class LineJet(NamedTuple):
     """What one Newton step on the sphere needs at ``u``.
 
