@@ -77,3 +77,15 @@ def test_gradient_wrt_volume_and_points():
     vol = torch.randn(4, 4, 4, 2, dtype=torch.float64, requires_grad=True)
     p = torch.tensor([[1.3, 2.1, 0.7]], dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v, q: trilinear(v, q).values, (vol, p))
+
+
+def test_left_image_is_complement_of_sample_inside():
+    from tractfunc.stop import left_image
+    torch.manual_seed(0)
+    vol = torch.randn(5, 6, 4, 3, dtype=torch.float64)
+    vol[2, 2, 2] = 0
+    nonzero = (vol != 0).any(-1)
+    A = torch.tensor([[0, -2.0, 0, 4], [1.5, 0, 0, -3], [0, 0, 2.5, 1], [0, 0, 0, 1]], dtype=torch.float64)
+    inv = torch.linalg.inv(A)
+    pos = torch.randn(500, 3, dtype=torch.float64) * 8
+    assert torch.equal(left_image(nonzero, inv, pos), ~sample_fod(vol, nonzero, inv, pos).inside)

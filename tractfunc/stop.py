@@ -9,7 +9,7 @@ from enum import IntEnum
 
 import torch
 
-from .interpolate import nearest_value, to_voxel
+from .interpolate import inside_bounds, nearest_value, to_voxel
 
 Tensor = torch.Tensor
 
@@ -43,6 +43,14 @@ def outside_mask(mask: Tensor, world_to_voxel: Tensor, pos: Tensor) -> Tensor:
     MRtrix3 applies its single-precision mask transform to single-precision positions."""
     vox = to_voxel(pos, world_to_voxel.to(pos.dtype))
     return ~nearest_value(mask, vox)
+
+
+def left_image(nonzero: Tensor, world_to_voxel: Tensor, pos: Tensor) -> Tensor:
+    """True where ``pos`` (..., 3) scanner mm is outside the FOD image (voxel coordinate <= -0.5 or
+    >= dim - 0.5) or its nearest voxel holds only zeros.  nonzero: (X, Y, Z) bool.  This is the
+    complement of ``sample_fod(...).inside``, which the steps use directly."""
+    vox = to_voxel(pos, world_to_voxel.to(torch.float64))
+    return ~(inside_bounds(vox, nonzero.shape) & nearest_value(nonzero, vox))
 
 
 def length_reached(n_vertices: Tensor, max_points: int) -> Tensor:
