@@ -1,5 +1,4 @@
 """The command line, run as a subprocess like a user would."""
-import os
 import shutil
 import subprocess
 import sys

@@ -6,9 +6,6 @@ iterations and cutoff/angle decisions flip under perturbations of 1e-6 rad (meas
 direction by 1e-6 rad changes 0.13% of streamlines by > 1 mm in either implementation), so on 2000
 streamlines the 1 mm bar is asserted at 99.75% (<= 5 flips); the 10 000-streamline slow test asserts 99.85%.
 """
-import os
-
-import numpy as np
 import pytest
 import torch
 

@@ -1,5 +1,4 @@
 """The trackers on the built-in phantom: tckgen bookkeeping, eager == functional, transforms."""
-import numpy as np
 import pytest
 import torch
 

@@ -12,7 +12,6 @@ import torch
 
 from . import field as F, io, params as P, seeds as S
 from .io import TractfuncError
-from .stop import Reason
 from .tracking import track
 
 EXAMPLES_TRACK = """examples:

@@ -99,7 +99,6 @@ def reconstruct_seed_dirs(fld, prm, msk, ref: Reference, dtype=torch.float32, n_
     back = torch.where(torch.isnan(back), dirs, back)
     cands = torch.stack([dirs, back], 1)
     rows = torch.arange(len(ref.seeds))
-    best_err, best = [], []
     chunk = 20000
     err = torch.cat([score(cands[rows[i:i + chunk]], rows[i:i + chunk]) for i in range(0, len(rows), chunk)])
     k = err.argmin(1)

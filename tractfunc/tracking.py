@@ -15,11 +15,9 @@ than ``min_points`` vertices (or only the seed) are rejected.
 """
 from __future__ import annotations
 
-import sys
-import time
+import contextlib
 from typing import Callable, List, NamedTuple, Optional
 
-import numpy as np
 import torch
 
 from . import stop
@@ -236,7 +234,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
     init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     lines, ids, sidx, reasons, accepted = [], [], [], [], []
-    with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else _null():
+    with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else contextlib.nullcontext():
         for start in range(0, S, chunk_size):
             sl = slice(start, min(S, start + chunk_size))
             l, i, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl])
@@ -253,10 +251,3 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
                       torch.cat(reasons) if reasons else torch.zeros(0, 2, dtype=torch.long, device=dev),
                       torch.cat(accepted) if accepted else torch.zeros(0, dtype=torch.bool, device=dev))
 
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
