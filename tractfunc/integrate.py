@@ -4,6 +4,11 @@
 the cutoff and the angle, move ``step`` mm along the peak.  ``euler`` and ``rk4`` wrap it the way ``tckgen``
 does (``-rk4``: four stage peaks, a weighted mean direction, then a peak at the new point for the angle
 test between the first stage and it).  Positions are (B, 3) scanner mm, directions (B, 3) unit.
+
+Gradients: the peak search runs on detached inputs and its derivative is grafted on by the implicit
+function theorem (:mod:`tractfunc.implicit`), so nothing of the Newton iterations is stored.  Every move
+also reports its stopping margins (amplitude above cutoff, cosine above the angle limit), which soft
+termination (``soft=True``) turns into survival weights instead of hard stops.
 """
 from __future__ import annotations
 
@@ -13,46 +18,72 @@ import torch
 
 from . import stop
 from .direction import peak
+from .implicit import attach_peak
 from .field import FODField, MaskField
 from .params import TrackParams
 from .stop import CONTINUE, Reason
+from .tracing import needs_grad
 
 Tensor = torch.Tensor
 
 
 class Move(NamedTuple):
     """pos: (B, 3) new position (unchanged where stopped); dir: (B, 3) direction carried to the next step;
-    reason: (B,) int64 :class:`Reason` (CONTINUE where the move happened); amp: (B,) peak amplitude."""
+    reason: (B,) int64 :class:`Reason` (CONTINUE where the move happened); amp: (B,) peak amplitude;
+    amp_margin: (B,) amplitude minus cutoff (smallest over RK4 stages); cos_margin: (B,) cosine of the
+    turn minus the cosine of the angle limit (NaN-free: 0 where the peak search failed)."""
     pos: Tensor
     dir: Tensor
     reason: Tensor
     amp: Tensor
+    amp_margin: Tensor
+    cos_margin: Tensor
 
 
 def _code(code: Reason, like: Tensor) -> Tensor:
     return torch.full(like.shape[:-1], int(code), dtype=torch.long, device=like.device)
 
 
-def find_peak(field: FODField, pos: Tensor, dir: Tensor, early_exit: bool = False):
-    """Sample the FOD at ``pos`` and refine the peak from ``dir``.
+def find_peak(field: FODField, pos: Tensor, dir: Tensor, early_exit: bool = False, polish: int = 0):
+    """Sample the FOD at ``pos`` and refine the peak from ``dir`` (``polish`` exact Newton iterations
+    appended).  Derivatives wrt the FOD and ``pos`` follow the implicit function theorem.
 
     Returns (peak_dir (B, 3), amp (B,), inside (B,)).  Where outside the image, amp is NaN."""
     s = field.sample(pos)
-    p = peak(s.values, dir, field.table, early_exit=early_exit)
+    c = s.values
+    if needs_grad(c):
+        p = peak(c.detach(), dir.detach(), field.table, early_exit=early_exit, polish_iter=polish)
+        p = attach_peak(c, p.dir, p.amp)
+    else:
+        p = peak(c, dir, field.table, early_exit=early_exit, polish_iter=polish)
     amp = torch.where(s.inside, p.amp, torch.full_like(p.amp, float("nan")))
     return p.dir, amp, s.inside
 
 
-def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False) -> Move:
-    """SD_Stream ``next``: peak at ``pos`` from ``dir``; stop on image exit, cutoff or angle; else move."""
-    new_dir, amp, inside = find_peak(field, pos, dir, early_exit)
-    reason = torch.where(~inside, _code(Reason.EXIT_IMAGE, pos),
-             torch.where(stop.below_cutoff(amp, params.cutoff), _code(Reason.CUTOFF, pos),
-             torch.where(stop.too_curved(dir, new_dir, params.cos_angle_step), _code(Reason.CURVATURE, pos),
-                         _code(Reason.CONTINUE, pos))))
+def _finite_or_zero(x: Tensor) -> Tensor:
+    return torch.where(torch.isfinite(x), x, torch.zeros_like(x))
+
+
+def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False,
+            soft: bool = False) -> Move:
+    """SD_Stream ``next``: peak at ``pos`` from ``dir``; stop on image exit, cutoff or angle; else move.
+
+    soft: cutoff and angle no longer stop (their margins are reported for survival weights); only
+    leaving the image and a failed peak search (non-finite amplitude) stop."""
+    new_dir, amp, inside = find_peak(field, pos, dir, early_exit, params.peak_polish)
+    cos = (dir * new_dir).sum(-1)
+    if soft:
+        reason = torch.where(~inside, _code(Reason.EXIT_IMAGE, pos),
+                 torch.where(~torch.isfinite(amp), _code(Reason.CUTOFF, pos), _code(Reason.CONTINUE, pos)))
+    else:
+        reason = torch.where(~inside, _code(Reason.EXIT_IMAGE, pos),
+                 torch.where(stop.below_cutoff(amp, params.cutoff), _code(Reason.CUTOFF, pos),
+                 torch.where(stop.too_curved(dir, new_dir, params.cos_angle_step), _code(Reason.CURVATURE, pos),
+                             _code(Reason.CONTINUE, pos))))
     go = (reason == CONTINUE).unsqueeze(-1)
     safe_dir = torch.where(go, new_dir, dir)
-    return Move(torch.where(go, pos + safe_dir * params.step, pos), safe_dir, reason, amp)
+    return Move(torch.where(go, pos + safe_dir * params.step, pos), safe_dir, reason, amp,
+                _finite_or_zero(amp - params.cutoff), _finite_or_zero(cos - params.cos_angle_step))
 
 
 def _merge(first: Tensor, second: Tensor) -> Tensor:
@@ -60,38 +91,46 @@ def _merge(first: Tensor, second: Tensor) -> Tensor:
     return torch.where(first != CONTINUE, first, second)
 
 
-def euler(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False) -> Move:
+def euler(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False,
+          soft: bool = False) -> Move:
     """First-order step (tckgen default): direction at the current point, then move."""
-    return sd_next(field, params, pos, dir, early_exit)
+    return sd_next(field, params, pos, dir, early_exit, soft)
 
 
-def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False) -> Move:
+def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False,
+        soft: bool = False) -> Move:
     """Fourth-order Runge-Kutta step exactly as tckgen ``-rk4`` composes SD_Stream's ``next``."""
     h = params.step
-    m1 = sd_next(field, params, pos, dir, early_exit)
+    m1 = sd_next(field, params, pos, dir, early_exit, soft)
     d1 = m1.dir
-    m2 = sd_next(field, params, pos + d1 * (0.5 * h), dir, early_exit)
+    m2 = sd_next(field, params, pos + d1 * (0.5 * h), dir, early_exit, soft)
     d2 = m2.dir
-    m3 = sd_next(field, params, pos + d2 * (0.5 * h), dir, early_exit)
+    m3 = sd_next(field, params, pos + d2 * (0.5 * h), dir, early_exit, soft)
     d3 = m3.dir
     d23 = d2 + d3
-    m4 = sd_next(field, params, pos + d3 * h, d23 / torch.linalg.vector_norm(d23, dim=-1, keepdim=True), early_exit)
+    m4 = sd_next(field, params, pos + d3 * h, d23 / torch.linalg.vector_norm(d23, dim=-1, keepdim=True),
+                 early_exit, soft)
     d4 = m4.dir
     mean = d1 + d2 * 2.0 + d3 * 2.0 + d4
     final_dir = mean / torch.linalg.vector_norm(mean, dim=-1, keepdim=True)
     final_pos = pos + final_dir * h
-    m5 = sd_next(field, params, final_pos, final_dir, early_exit)
+    m5 = sd_next(field, params, final_pos, final_dir, early_exit, soft)
     reason = _merge(m1.reason, _merge(m2.reason, _merge(m3.reason, _merge(m4.reason, m5.reason))))
-    curved = (reason == CONTINUE) & stop.too_curved(d1, m5.dir, params.cos_angle_rk4)
-    reason = torch.where(curved, _code(Reason.CURVATURE, pos), reason)
+    cos = (d1 * m5.dir).sum(-1)
+    if not soft:
+        curved = (reason == CONTINUE) & stop.too_curved(d1, m5.dir, params.cos_angle_rk4)
+        reason = torch.where(curved, _code(Reason.CURVATURE, pos), reason)
     go = (reason == CONTINUE).unsqueeze(-1)
-    return Move(torch.where(go, final_pos, pos), torch.where(go, final_dir, dir), reason, m1.amp)
+    amp_margin = torch.minimum(torch.minimum(torch.minimum(m1.amp_margin, m2.amp_margin),
+                                             torch.minimum(m3.amp_margin, m4.amp_margin)), m5.amp_margin)
+    return Move(torch.where(go, final_pos, pos), torch.where(go, final_dir, dir), reason, m1.amp,
+                amp_margin, _finite_or_zero(cos - params.cos_angle_rk4))
 
 
 def iterate(field: FODField, params: TrackParams, mask: Optional[MaskField], pos: Tensor, dir: Tensor,
-            early_exit: bool = False) -> Move:
+            early_exit: bool = False, soft: bool = False) -> Move:
     """One tckgen ``iterate``: an Euler or RK4 step, then the tracking-mask test on the new vertex."""
-    m = (rk4 if params.rk4 else euler)(field, params, pos, dir, early_exit)
+    m = (rk4 if params.rk4 else euler)(field, params, pos, dir, early_exit, soft)
     if mask is None:
         return m
     out = (m.reason == CONTINUE) & stop.outside_mask(mask.mask, mask.world_to_voxel, m.pos)

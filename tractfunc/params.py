@@ -27,7 +27,10 @@ class TrackParams(NamedTuple):
     directions inside one step (-1 disables it, as with RK4); cos_angle_rk4: minimum dot product between
     the first RK4 stage direction and the peak at the new point (RK4 only); max_points / min_points:
     vertex limits over both halves of a streamline; rk4: integration scheme; precomputed: emulate
-    MRtrix3's Legendre lookup table in peak finding; max_length / min_length / angle: for headers."""
+    MRtrix3's Legendre lookup table in peak finding; max_length / min_length / angle: for headers;
+    peak_polish: exact Newton iterations appended to each peak search (0 = tckgen; 3 gives the exact
+    peak, for gradient checks against finite differences).  ``step`` may be replaced by a 0-d tensor
+    (``params._replace(step=t)``) to differentiate with respect to it; the vertex limits stay fixed."""
     step: float
     cutoff: float
     cos_angle_step: float
@@ -39,6 +42,7 @@ class TrackParams(NamedTuple):
     angle: float
     min_length: float
     max_length: float
+    peak_polish: int = 0
 
 
 def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
@@ -50,7 +54,7 @@ def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
 def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[float] = None,
             angle: Optional[float] = None, cutoff: Optional[float] = None,
             min_length: Optional[float] = None, max_length: Optional[float] = None,
-            precomputed: bool = True) -> TrackParams:
+            precomputed: bool = True, peak_polish: int = 0) -> TrackParams:
     """Fill unspecified parameters with tckgen SD_Stream defaults for an FOD of the given voxel sizes.
 
     voxel_sizes: (3,) mm.  step/min_length/max_length in mm, angle in degrees, cutoff in FOD amplitude.
@@ -67,6 +71,8 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         raise ValueError(f"angle must be in (0, 180] degrees, got {angle}")
     if not (np.isfinite(cutoff) and cutoff >= 0):
         raise ValueError(f"cutoff must be a non-negative FOD amplitude, got {cutoff}")
+    if not (isinstance(peak_polish, int) and peak_polish >= 0):
+        raise ValueError(f"peak_polish must be a non-negative integer, got {peak_polish!r}")
     if not (min_dist >= 0 and max_dist > 0):
         raise ValueError(f"lengths must be non-negative (max > 0), got min {min_dist}, max {max_dist}")
     angle_rad = f32(float(angle) * (math.pi / 180.0))
@@ -82,4 +88,5 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         cos_angle_step=-1.0 if rk4 else float(cos_angle),
         cos_angle_rk4=float(cos_angle) if rk4 else -1.0,
         max_points=max_points, min_points=min_points, rk4=bool(rk4), precomputed=bool(precomputed),
-        angle=float(angle), min_length=float(min_dist), max_length=float(max_dist))
+        angle=float(angle), min_length=float(min_dist), max_length=float(max_dist),
+        peak_polish=int(peak_polish))

@@ -7,6 +7,8 @@ Two drivers share :func:`tractfunc.step.iterate` and the :class:`TrackState` rec
 * :func:`track_fixed` -- functional: a fixed number of steps per half on fixed-shape state with an
   ``alive`` mask (``torch.where``, no data-dependent Python control flow), so it composes with
   ``torch.func.vmap / grad / jacrev`` and ``torch.compile``; returns padded vertices and a validity mask.
+  Options for gradients: ``temperature`` (soft termination: cutoff and angle become survival weights)
+  and ``checkpoint`` (recompute chunks of steps in backward: memory O(B x T x state)).
 
 tckgen semantics reproduced: the seed's peak is found from the initial direction; the forward half starts
 along it, the backward half from the seed along its negation; output order is the reversed forward half,
@@ -19,33 +21,48 @@ import contextlib
 from typing import Callable, List, NamedTuple, Optional
 
 import torch
+import torch.nn.functional as tnf
+from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import stop
 from .field import FODField, MaskField
 from .params import TrackParams
 from .integrate import find_peak, iterate
 from .stop import CONTINUE, Reason
+from .tracing import is_tracing
 
 Tensor = torch.Tensor
 
 
 class TrackState(NamedTuple):
     """Fixed-shape state of B streamline halves.  pos: (B, 3) scanner mm; dir: (B, 3) unit;
-    alive: (B,) bool; n: (B,) int64 vertices so far over both halves; reason: (B,) int64 Reason."""
+    alive: (B,) bool; n: (B,) int64 vertices so far over both halves; reason: (B,) int64 Reason;
+    logw: (B,) log survival weight (soft termination only, else None)."""
     pos: Tensor
     dir: Tensor
     alive: Tensor
     n: Tensor
     reason: Tensor
+    logw: Optional[Tensor] = None
+
+
+def survival_increment(amp_margin: Tensor, cos_margin: Tensor, temperature: float) -> Tensor:
+    """Log survival factor of one step: ``log s(amp_margin / T) + log s(cos_margin / T)`` with s the
+    logistic function.  Margins: FOD amplitude above the cutoff, cosine of the turn above the angle
+    limit; (B,) each.  As T -> 0 the factor tends to 1 where hard tracking continues and 0 where it stops."""
+    return tnf.logsigmoid(amp_margin / temperature) + tnf.logsigmoid(cos_margin / temperature)
 
 
 def step(state: TrackState, field: FODField, params: TrackParams, mask: Optional[MaskField] = None,
-         early_exit: bool = False):
+         early_exit: bool = False, temperature: Optional[float] = None):
     """Advance every alive streamline by one tckgen iteration; dead ones keep their state.
 
+    temperature: None for hard stops (tckgen); a positive number for soft termination (cutoff and angle
+    no longer stop; ``state.logw`` accumulates :func:`survival_increment`).
     Returns (new_state, added) where added: (B,) bool marks streamlines that appended ``new_state.pos``
     as a vertex."""
-    m = iterate(field, params, mask, state.pos, state.dir, early_exit)
+    soft = temperature is not None
+    m = iterate(field, params, mask, state.pos, state.dir, early_exit, soft)
     moved = state.alive & (m.reason == CONTINUE)
     n = state.n + moved.long()
     full = moved & stop.length_reached(n, params.max_points)
@@ -53,7 +70,12 @@ def step(state: TrackState, field: FODField, params: TrackParams, mask: Optional
     reason = torch.where(full, torch.full_like(reason, int(Reason.MAX_LENGTH)), reason)
     alive = moved & ~full
     mv = moved.unsqueeze(-1)
-    new = TrackState(torch.where(mv, m.pos, state.pos), torch.where(mv, m.dir, state.dir), alive, n, reason)
+    logw = state.logw
+    if soft:
+        inc = survival_increment(m.amp_margin, m.cos_margin, temperature)
+        logw = torch.where(moved, state.logw + inc, state.logw)
+    new = TrackState(torch.where(mv, m.pos, state.pos), torch.where(mv, m.dir, state.dir), alive, n, reason,
+                     logw)
     return new, moved
 
 
@@ -64,10 +86,10 @@ class Seeded(NamedTuple):
 
 
 def seed_peaks(field: FODField, params: TrackParams, mask: Optional[MaskField], seeds: Tensor,
-               init_dirs: Tensor, early_exit: bool = False) -> Seeded:
+               init_dirs: Tensor, early_exit: bool = True, polish: int = 0) -> Seeded:
     """tckgen ``check_seed`` + ``init``: the seed must lie in the mask and the image, and have a
     supra-threshold peak reachable from ``init_dirs``.  seeds: (B, 3) mm; init_dirs: (B, 3) unit."""
-    d, amp, inside = find_peak(field, seeds, init_dirs, early_exit)
+    d, amp, inside = find_peak(field, seeds, init_dirs, early_exit, polish)
     ok = inside & ~stop.below_cutoff(amp, params.cutoff)
     if mask is not None:
         ok = ok & ~stop.outside_mask(mask.mask, mask.world_to_voxel, seeds)
@@ -84,52 +106,90 @@ class FixedTracks(NamedTuple):
     vertices: (B, 2T+1, 3) scanner mm in tckgen order (reversed forward half, seed, backward half), packed
     so valid vertices are contiguous; valid: (B, 2T+1) bool; seed_index: (B,) index of the seed vertex
     among the valid ones; accepted: (B,) bool (seed ok and length rule passed); reason_fwd/reason_bwd:
-    (B,) Reason of each half (CONTINUE if it was still alive after T steps)."""
+    (B,) Reason of each half (CONTINUE if it was still alive after T steps); weights: (B, 2T+1) survival
+    weight of each vertex (soft termination: product of the step factors from the seed out to the vertex;
+    hard: 1 on valid vertices), 0 on padding."""
     vertices: Tensor
     valid: Tensor
     seed_index: Tensor
     accepted: Tensor
     reason_fwd: Tensor
     reason_bwd: Tensor
+    weights: Tensor
 
 
-def _half_fixed(field, params, mask, pos, dir, ok, n0, n_steps):
-    state = TrackState(pos, dir, ok, n0, torch.zeros_like(n0))
-    verts, adds = [], []
-    for _ in range(n_steps):
-        state, added = step(state, field, params, mask)
-        verts.append(state.pos)
+def _run_steps(field, params, mask, temperature, n, *state):
+    """n steps from a flat state tuple -> (vertices (B, n, 3), added (B, n), logw (B, n) or None, *state)."""
+    st = TrackState(*state)
+    verts, adds, logws = [], [], []
+    for _ in range(n):
+        st, added = step(st, field, params, mask, early_exit=True, temperature=temperature)
+        verts.append(st.pos)
         adds.append(added)
+        logws.append(st.logw)
+    lw = torch.stack(logws, 1) if temperature is not None else None
+    return (torch.stack(verts, 1), torch.stack(adds, 1), lw, *st)
+
+
+def _half_fixed(field, params, mask, pos, dir, ok, n0, n_steps, temperature, chunk):
+    logw = pos.new_zeros(pos.shape[:1]) if temperature is not None else None
+    state = (pos, dir, ok, n0, torch.zeros_like(n0), logw)
     if n_steps == 0:
-        return pos.new_zeros(pos.shape[0], 0, 3), ok.new_zeros(ok.shape[0], 0), state
-    return torch.stack(verts, 1), torch.stack(adds, 1), state
+        return pos.new_zeros(pos.shape[0], 0, 3), ok.new_zeros(ok.shape[0], 0), None, TrackState(*state)
+    use_ckpt = chunk > 0 and torch.is_grad_enabled() and not is_tracing(pos, field.sh)
+    parts = []
+    for start in range(0, n_steps, chunk if use_ckpt else n_steps):
+        n = min(n_steps - start, chunk) if use_ckpt else n_steps
+        if use_ckpt:
+            out = _checkpoint(_run_steps, field, params, mask, temperature, n, *state, use_reentrant=False)
+        else:
+            out = _run_steps(field, params, mask, temperature, n, *state)
+        parts.append(out[:3])
+        state = out[3:]
+    verts = torch.cat([p[0] for p in parts], 1)
+    adds = torch.cat([p[1] for p in parts], 1)
+    lw = torch.cat([p[2] for p in parts], 1) if temperature is not None else None
+    return verts, adds, lw, TrackState(*state)
 
 
 def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Tensor, n_steps: int,
-                mask: Optional[MaskField] = None) -> FixedTracks:
+                mask: Optional[MaskField] = None, temperature: Optional[float] = None,
+                checkpoint: int = 0) -> FixedTracks:
     """Track B seeds for at most ``n_steps`` per half, on fixed shapes (vmap/grad/compile friendly).
 
     seeds: (B, 3) scanner mm; init_dirs: (B, 3) unit start directions for the seed peak search.
-    With ``n_steps >= params.max_points`` the valid vertices equal :func:`track`'s streamlines."""
-    sd = seed_peaks(field, params, mask, seeds, init_dirs)
+    With ``n_steps >= params.max_points`` and ``temperature=None`` the valid vertices equal
+    :func:`track`'s streamlines bit for bit.
+    temperature: soft termination (see :func:`step`); ``weights`` then carry the survival factors.
+    checkpoint: recompute chunks of this many steps during backward instead of storing their
+    intermediates (plain autograd only; ignored under torch.func transforms and torch.compile).  The
+    recomputation is bit-identical to the forward, so gradients do not change."""
+    sd = seed_peaks(field, params, mask, seeds, init_dirs, polish=params.peak_polish)
     one = torch.ones(seeds.shape[:1], dtype=torch.long, device=seeds.device)
-    fv, fa, fs = _half_fixed(field, params, mask, seeds, sd.dir, sd.ok, one, n_steps)
-    bv, ba, bs = _half_fixed(field, params, mask, seeds, -sd.dir, sd.ok, fs.n, n_steps)
+    fv, fa, fw, fs = _half_fixed(field, params, mask, seeds, sd.dir, sd.ok, one, n_steps, temperature, checkpoint)
+    bv, ba, bw, bs = _half_fixed(field, params, mask, seeds, -sd.dir, sd.ok, fs.n, n_steps, temperature,
+                                 checkpoint)
     # forward vertices are a prefix of fv (a half never restarts); reverse it so they become a suffix
     verts = torch.cat([fv.flip(1), seeds.unsqueeze(1), bv], 1)
-    valid = torch.cat([fa.flip(1), sd.ok.unsqueeze(1), ba], 1)
     n_fwd = fa.sum(1)
     # pack: move the valid forward suffix to the front with a roll-free gather
     T = fv.shape[1]
     idx = torch.arange(2 * T + 1, device=seeds.device).unsqueeze(0) + (T - n_fwd).unsqueeze(1)
-    idx = idx.clamp(max=2 * T)
-    verts = torch.gather(verts, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
+    idx = idx.clamp(max=2 * T).unsqueeze(-1)
+    verts = torch.gather(verts, 1, idx.expand(-1, -1, 3))
     total = n_fwd + 1 + ba.sum(1)
     valid = (torch.arange(2 * T + 1, device=seeds.device).unsqueeze(0) < total.unsqueeze(1)) & sd.ok.unsqueeze(1)
+    if temperature is None:
+        weights = valid.to(seeds.dtype)
+    else:
+        lw = torch.cat([fw.flip(1), torch.zeros_like(seeds[:, :1]), bw], 1)
+        lw = torch.gather(lw, 1, idx.squeeze(-1))
+        weights = torch.where(valid, torch.exp(lw), torch.zeros_like(lw))
     accepted = sd.ok & (total >= max(params.min_points, 2))
     seed_reason = torch.full_like(fs.reason, int(Reason.SEED_REJECTED))
     return FixedTracks(verts, valid, n_fwd, accepted,
-                       torch.where(sd.ok, fs.reason, seed_reason), torch.where(sd.ok, bs.reason, seed_reason))
+                       torch.where(sd.ok, fs.reason, seed_reason), torch.where(sd.ok, bs.reason, seed_reason),
+                       weights)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,7 +232,7 @@ def _half_eager(field, params, mask, pos, dir, n0):
             final_reason[idx[dead]] = state.reason[dead]
             keep = state.alive
             idx = idx[keep]
-            state = TrackState(*(t[keep] for t in state))
+            state = TrackState(*(None if t is None else t[keep] for t in state))
     if rows_idx:
         return torch.cat(rows_idx), torch.cat(rows_pos), torch.cat(rows_k), final_n, final_reason
     empty = torch.zeros(0, dtype=torch.long, device=pos.device)
@@ -188,7 +248,7 @@ def _group(idx: Tensor, pos: Tensor, k: Tensor, B: int):
 
 def _track_chunk(field, params, mask, seeds, init_dirs):
     B = seeds.shape[0]
-    sd = seed_peaks(field, params, mask, seeds, init_dirs, early_exit=True)
+    sd = seed_peaks(field, params, mask, seeds, init_dirs, early_exit=True, polish=params.peak_polish)
     ok_idx = torch.nonzero(sd.ok).squeeze(1)
     reasons = torch.full((B, 2), int(Reason.SEED_REJECTED), dtype=torch.long, device=seeds.device)
     s, d = seeds[ok_idx], sd.dir[ok_idx]
