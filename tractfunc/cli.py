@@ -22,14 +22,19 @@ EXAMPLES_TRACK = """examples:
 
 
 def _progress(enabled: bool):
+    """Progress line on stderr: done/total (seeds, or streamlines with --select), accepted/attempted
+    seeds, streamlines per second and ETA."""
     t0 = time.time()
 
     def report(done, total, accepted, attempted=None):
         if not enabled:
             return
-        rate = done / max(time.time() - t0, 1e-9)
+        dt = max(time.time() - t0, 1e-9)
+        rate = done / dt
         eta = (total - done) / rate if rate > 0 and total else 0.0
-        sys.stderr.write(f"\r{done:>9} seeds / {total}  {accepted:>9} accepted  {rate:,.0f} seeds/s  ETA {eta:5.0f}s")
+        tried = f" / {attempted} seeds" if attempted is not None else ""
+        sys.stderr.write(f"\r{done:>9} of {total}  [{accepted} accepted{tried}]  {accepted / dt:,.0f} streamlines/s  "
+                         f"ETA {eta:5.0f}s ")
         sys.stderr.flush()
         if done >= total:
             sys.stderr.write("\n")
@@ -58,67 +63,119 @@ def _inside_image(fod: io.Image, pts: np.ndarray) -> np.ndarray:
     return np.all((v > -0.5) & (v < dims - 0.5), axis=1)
 
 
+class _Sink:
+    """Where accepted streamlines go: streamed to disk chunk by chunk for .tck (bounded memory; the file
+    appears only when complete), collected then written for .trk."""
+
+    def __init__(self, path, fod, header):
+        self.path, self.fod, self.header = path, fod, header
+        self.count = 0
+        self.seed_pts, self.sidx = [], []
+        self.lines = []
+        self.writer = io.TckWriter(path, header) if path.lower().endswith(".tck") else None
+
+    def add(self, lines, seed_pts, sidx):
+        arrays = [l.detach().cpu().double().numpy() for l in lines]
+        if self.writer is not None:
+            self.writer.write(arrays)
+        else:
+            self.lines += arrays
+        self.seed_pts += list(seed_pts)
+        self.sidx += list(sidx)
+        self.count += len(arrays)
+
+    def close(self, n_seeds):
+        self.header["total_count"] = n_seeds
+        if self.writer is not None:
+            self.writer.close()
+        else:
+            io.write_tractogram(self.path, self.lines, self.fod, self.header)
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+
+
+def _track_points(a, fod, prm, fld, msk, dtype, device, gen, sink, report):
+    pts = io.read_seed_points(a.seed_points)
+    outside = ~_inside_image(fod, pts)
+    if outside.any():
+        raise TractfuncError(f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside "
+                             f"the FOD image (first: row {int(np.argmax(outside)) + 1}); expected scanner-mm points inside it")
+    dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
+    if dirs is None:   # tckgen draws a random start direction per seed
+        from .tracking import random_directions
+        dirs = random_directions(len(pts), gen, torch.float64).numpy()
+    for start in range(0, len(pts), a.chunk):
+        if a.select and sink.count >= a.select:
+            break
+        sl = slice(start, start + a.chunk)
+        res = track(fld, prm, torch.as_tensor(pts[sl], dtype=dtype, device=device),
+                    torch.as_tensor(dirs[sl], dtype=dtype, device=device), mask=msk)
+        keep = len(res.streamlines) if not a.select else min(len(res.streamlines), a.select - sink.count)
+        sink.add(res.streamlines[:keep], [pts[sl][i] for i in res.seed_ids[:keep].tolist()],
+                 res.seed_index[:keep].tolist())
+        report(min(sl.stop, len(pts)), len(pts), sink.count)
+    return len(pts)
+
+
+def _track_image(a, prm, fld, msk, dtype, device, gen, sink, report):
+    if a.seed_directions:
+        raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
+    seed_img = io.load_mask(a.seed_image)
+    if not seed_img.data.any():
+        raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
+    select = a.select if a.select is not None else (0 if a.seeds else 5000)
+    max_seeds = a.seeds if a.seeds else 1000 * select
+    n_seeds = 0
+    while n_seeds < max_seeds and (not select or sink.count < select):
+        # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
+        rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.5
+        # per-step overhead dominates small batches, so overshoot rather than run another pass
+        want = 2 * (select - sink.count) / rate if select else max_seeds
+        n = int(min(max(want, 512), a.chunk, max_seeds - n_seeds))
+        pts = S.random_in_mask(torch.as_tensor(seed_img.data), seed_img.affine, n, gen)
+        res = track(fld, prm, pts.to(dtype=dtype, device=device), None, mask=msk, generator=gen)
+        keep = res.seed_ids.tolist()
+        if select and sink.count + len(keep) >= select:
+            k = select - sink.count
+            # count seeds up to and including the one that produced the select-th streamline
+            n_seeds += keep[k - 1] + 1
+            keep = keep[:k]
+        else:
+            n_seeds += n
+        sink.add(res.streamlines[:len(keep)], [pts[i].numpy() for i in keep], res.seed_index[:len(keep)].tolist())
+        report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
+    return n_seeds
+
+
 def cmd_track(a) -> int:
     dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.chunk < 1:
+        raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
     gen = torch.Generator().manual_seed(a.rng_seed)
     fod, prm, fld, msk = _load_inputs(a, dtype, device)
-    show = not a.quiet and sys.stderr.isatty()
-    report = _progress(show)
-    if a.seed_points:
-        pts = io.read_seed_points(a.seed_points)
-        outside = ~_inside_image(fod, pts)
-        if outside.any():
-            raise TractfuncError(f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside "
-                                 f"the FOD image (first: row {int(np.argmax(outside)) + 1}); expected scanner-mm points inside it")
-        dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
-        seeds_t = torch.as_tensor(pts, dtype=dtype, device=device)
-        dirs_t = torch.as_tensor(dirs, dtype=dtype, device=device) if dirs is not None else None
-        res = track(fld, prm, seeds_t, dirs_t, mask=msk, generator=gen, progress=report)
-        lines = res.streamlines
-        seed_pts = [pts[i] for i in res.seed_ids.tolist()]
-        sidx = res.seed_index.tolist()
-        if a.select:
-            lines, seed_pts, sidx = lines[:a.select], seed_pts[:a.select], sidx[:a.select]
-        n_seeds = len(pts)
-    else:
-        if a.seed_directions:
-            raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
-        seed_img = io.load_mask(a.seed_image)
-        select = a.select if a.select is not None else (0 if a.seeds else 5000)
-        max_seeds = a.seeds if a.seeds else 1000 * select
-        lines, seed_pts, sidx = [], [], []
-        n_seeds = 0
-        while n_seeds < max_seeds and (not select or len(lines) < select):
-            # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
-            rate = max(len(lines) / n_seeds, 0.05) if n_seeds else 0.5
-            # per-step overhead dominates small batches, so overshoot rather than run another pass
-            want = 2 * (select - len(lines)) / rate if select else max_seeds
-            n = int(min(max(want, 512), 20000, max_seeds - n_seeds))
-            pts = S.random_in_mask(torch.as_tensor(seed_img.data), seed_img.affine, n, gen)
-            res = track(fld, prm, pts.to(dtype=dtype, device=device), None, mask=msk, generator=gen)
-            keep = res.seed_ids.tolist()
-            lines += res.streamlines
-            seed_pts += [pts[i].numpy() for i in keep]
-            sidx += res.seed_index.tolist()
-            if select and len(lines) >= select:
-                # count seeds up to and including the one that produced the select-th streamline
-                n_seeds += keep[select - (len(lines) - len(keep)) - 1] + 1
-                lines, seed_pts, sidx = lines[:select], seed_pts[:select], sidx[:select]
-            else:
-                n_seeds += n
-            report(n_seeds if not select else len(lines), max_seeds if not select else select, len(lines))
-    arrays = [l.detach().cpu().double().numpy() for l in lines]
+    report = _progress(not a.quiet and sys.stderr.isatty())
     header = {"method": "SD_Stream (tractfunc)", "step_size": prm.step, "max_angle": prm.angle,
               "threshold": prm.cutoff, "min_dist": prm.min_length, "max_dist": prm.max_length,
-              "rk4": int(prm.rk4), "total_count": n_seeds, "source": a.fod}
-    io.write_tractogram(a.output, arrays, fod, header)
+              "rk4": int(prm.rk4), "source": a.fod}
+    sink = _Sink(a.output, fod, header)
+    try:
+        if a.seed_points:
+            n_seeds = _track_points(a, fod, prm, fld, msk, dtype, device, gen, sink, report)
+        else:
+            n_seeds = _track_image(a, prm, fld, msk, dtype, device, gen, sink, report)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close(n_seeds)
     if a.output_seeds:
-        io.write_seeds_csv(a.output_seeds, np.asarray(seed_pts).reshape(-1, 3), sidx)
+        io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
     if not a.quiet:
-        print(f"{a.output}: {len(arrays)} streamlines from {n_seeds} seeds (count/total_count = {len(arrays)}/{n_seeds})")
+        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{n_seeds})")
     return 0
 
 
@@ -208,6 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    t.add_argument("--chunk", type=int, default=20000, help="seeds tracked per batch; bounds memory (default 20000)")
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     t.set_defaults(func=cmd_track)
     d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG")

@@ -85,7 +85,8 @@ def tangent_newton(grad: Tensor, hess: Tensor, u: Tensor, rel_eps: float = REL_E
     a, b, c, d = H2[..., 0, 0], H2[..., 0, 1], H2[..., 1, 0], H2[..., 1, 1]
     tr = a + d
     det = a * d - b * c
-    regular = (tr < 0) & (det > (rel_eps * tr) ** 2) & torch.isfinite(det)
+    # eigenvalues l1, l2 < 0 with ratio r = l_small / l_large: det / tr^2 = r / (1 + r)^2, increasing in r
+    regular = (tr < 0) & (det > (rel_eps / (1.0 + rel_eps) ** 2) * tr * tr) & torch.isfinite(det)
     sdet = torch.where(regular, det, torch.ones_like(det))
     x0 = -(d * g2[..., 0] - b * g2[..., 1]) / sdet
     x1 = -(a * g2[..., 1] - c * g2[..., 0]) / sdet

@@ -71,7 +71,7 @@ def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, earl
     soft: cutoff and angle no longer stop (their margins are reported for survival weights); only
     leaving the image and a failed peak search (non-finite amplitude) stop."""
     new_dir, amp, inside = find_peak(field, pos, dir, early_exit, params.peak_polish)
-    cos = (dir * new_dir).sum(-1)
+    cos = (dir * torch.where(torch.isfinite(new_dir), new_dir, torch.zeros_like(new_dir))).sum(-1)
     if soft:
         reason = torch.where(~inside, _code(Reason.EXIT_IMAGE, pos),
                  torch.where(~torch.isfinite(amp), _code(Reason.CUTOFF, pos), _code(Reason.CONTINUE, pos)))

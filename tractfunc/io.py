@@ -147,6 +147,74 @@ def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Im
     f.save(path)
 
 
+class TckWriter:
+    """Stream streamlines to a .tck file chunk by chunk, in bounded memory.
+
+    Writes to ``path + ".partial"`` and renames it to ``path`` only in :meth:`close` (after patching the
+    ``count`` field and writing the end marker), so an interrupted run leaves no file at ``path`` rather
+    than a truncated one.  Use as a context manager: on an exception the partial file is removed.
+
+    ``header`` entries become tckgen-like ``key: value`` properties.  Streamlines: (n_i, 3) scanner mm."""
+
+    _COUNT_WIDTH = 12
+
+    def __init__(self, path: str, header: Optional[dict] = None):
+        if os.path.splitext(path)[1].lower() != ".tck":
+            raise TractfuncError(f"{path}: streaming output needs a .tck file")
+        self.path, self.tmp = path, path + ".partial"
+        self.count = 0
+        lines = ["mrtrix tracks"] + [f"{k}: {v}" for k, v in (header or {}).items()
+                                      if k not in ("count", "datatype", "file")]
+        lines += ["datatype: Float32LE", "count: " + "0" * self._COUNT_WIDTH]
+        body = "\n".join(lines) + "\n"
+        # the offset counts its own digits: grow until stable
+        offset = len(body) + len("file: . \nEND\n") + 1
+        while True:
+            head = body + f"file: . {offset}\nEND\n"
+            if len(head.encode()) <= offset:
+                break
+            offset += 1
+        head = head.encode() + b"\0" * (offset - len(head.encode()))
+        self._count_at = head.index(b"\ncount: ") + len("\ncount: ")
+        self._fh = open(self.tmp, "wb")
+        self._fh.write(head)
+
+    def write(self, streamlines: Sequence[np.ndarray]) -> None:
+        """Append streamlines (each (n_i, 3)); each is followed by the NaN delimiter."""
+        parts = []
+        for s in streamlines:
+            a = np.asarray(s, dtype="<f4").reshape(-1, 3)
+            parts.append(a)
+            parts.append(np.full((1, 3), np.nan, dtype="<f4"))
+        if parts:
+            self._fh.write(np.concatenate(parts).tobytes())
+        self.count += len(streamlines)
+
+    def close(self) -> None:
+        """Write the end marker and the final count, then move the file into place."""
+        self._fh.write(np.full(3, np.inf, dtype="<f4").tobytes())
+        self._fh.seek(self._count_at)
+        self._fh.write(str(self.count).zfill(self._COUNT_WIDTH).encode())
+        self._fh.close()
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if not self._fh.closed:
+            self._fh.close()
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+        return False
+
+
 def write_seeds_csv(path: str, seed_points: np.ndarray, seed_index: Sequence[int]) -> None:
     """tckgen ``-output_seeds`` format: ``Track_index,Seed_index,Pos_x,Pos_y,Pos_z,`` per accepted track."""
     with open(path, "w") as fh:

@@ -37,13 +37,15 @@ Tensor = torch.Tensor
 class TrackState(NamedTuple):
     """Fixed-shape state of B streamline halves.  pos: (B, 3) scanner mm; dir: (B, 3) unit;
     alive: (B,) bool; n: (B,) int64 vertices so far over both halves; reason: (B,) int64 Reason;
-    logw: (B,) log survival weight (soft termination only, else None)."""
+    logw: (B,) log survival weight and hard: (B,) bool, hard tracking would still be running (soft
+    termination only, else None)."""
     pos: Tensor
     dir: Tensor
     alive: Tensor
     n: Tensor
     reason: Tensor
     logw: Optional[Tensor] = None
+    hard: Optional[Tensor] = None
 
 
 def survival_increment(amp_margin: Tensor, cos_margin: Tensor, temperature: float) -> Tensor:
@@ -53,29 +55,45 @@ def survival_increment(amp_margin: Tensor, cos_margin: Tensor, temperature: floa
     return tnf.logsigmoid(amp_margin / temperature) + tnf.logsigmoid(cos_margin / temperature)
 
 
+def _iterate_alive(field, params, mask, state: TrackState, early_exit: bool, soft: bool):
+    """``iterate`` on the alive rows only (eager shortcut: dead rows would still pay for peak searches
+    that may run all 50 Newton iterations); dead rows get their old position and direction."""
+    if not early_exit or is_tracing(state.pos, state.dir, field.sh) or bool(state.alive.all()):
+        return iterate(field, params, mask, state.pos, state.dir, early_exit, soft)
+    idx = torch.nonzero(state.alive).squeeze(1)
+    sub = iterate(field, params, mask, state.pos[idx], state.dir[idx], early_exit, soft)
+    base = (state.pos, state.dir, torch.full_like(state.n, int(Reason.CUTOFF)),
+            *(x.new_zeros(state.pos.shape[:1]) for x in sub[3:]))
+    return type(sub)(*(b.index_copy(0, idx, x) for b, x in zip(base, sub)))
+
+
 def step(state: TrackState, field: FODField, params: TrackParams, mask: Optional[MaskField] = None,
          early_exit: bool = False, temperature: Optional[float] = None):
     """Advance every alive streamline by one tckgen iteration; dead ones keep their state.
 
-    temperature: None for hard stops (tckgen); a positive number for soft termination (cutoff and angle
-    no longer stop; ``state.logw`` accumulates :func:`survival_increment`).
+    temperature: None for hard stops (tckgen); a positive number for soft termination: cutoff and angle
+    no longer stop, ``state.logw`` accumulates :func:`survival_increment`, and ``state.hard`` records
+    whether hard tracking would still be running.  Only those vertices count towards the vertex budget,
+    so as temperature -> 0 both halves recover the hard streamline, with weight -> 0 beyond its end.
     Returns (new_state, added) where added: (B,) bool marks streamlines that appended ``new_state.pos``
     as a vertex."""
     soft = temperature is not None
-    m = iterate(field, params, mask, state.pos, state.dir, early_exit, soft)
+    m = _iterate_alive(field, params, mask, state, early_exit, soft)
     moved = state.alive & (m.reason == CONTINUE)
-    n = state.n + moved.long()
-    full = moved & stop.length_reached(n, params.max_points)
+    counted, hard, logw = moved, state.hard, state.logw
+    if soft:
+        counted = state.hard & moved & (m.amp_margin >= 0) & (m.cos_margin >= 0)
+        hard = counted
+        logw = torch.where(moved, state.logw + survival_increment(m.amp_margin, m.cos_margin, temperature),
+                           state.logw)
+    n = state.n + counted.long()
+    full = counted & stop.length_reached(n, params.max_points)
     reason = torch.where(state.alive & ~moved, m.reason, state.reason)
     reason = torch.where(full, torch.full_like(reason, int(Reason.MAX_LENGTH)), reason)
     alive = moved & ~full
     mv = moved.unsqueeze(-1)
-    logw = state.logw
-    if soft:
-        inc = survival_increment(m.amp_margin, m.cos_margin, temperature)
-        logw = torch.where(moved, state.logw + inc, state.logw)
     new = TrackState(torch.where(mv, m.pos, state.pos), torch.where(mv, m.dir, state.dir), alive, n, reason,
-                     logw)
+                     logw, hard)
     return new, moved
 
 
@@ -132,8 +150,9 @@ def _run_steps(field, params, mask, temperature, n, *state):
 
 
 def _half_fixed(field, params, mask, pos, dir, ok, n0, n_steps, temperature, chunk):
-    logw = pos.new_zeros(pos.shape[:1]) if temperature is not None else None
-    state = (pos, dir, ok, n0, torch.zeros_like(n0), logw)
+    soft = temperature is not None
+    state = (pos, dir, ok, n0, torch.zeros_like(n0), pos.new_zeros(pos.shape[:1]) if soft else None,
+             ok if soft else None)
     if n_steps == 0:
         return pos.new_zeros(pos.shape[0], 0, 3), ok.new_zeros(ok.shape[0], 0), None, TrackState(*state)
     use_ckpt = chunk > 0 and torch.is_grad_enabled() and not is_tracing(pos, field.sh)
