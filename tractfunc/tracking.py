@@ -179,7 +179,8 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
     seeds: (B, 3) scanner mm; init_dirs: (B, 3) unit start directions for the seed peak search.
     With ``n_steps >= params.max_points`` and ``temperature=None`` the valid vertices equal
     :func:`track`'s streamlines bit for bit.
-    temperature: soft termination (see :func:`step`); ``weights`` then carry the survival factors.
+    temperature: soft termination (see :func:`step`); ``weights`` then carry the survival factors.  The
+    seed test stays hard (a seed below the cutoff is rejected, as in tckgen, and passes no gradient).
     checkpoint: recompute chunks of this many steps during backward instead of storing their
     intermediates (plain autograd only; ignored under torch.func transforms and torch.compile).  The
     recomputation is bit-identical to the forward, so gradients do not change."""
