@@ -239,6 +239,23 @@ def cmd_parity(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from . import benchmark
+    try:
+        res = benchmark.run(a.fod, a.seed_image, a.mask, a.select, a.threads, a.dtype, a.device, a.rk4,
+                            a.dipy, a.repeats, a.json)
+    except RuntimeError as e:
+        raise TractfuncError(str(e)) from None
+    print(benchmark.format_table(res))
+    return 0
+
+
+EXAMPLES_BENCH = """examples:
+  tractfunc bench fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --select 10000 --threads 2
+  tractfunc bench fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --dipy --json bench.json
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tractfunc", description="Differentiable SD_Stream tractography in PyTorch.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -282,6 +299,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     q.add_argument("--threads", type=int, default=2)
     q.set_defaults(func=cmd_parity)
+    b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",
+                       epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("fod")
+    b.add_argument("--seed-image", required=True)
+    b.add_argument("--mask")
+    b.add_argument("--select", type=int, default=10000)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--rk4", action="store_true")
+    b.add_argument("--dipy", action="store_true", help="also time DIPY deterministic tracking (seeds = select)")
+    b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")
+    b.add_argument("--json", help="write all results to this JSON file")
+    b.set_defaults(func=cmd_bench)
     return p
 
 
