@@ -61,17 +61,21 @@ def trilinear(volume: Tensor, vox: Tensor) -> Sample:
     frac = torch.where((vox < 0) | (vox > d - 1), torch.zeros_like(frac), frac)
     base = base.long()
     flat = volume.reshape(-1, volume.shape[-1])
+    # all 8 corners at once: offsets (8, 3) in (x, y, z) order, corner k = 4 ox + 2 oy + oz
+    off = torch.tensor([[(k >> 2) & 1, (k >> 1) & 1, k & 1] for k in range(8)], device=vox.device)
+    hi = torch.tensor([d - 1 for d in dims], device=vox.device)
+    idx = torch.minimum((base.unsqueeze(-2) + off).clamp(min=0), hi)                 # (..., 8, 3)
+    flat_idx = _flat_index(idx[..., 0], idx[..., 1], idx[..., 2], dims)               # (..., 8)
+    rows = flat[flat_idx.reshape(-1)].reshape(*vox.shape[:-1], 8, flat.shape[-1])     # (..., 8, C)
+    one_minus = 1 - frac
+    wsel = torch.where(off.bool(), frac.unsqueeze(-2), one_minus.unsqueeze(-2))        # (..., 8, 3)
+    w = ((wsel[..., 0] * wsel[..., 1]) * wsel[..., 2]).to(volume.dtype)                # (..., 8)
+    # weights below 1e-6 are dropped from the value (MRtrix3) but keep their derivative: the gradient is
+    # that of plain trilinear interpolation, not of the cutoff (whose band derivative is an artefact)
+    w = torch.where(w < _EPS, w - w.detach(), w)
     out = 0
-    for corner in range(8):
-        o = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1]   # (x, y, z) offsets
-        idx = [(base[..., a] + o[a]).clamp(0, dims[a] - 1) for a in range(3)]
-        w = 1
-        for a in range(3):
-            w = w * (frac[..., a] if o[a] else 1 - frac[..., a])
-        w = w.to(volume.dtype)
-        w = torch.where(w < _EPS, torch.zeros_like(w), w)
-        rows = flat[_flat_index(*idx, dims).reshape(-1)].reshape(*vox.shape[:-1], flat.shape[-1])
-        out = out + w.unsqueeze(-1) * rows
+    for corner in range(8):   # accumulate in corner order (fixed rounding, matches the reference)
+        out = out + w[..., corner, None] * rows[..., corner, :]
     out = torch.where(inside.unsqueeze(-1), out, torch.zeros_like(out))
     return Sample(out, inside)
 

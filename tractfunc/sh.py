@@ -292,11 +292,12 @@ def mrtrix_line_jet(coeffs: Tensor, u: Tensor, table: LegendreTable) -> LineJet:
     el = torch.acos(u[..., 2].clamp(-1, 1))
     sel, cel = torch.sin(el), torch.cos(el)
     ALp = torch.nn.functional.pad(table.lookup(el), (2, 2))       # [..., l, m+2]
-
-    def al(shift):
-        return ALp[..., l_idx, m_idx + 2 + shift]
-
-    a0, am1, ap1, am2, ap2 = al(0), al(-1), al(1), al(-2), al(2)
+    # one gather for the five m-shifts (0, -1, +1, -2, +2) of every coefficient
+    n_m = ALp.shape[-1]
+    shifts = torch.tensor([0, -1, 1, -2, 2], device=u.device)
+    flat_idx = (l_idx * n_m + m_idx + 2).unsqueeze(0) + shifts.unsqueeze(1)       # (5, N)
+    al5 = ALp.reshape(*ALp.shape[:-2], -1)[..., flat_idx.reshape(-1)].reshape(*ALp.shape[:-2], 5, -1)
+    a0, am1, ap1, am2, ap2 = al5.unbind(-2)
     mf = m_idx.to(u.dtype)
     maz = mf * az.unsqueeze(-1)
     caz, saz = math.sqrt(2.0) * torch.cos(maz), math.sqrt(2.0) * torch.sin(maz)
@@ -305,8 +306,13 @@ def mrtrix_line_jet(coeffs: Tensor, u: Tensor, table: LegendreTable) -> LineJet:
     wr = vm * caz - vp * saz
     zero = torch.zeros_like(w)
 
+    zf, uf = zonal.to(u.dtype), use.to(u.dtype)   # disjoint 0/1 masks: m == 0, cosine half of an m pair
+
     def total(zonal_term, pair_term):
-        return torch.where(zonal, zonal_term, torch.where(use, pair_term, zero)).sum(-1)
+        """Sum over coefficients of the zonal term where m == 0 and the pair term on cosine entries."""
+        if zonal_term is zero:
+            return (pair_term * uf).sum(-1)
+        return (zonal_term * zf + pair_term * uf).sum(-1)
 
     tmp = -(s_lo * am1 - s_hi * ap1) / 2.0
     tmp2 = d2_mid * a0 + torch.where(m_idx == 1, -s_lo2 * a0, s_lo2 * am2) + s_hi2 * ap2

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as tnf
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from . import stop
+from . import pipelined as _pipelined, stop
 from .field import FODField, MaskField
 from .params import TrackParams
 from .integrate import find_peak, iterate
@@ -266,15 +266,27 @@ def _group(idx: Tensor, pos: Tensor, k: Tensor, B: int):
     return pos[order], counts
 
 
-def _track_chunk(field, params, mask, seeds, init_dirs):
+def _cat_rows(rows, like):
+    if not rows[0]:
+        empty = torch.zeros(0, dtype=torch.long, device=like.device)
+        return empty, like.new_zeros(0, 3), empty
+    return tuple(torch.cat(x) for x in rows)
+
+
+def _track_chunk(field, params, mask, seeds, init_dirs, pipelined=True):
     B = seeds.shape[0]
     sd = seed_peaks(field, params, mask, seeds, init_dirs, early_exit=True, polish=params.peak_polish)
     ok_idx = torch.nonzero(sd.ok).squeeze(1)
     reasons = torch.full((B, 2), int(Reason.SEED_REJECTED), dtype=torch.long, device=seeds.device)
     s, d = seeds[ok_idx], sd.dir[ok_idx]
-    one = torch.ones(s.shape[0], dtype=torch.long, device=seeds.device)
-    fi, fp, fk, fn, fr = _half_eager(field, params, mask, s, d, one)
-    bi, bp, bk, bn, br = _half_eager(field, params, mask, s, -d, fn)
+    if pipelined and _pipelined.supported(params) and not (s.requires_grad or field.sh.requires_grad):
+        frows, brows, rs = _pipelined.track_halves(field, params, mask, s, d)
+        (fi, fp, fk), (bi, bp, bk) = (_cat_rows(r, s) for r in (frows, brows))
+        fr, br = rs[:, 0], rs[:, 1]
+    else:
+        one = torch.ones(s.shape[0], dtype=torch.long, device=seeds.device)
+        fi, fp, fk, fn, fr = _half_eager(field, params, mask, s, d, one)
+        bi, bp, bk, bn, br = _half_eager(field, params, mask, s, -d, fn)
     reasons[ok_idx, 0] = fr
     reasons[ok_idx, 1] = br
     fpos, fcnt = _group(fi, fp, fk, s.shape[0])
@@ -303,12 +315,15 @@ def random_directions(n: int, generator: Optional[torch.Generator] = None, dtype
 
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
           mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
-          chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None) -> Tractogram:
+          chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
+          pipelined: bool = True) -> Tractogram:
     """Track from every seed (eager, fast path).
 
     seeds: (S, 3) scanner mm, dtype/device of the computation; init_dirs: (S, 3) start directions for the
     seed peak search (normalised here), or None for uniformly random ones from ``generator`` (tckgen's
-    behaviour).  progress(done_seeds, total_seeds, accepted) is called after each chunk."""
+    behaviour).  progress(done_seeds, total_seeds, accepted) is called after each chunk.
+    pipelined: schedule Newton searches per streamline (:mod:`tractfunc.pipelined`; same output, faster);
+    used for Euler without peak polishing when no gradient is requested."""
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
@@ -317,7 +332,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else contextlib.nullcontext():
         for start in range(0, S, chunk_size):
             sl = slice(start, min(S, start + chunk_size))
-            l, i, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl])
+            l, i, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined)
             lines += l
             ids += [start + x for x in i]
             sidx += si
