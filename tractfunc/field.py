@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import sh
-from .interpolate import Sample, sample_fod
+from .interpolate import Sample, inside_bounds, nearest_value, sample_fod, to_voxel
 
 Tensor = torch.Tensor
 
@@ -19,10 +19,17 @@ class FODField(NamedTuple):
     nonzero: Tensor
     world_to_voxel: Tensor
     table: Optional[sh.LegendreTable]
+    grad_token: Optional[Tensor] = None   # set by track_fixed for the compact FOD backward (fodgrad)
+    grad_sink: Optional[object] = None
 
     def sample(self, pos: Tensor) -> Sample:
         """FOD coefficients at scanner points (..., 3) mm -> Sample(values (..., N), inside (...,))."""
-        return sample_fod(self.sh, self.nonzero, self.world_to_voxel, pos)
+        if self.grad_sink is None:
+            return sample_fod(self.sh, self.nonzero, self.world_to_voxel, pos)
+        from .fodgrad import sample_values
+        vox = to_voxel(pos, self.world_to_voxel.to(torch.float64))
+        inside = inside_bounds(vox, self.nonzero.shape) & nearest_value(self.nonzero, vox)
+        return Sample(sample_values(self.sh, self.nonzero, vox, self.grad_token, self.grad_sink), inside)
 
 
 class MaskField(NamedTuple):

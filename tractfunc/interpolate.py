@@ -70,9 +70,10 @@ def trilinear(volume: Tensor, vox: Tensor) -> Sample:
     one_minus = 1 - frac
     wsel = torch.where(off.bool(), frac.unsqueeze(-2), one_minus.unsqueeze(-2))        # (..., 8, 3)
     w = ((wsel[..., 0] * wsel[..., 1]) * wsel[..., 2]).to(volume.dtype)                # (..., 8)
-    # weights below 1e-6 are dropped from the value (MRtrix3) but keep their derivative: the gradient is
-    # that of plain trilinear interpolation, not of the cutoff (whose band derivative is an artefact)
-    w = torch.where(w < _EPS, w - w.detach(), w)
+    # MRtrix3 drops weights in (0, 1e-6): value and derivative of the implemented function (so autograd
+    # matches finite differences).  A weight exactly 0 (a point on a voxel-centre plane) is kept as the
+    # product it is, so its derivative -- the one-sided slope into the next cell -- is not lost.
+    w = torch.where((w < _EPS) & (w != 0), torch.zeros_like(w), w)
     out = 0
     for corner in range(8):   # accumulate in corner order (fixed rounding, matches the reference)
         out = out + w[..., corner, None] * rows[..., corner, :]

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as tnf
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from . import pipelined as _pipelined, stop
+from . import fodgrad, pipelined as _pipelined, stop
 from .field import FODField, MaskField
 from .params import TrackParams
 from .integrate import find_peak, iterate
@@ -184,6 +184,9 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
     checkpoint: recompute chunks of this many steps during backward instead of storing their
     intermediates (plain autograd only; ignored under torch.func transforms and torch.compile).  The
     recomputation is bit-identical to the forward, so gradients do not change."""
+    token, sink = fodgrad.attach(field.sh)
+    if sink is not None:   # plain autograd wrt the FOD: one gradient buffer, compact saved state
+        field = field._replace(grad_token=token, grad_sink=sink)
     sd = seed_peaks(field, params, mask, seeds, init_dirs, polish=params.peak_polish)
     one = torch.ones(seeds.shape[:1], dtype=torch.long, device=seeds.device)
     fv, fa, fw, fs = _half_fixed(field, params, mask, seeds, sd.dir, sd.ok, one, n_steps, temperature, checkpoint)
