@@ -26,36 +26,14 @@ import torch
 
 from tractfunc import field as _field, integrate as _integrate, sh as _sh, tracking as _tracking
 from tractfunc.direction import Peak, tangent_basis, tangent_newton
+from tractfunc.fodgrad import GradSink, _Gate as _FodGate
 from tractfunc.interpolate import Sample, _EPS, _flat_index, inside_bounds, nearest_value, to_voxel, trilinear
 
 Tensor = torch.Tensor
 
 
-class _Sink:
-    """Dense FOD-gradient buffer shared by every sampler of one ``track_fixed`` call."""
-
-    def __init__(self, sh: Tensor):
-        self.shape = sh.shape
-        self.buf = None
-
-    def add(self, idx: Tensor, vals: Tensor):
-        if self.buf is None:
-            self.buf = vals.new_zeros(self.shape[:3].numel(), self.shape[3])
-        self.buf.index_add_(0, idx, vals)
-
-
-class _Gate(torch.autograd.Function):
-    """sh -> scalar token.  Backward hands the sink's accumulated buffer to sh, once."""
-
-    @staticmethod
-    def forward(ctx, sh, sink):
-        ctx.sink = sink
-        return sh.new_zeros(())
-
-    @staticmethod
-    def backward(ctx, _g):
-        buf, ctx.sink.buf = ctx.sink.buf, None
-        return (None if buf is None else buf.view(ctx.sink.shape)), None
+# the shared gradient buffer and its gate node are the library's (tractfunc.fodgrad, which adopted them)
+_Sink, _Gate = GradSink, _FodGate
 
 
 class _SampleFOD(torch.autograd.Function):
@@ -97,9 +75,9 @@ class _SampleFOD(torch.autograd.Function):
             keep = ~(w < _EPS)
             rows = flat[idx]
             if want_vox:
-                # weights below 1e-6 are dropped from the value but keep their derivative (library rule
-                # since f93dd9f: ``torch.where(w < eps, w - w.detach(), w)``)
-                sw = (rows * g).sum(-1).to(vox.dtype)
+                # the library's weight rule: weights in (0, 1e-6) are dropped with their derivative,
+                # a weight exactly 0 keeps its slope (interpolate.trilinear)
+                sw = ((rows * g).sum(-1) * ~((w < _EPS) & (w != 0))).to(vox.dtype)
                 for a in range(3):
                     b, c = [x for x in range(3) if x != a]
                     sign = 1.0 if o[a] else -1.0
@@ -175,7 +153,7 @@ def _track_fixed(field, params, seeds, init_dirs, n_steps, mask=None, temperatur
     f = _SinkField(*field)
     f._token = f._sink = None
     if field.sh.requires_grad and torch.is_grad_enabled():
-        f._sink = _Sink(field.sh)
+        f._sink = _Sink(field.sh.shape)
         f._token = _Gate.apply(field.sh, f._sink)
     return _orig["track_fixed"](f, params, seeds, init_dirs, n_steps, mask=mask, temperature=temperature,
                                 checkpoint=checkpoint)
