@@ -19,41 +19,18 @@ Run: ``python examples/optimize_seeds.py [--quick] [--out DIR] [--data DIR]``.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
 import time
 
-import numpy as np
 import torch
 
 import tractfunc as tf
 from tractfunc import direction, tracking
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_DATA = os.path.join(HERE, "..", "..", "shared", "data", "dmri_invivo_philips_achieva_dti32")
-CROP_START, CROP_SIZE = (48, 38, 28), (32, 24, 16)   # voxels: splenium and body of the corpus callosum
-
-
-def load_crop(data_dir: str, dtype):
-    """FOD SH, WM seed mask and brain mask of the crop, with the crop's affine (voxel -> scanner mm)."""
-    names = {"fod": "dwi_fod_lmax8.nii.gz", "wm": "dwi_wmmask_FA0.3.nii.gz", "brain": "dwi_brainmask.nii.gz"}
-    paths = {k: os.path.join(data_dir, v) for k, v in names.items()}
-    missing = [p for p in paths.values() if not os.path.exists(p)]
-    if missing:
-        print(f"error: real data not found: {', '.join(missing)}\n"
-              f"expected the Philips in-vivo DTI set (dmri_invivo_philips_achieva_dti32) at {data_dir}; "
-              f"pass --data DIR", file=sys.stderr)
-        sys.exit(2)
-    fod, wm, brain = tf.load_fod(paths["fod"]), tf.load_mask(paths["wm"]), tf.load_mask(paths["brain"])
-    sl = tuple(slice(a, a + n) for a, n in zip(CROP_START, CROP_SIZE))
-    shift = np.eye(4)
-    shift[:3, 3] = CROP_START
-    affine = fod.affine @ shift          # voxel (0,0,0) of the crop = voxel CROP_START of the full image
-    return dict(sh=torch.as_tensor(np.ascontiguousarray(fod.data[sl]), dtype=dtype), affine=affine,
-                wm=torch.as_tensor(wm.data[sl]), brain=torch.as_tensor(brain.data[sl]),
-                voxel_sizes=fod.voxel_sizes)
+# examples/ is on sys.path when run as ``python examples/<name>.py``
+from _common import CROP_SIZE, base_parser, load_crop, parse_args, pyplot, save_figure
 
 
 def voxel_centres(idx: torch.Tensor, affine) -> torch.Tensor:
@@ -76,14 +53,7 @@ def midline_candidates(crop, axis_dir: torch.Tensor):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="reduced sizes (test mode, < 25 s)")
-    ap.add_argument("--out", default=os.path.join(HERE, "output"))
-    ap.add_argument("--data", default=DEFAULT_DATA)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (1 is fastest for these small, overhead-bound batches)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    args = parse_args(base_parser(__doc__), argv)
     t_start = time.perf_counter()
     n_seeds, n_steps, iters = (48, 16, 8) if args.quick else (192, 30, 30)
     step_mm, radius_seed, radius_target, lr = 0.5, 3.0, 2.0, 0.6
@@ -172,9 +142,7 @@ def main(argv=None):
 
 
 def plot(png, out0, out1, seeds0, seeds1, target, radius, history):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     axes[1].sharex(axes[0])
@@ -202,9 +170,7 @@ def plot(png, out0, out1, seeds0, seeds1, target, radius, history):
     axes[2].set_ylabel("mean squared endpoint-target distance (mm$^2$)")
     axes[2].set_title("loss")
     fig.suptitle("Seed optimisation through differentiable SD_Stream tracking (corpus callosum, axial projection)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    save_figure(fig, png)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,5 @@
 """Check proofs/checkpointing.md: track_fixed(..., checkpoint=k) recomputes bit-identical steps and gives the
 same gradients as storing everything."""
-import sys
-
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
@@ -12,15 +10,7 @@ from tractfunc.phantom import make_phantom
 from tractfunc.seeds import random_in_mask
 from tractfunc.tracking import random_directions, track_fixed
 
-torch.set_num_threads(1)   # tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)
-failures = []
-
-
-def report(name, err, tol):
-    ok = bool(err <= tol)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3e} (tol {tol:.0e})")
-    if not ok:
-        failures.append(name)
+from _checklib import finish, report  # proofs/ is on sys.path (run as a script)
 
 
 ph = make_phantom(shape=(24, 24, 12))          # the built-in phantom, reduced grid to keep this check fast
@@ -109,7 +99,4 @@ for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
               f"SH {torch.equal(gsh, gsh0)}")
 
 tracking.step = _step
-if failures:
-    print(f"FAILED: {failures}")
-    sys.exit(1)
-print("all checkpointing checks passed")
+finish("checkpointing")

@@ -1,6 +1,4 @@
 """Check proofs/peak_ift.md: the implicit-function-theorem derivative of the FOD peak (attach_peak)."""
-import sys
-
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
@@ -8,20 +6,9 @@ from tractfunc import sh
 from tractfunc.direction import peak, tangent_newton
 from tractfunc.implicit import attach_peak
 
+from _checklib import failures, finish, report, unit  # proofs/ is on sys.path (run as a script)
+
 torch.set_default_dtype(torch.float64)
-torch.set_num_threads(1)   # tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)
-failures = []
-
-
-def report(name, err, tol):
-    ok = bool(err <= tol)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3e} (tol {tol:.0e})")
-    if not ok:
-        failures.append(name)
-
-
-def unit(v):
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
 N = sh.n_coeffs(8)
@@ -150,7 +137,4 @@ print(f"     (info) pole peak: max |d dir/dc| = {float(Jz.abs().max()):.3e}")
 report("pole peak: jacrev(IFT) vs unrolled Newton, max abs (finite)",
        float((Jz - Jz_unr).abs().max()) if torch.isfinite(Jz).all() else float("inf"), 1e-8)
 
-if failures:
-    print(f"FAILED: {failures}")
-    sys.exit(1)
-print("all peak_ift checks passed")
+finish("peak_ift")

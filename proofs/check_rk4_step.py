@@ -1,6 +1,4 @@
 """Check proofs/rk4_step.md: derivative of one RK4 step (tractfunc.integrate.rk4) wrt position and FOD."""
-import sys
-
 import torch
 from torch.func import jacfwd
 
@@ -11,17 +9,10 @@ from tractfunc.phantom import make_phantom
 from tractfunc.seeds import random_in_mask
 from tractfunc.tracking import random_directions, seed_peaks
 
+from _checklib import failures, finish, report  # proofs/ is on sys.path (run as a script)
+
 torch.set_default_dtype(torch.float64)
-torch.set_num_threads(1)   # tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)
-failures = []
 TOL = 1e-6
-
-
-def report(name, err, tol):
-    ok = bool(err <= tol)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3e} (tol {tol:.0e})")
-    if not ok:
-        failures.append(name)
 
 
 ph = make_phantom(shape=(24, 24, 12))          # the built-in phantom, reduced grid to keep this check fast
@@ -83,7 +74,4 @@ loss = (step_out(pos, dir, FODField(shv, field.nonzero, field.world_to_voxel, No
 report("autograd <dL/dSH, V> vs jacfwd, rel", abs(float((g_sh * V).sum() - (w * D_fwd).sum()))
        / float((w * D_fwd).abs().sum()), 1e-12)
 
-if failures:
-    print(f"FAILED: {failures}")
-    sys.exit(1)
-print("all rk4_step checks passed")
+finish("rk4_step")

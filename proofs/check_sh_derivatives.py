@@ -1,28 +1,15 @@
 """Check proofs/sh_derivatives.md: sh_jet's tangent gradient / Hessian vs finite differences on the sphere,
 at random directions and at / within 1e-9 of the z poles; symmetry, u in the kernel; basis vs DIPY."""
-import sys
-
 import numpy as np
 import torch
 
 from tractfunc import sh
 
+from _checklib import failures, finish, report, unit  # proofs/ is on sys.path (run as a script)
+
 torch.set_default_dtype(torch.float64)
-torch.set_num_threads(1)   # tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)
 TOL_FD = 1e-6     # relative, finite differences vs analytic
 TOL_EXACT = 1e-12
-failures = []
-
-
-def report(name, err, tol):
-    ok = bool(err <= tol)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3e} (tol {tol:.0e})")
-    if not ok:
-        failures.append(name)
-
-
-def unit(v):
-    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
 gen = torch.Generator().manual_seed(0)
@@ -108,7 +95,4 @@ amp_ref = torch.as_tensor(ref) @ C.T                                        # (n
 report("amplitude vs dipy, max abs err / max |amp|",
        float((sh.amplitude(cc, uu).T - amp_ref).abs().max() / amp_ref.abs().max()), TOL_EXACT)
 
-if failures:
-    print(f"FAILED: {failures}")
-    sys.exit(1)
-print("all sh_derivatives checks passed")
+finish("sh_derivatives")

@@ -1,6 +1,4 @@
 """Check proofs/soft_termination.md: survival weights, their T -> 0 limit and their gradient."""
-import sys
-
 import torch
 import torch.nn.functional as tnf
 
@@ -10,16 +8,9 @@ from tractfunc.phantom import make_phantom
 from tractfunc.seeds import random_in_mask
 from tractfunc.tracking import random_directions, survival_increment, track_fixed
 
+from _checklib import failures, finish, report  # proofs/ is on sys.path (run as a script)
+
 torch.set_default_dtype(torch.float64)
-torch.set_num_threads(1)   # tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)
-failures = []
-
-
-def report(name, err, tol):
-    ok = bool(err <= tol)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3e} (tol {tol:.0e})")
-    if not ok:
-        failures.append(name)
 
 
 # 1. the factor and its derivative: d/dm log s(m/T) = s(-m/T) / T
@@ -129,7 +120,4 @@ if bool(failed.any()):
           f"repeating on the others:")
     grad_vs_fd(idx_all[~failed], f"{int((~failed).sum())} seeds without failed peak search")
 
-if failures:
-    print(f"FAILED: {failures}")
-    sys.exit(1)
-print("all soft_termination checks passed")
+finish("soft_termination")

@@ -1,21 +1,12 @@
 """Check proofs/trilinear.md: derivatives of tractfunc.interpolate.trilinear wrt volume and voxel position."""
 import itertools
-import sys
-
 import torch
 
 from tractfunc.interpolate import trilinear
 
+from _checklib import finish, report  # proofs/ is on sys.path (run as a script)
+
 torch.set_default_dtype(torch.float64)
-torch.set_num_threads(1)   # tiny tensors: intra-op threads only add overhead (and contention on shared CPUs)
-failures = []
-
-
-def report(name, err, tol):
-    ok = bool(err <= tol)
-    print(f"{'ok  ' if ok else 'FAIL'} {name}: {err:.3e} (tol {tol:.0e})")
-    if not ok:
-        failures.append(name)
 
 
 gen = torch.Generator().manual_seed(1)
@@ -76,7 +67,4 @@ report("cutoff band: |autograd - derivative of implemented s|", float((g_auto - 
 print(f"     (info) cutoff band: |autograd - unclipped trilinear derivative| = "
       f"{float((g_auto - g_full).abs().max()):.3e} (expected O(1): the dropped corners' slopes)")
 
-if failures:
-    print(f"FAILED: {failures}")
-    sys.exit(1)
-print("all trilinear checks passed")
+finish("trilinear")
