@@ -114,7 +114,7 @@ def main(argv=None):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        print(f"iter {it:3d}  loss {float(loss):8.3f} mm^2  hits {summary(out, d2)['hit']:.3f}", flush=True)
+        print(f"iter {it:3d}  loss {float(loss.detach()):8.3f} mm^2  hits {summary(out, d2)['hit']:.3f}", flush=True)
     after = summary(out, d2)
     t_opt = time.perf_counter() - t_opt
 
