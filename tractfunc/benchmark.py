@@ -71,7 +71,7 @@ nib.streamlines.save(nib.streamlines.Tractogram(sl, affine_to_rasmm=np.eye(4)), 
 
 def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: str = "float32",
         device: str = "cpu", rk4: bool = False, dipy: bool = False, repeats: int = 1,
-        json_path: Optional[str] = None) -> dict:
+        json_path: Optional[str] = None, workers: int = 1) -> dict:
     """Run the benchmark; returns (and optionally writes) a dict of results."""
     if shutil.which("tckgen") is None:
         raise RuntimeError("tckgen (MRtrix3) not on PATH: apt-get install -y mrtrix3")
@@ -79,7 +79,8 @@ def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: 
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
                "inputs": {"fod": fod, "seed_image": seed_image, "mask": mask, "select": select,
-                          "threads": threads, "dtype": dtype, "device": device, "rk4": rk4}, "runs": []}
+                          "threads": threads, "workers": workers, "dtype": dtype, "device": device, "rk4": rk4},
+               "runs": []}
     import torch
     results["machine"]["torch"] = torch.__version__
     with tempfile.TemporaryDirectory() as tmp:
@@ -93,7 +94,8 @@ def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: 
             results["runs"].append(r)
             out = os.path.join(tmp, f"tractfunc{rep}.tck")
             cmd = [sys.executable, "-m", "tractfunc.cli", "track", fod, out, "--seed-image", seed_image,
-                   "--select", str(select), "--threads", str(threads), "--dtype", dtype, "--device", device,
+                   "--select", str(select), "--threads", str(max(1, threads // workers)), "--workers", str(workers),
+                   "--dtype", dtype, "--device", device,
                    "--quiet"] + (["--mask", mask] if mask else []) + (["--rk4"] if rk4 else [])
             r = _timed(cmd, env)
             r.update(tool="tractfunc", vertices=_count_vertices(out))
@@ -132,6 +134,6 @@ def format_table(results: dict) -> str:
     m, i = results["machine"], results["inputs"]
     rows.append("")
     rows.append(f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}; "
-                f"threads {i['threads']}, select {i['select']}, dtype {i['dtype']}, device {i['device']}"
+                f"threads {i['threads']} (tractfunc: {i.get('workers', 1)} processes), select {i['select']}, dtype {i['dtype']}, device {i['device']}"
                 f"{', rk4' if i['rk4'] else ''}; best of {len(results['runs']) // max(len(results['best']), 1)}")
     return "\n".join(rows)

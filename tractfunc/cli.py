@@ -12,7 +12,7 @@ import torch
 
 from . import field as F, io, params as P, seeds as S
 from .io import TractfuncError
-from .tracking import track
+from .tracking import random_directions, track
 
 EXAMPLES_TRACK = """examples:
   tractfunc track fod.nii.gz out.tck --seed-image wm.nii.gz --mask brain.nii.gz --select 5000
@@ -75,7 +75,7 @@ class _Sink:
         self.writer = io.TckWriter(path, header) if path.lower().endswith(".tck") else None
 
     def add(self, lines, seed_pts, sidx):
-        arrays = [l.detach().cpu().double().numpy() for l in lines]
+        arrays = [l.detach().cpu().double().numpy() if torch.is_tensor(l) else np.asarray(l) for l in lines]
         if self.writer is not None:
             self.writer.write(arrays)
         else:
@@ -96,7 +96,7 @@ class _Sink:
             self.writer.abort()
 
 
-def _track_points(a, fod, prm, fld, msk, dtype, device, gen, sink, report):
+def _track_points(a, fod, run, gen, sink, report):
     pts = io.read_seed_points(a.seed_points)
     outside = ~_inside_image(fod, pts)
     if outside.any():
@@ -104,22 +104,19 @@ def _track_points(a, fod, prm, fld, msk, dtype, device, gen, sink, report):
                              f"the FOD image (first: row {int(np.argmax(outside)) + 1}); expected scanner-mm points inside it")
     dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
     if dirs is None:   # tckgen draws a random start direction per seed
-        from .tracking import random_directions
         dirs = random_directions(len(pts), gen, torch.float64).numpy()
     for start in range(0, len(pts), a.chunk):
         if a.select and sink.count >= a.select:
             break
         sl = slice(start, start + a.chunk)
-        res = track(fld, prm, torch.as_tensor(pts[sl], dtype=dtype, device=device),
-                    torch.as_tensor(dirs[sl], dtype=dtype, device=device), mask=msk)
-        keep = len(res.streamlines) if not a.select else min(len(res.streamlines), a.select - sink.count)
-        sink.add(res.streamlines[:keep], [pts[sl][i] for i in res.seed_ids[:keep].tolist()],
-                 res.seed_index[:keep].tolist())
+        lines, ids, sidx = run(pts[sl], dirs[sl])
+        keep = len(lines) if not a.select else min(len(lines), a.select - sink.count)
+        sink.add(lines[:keep], [pts[sl][i] for i in ids[:keep].tolist()], sidx[:keep].tolist())
         report(min(sl.stop, len(pts)), len(pts), sink.count)
     return len(pts)
 
 
-def _track_image(a, prm, fld, msk, dtype, device, gen, sink, report):
+def _track_image(a, run, gen, sink, report):
     if a.seed_directions:
         raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
     seed_img = io.load_mask(a.seed_image)
@@ -130,13 +127,14 @@ def _track_image(a, prm, fld, msk, dtype, device, gen, sink, report):
     n_seeds = 0
     while n_seeds < max_seeds and (not select or sink.count < select):
         # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
-        rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.5
-        # per-step overhead dominates small batches, so overshoot rather than run another pass
-        want = 2 * (select - sink.count) / rate if select else max_seeds
+        # (first guess 0.7: typical white-matter seeding); overshoot a little rather than run a tiny
+        # extra batch, whose per-tick overhead would dominate, but not so much that seeds are wasted
+        rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.7
+        want = 1.15 * (select - sink.count) / rate if select else max_seeds
         n = int(min(max(want, 512), a.chunk, max_seeds - n_seeds))
         pts = S.random_in_mask(torch.as_tensor(seed_img.data), seed_img.affine, n, gen)
-        res = track(fld, prm, pts.to(dtype=dtype, device=device), None, mask=msk, generator=gen)
-        keep = res.seed_ids.tolist()
+        lines, ids, sidx = run(pts.numpy(), random_directions(n, gen, torch.float64).numpy())
+        keep = ids.tolist()
         if select and sink.count + len(keep) >= select:
             k = select - sink.count
             # count seeds up to and including the one that produced the select-th streamline
@@ -144,7 +142,7 @@ def _track_image(a, prm, fld, msk, dtype, device, gen, sink, report):
             keep = keep[:k]
         else:
             n_seeds += n
-        sink.add(res.streamlines[:len(keep)], [pts[i].numpy() for i in keep], res.seed_index[:len(keep)].tolist())
+        sink.add(lines[:len(keep)], [pts[i].numpy() for i in keep], sidx[:len(keep)].tolist())
         report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
     return n_seeds
 
@@ -154,6 +152,8 @@ def cmd_track(a) -> int:
     device = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.workers < 1:
+        raise TractfuncError(f"--workers must be a positive number of processes, got {a.workers}")
     if a.chunk < 1:
         raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
     gen = torch.Generator().manual_seed(a.rng_seed)
@@ -163,14 +163,32 @@ def cmd_track(a) -> int:
               "threshold": prm.cutoff, "min_dist": prm.min_length, "max_dist": prm.max_length,
               "rk4": int(prm.rk4), "source": a.fod}
     sink = _Sink(a.output, fod, header)
+    pool = None
+    if a.workers > 1:
+        if device.type != "cpu":
+            raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
+        from .workers import Pool
+        pool = Pool(a, a.dtype, a.workers, threads_each=a.threads or 1)
+
+    def run(pts: np.ndarray, dirs: np.ndarray):
+        """Track a batch: seeds (S, 3) and start directions (S, 3) -> (streamlines, seed ids, seed indices)."""
+        if pool is not None:
+            return pool.track(pts, dirs)
+        res = track(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
+                    torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk)
+        return res.streamlines, res.seed_ids.cpu().numpy(), res.seed_index.cpu().numpy()
+
     try:
         if a.seed_points:
-            n_seeds = _track_points(a, fod, prm, fld, msk, dtype, device, gen, sink, report)
+            n_seeds = _track_points(a, fod, run, gen, sink, report)
         else:
-            n_seeds = _track_image(a, prm, fld, msk, dtype, device, gen, sink, report)
+            n_seeds = _track_image(a, run, gen, sink, report)
     except BaseException:
         sink.abort()
         raise
+    finally:
+        if pool is not None:
+            pool.close()
     sink.close(n_seeds)
     if a.output_seeds:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
@@ -243,7 +261,7 @@ def cmd_bench(a) -> int:
     from . import benchmark
     try:
         res = benchmark.run(a.fod, a.seed_image, a.mask, a.select, a.threads, a.dtype, a.device, a.rk4,
-                            a.dipy, a.repeats, a.json)
+                            a.dipy, a.repeats, a.json, a.workers)
     except RuntimeError as e:
         raise TractfuncError(str(e)) from None
     print(benchmark.format_table(res))
@@ -282,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="CPU processes tracking in parallel (seeds split across them; same output)")
     t.add_argument("--chunk", type=int, default=20000, help="seeds tracked per batch; bounds memory (default 20000)")
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     t.set_defaults(func=cmd_track)
@@ -311,6 +331,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--rk4", action="store_true")
     b.add_argument("--dipy", action="store_true", help="also time DIPY deterministic tracking (seeds = select)")
     b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")
+    b.add_argument("--workers", type=int, default=1,
+                   help="tractfunc processes sharing the --threads cores (e.g. 2 workers x 1 thread)")
     b.add_argument("--json", help="write all results to this JSON file")
     b.set_defaults(func=cmd_bench)
     return p
