@@ -6,7 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import sh
-from .interpolate import Sample, inside_bounds, nearest_value, sample_fod, to_voxel
+from .interpolate import Sample, sample_fod, to_voxel
 
 Tensor = torch.Tensor
 
@@ -26,10 +26,9 @@ class FODField(NamedTuple):
         """FOD coefficients at scanner points (..., 3) mm -> Sample(values (..., N), inside (...,))."""
         if self.grad_sink is None:
             return sample_fod(self.sh, self.nonzero, self.world_to_voxel, pos)
-        from .fodgrad import sample_values
+        from . import fodgrad
         vox = to_voxel(pos, self.world_to_voxel.to(torch.float64))
-        inside = inside_bounds(vox, self.nonzero.shape) & nearest_value(self.nonzero, vox)
-        return Sample(sample_values(self.sh, self.nonzero, vox, self.grad_token, self.grad_sink), inside)
+        return fodgrad.sample(self.sh, self.nonzero, vox, self.grad_token, self.grad_sink)
 
 
 class MaskField(NamedTuple):

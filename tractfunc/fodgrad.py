@@ -20,7 +20,8 @@ from typing import Optional
 
 import torch
 
-from .interpolate import _EPS, _flat_index, inside_bounds, nearest_value, trilinear
+from .interpolate import _EPS, Sample, _flat_index, inside_bounds, nearest_value, trilinear
+from .tracing import is_tracing
 
 Tensor = torch.Tensor
 
@@ -54,7 +55,8 @@ class _Gate(torch.autograd.Function):
 
 
 class _SampleFOD(torch.autograd.Function):
-    """(vox (..., 3) float64, token, sh (detached), nonzero, sink) -> values (..., N): sample_fod's values."""
+    """(vox (..., 3) float64, token, sh (detached), nonzero, sink) -> (values (..., N), inside (...,)):
+    what ``sample_fod`` returns."""
 
     @staticmethod
     def forward(ctx, vox, token, sh, nonzero, sink):
@@ -62,10 +64,11 @@ class _SampleFOD(torch.autograd.Function):
         inside = s.inside & nearest_value(nonzero, vox)
         ctx.save_for_backward(vox)
         ctx.sh, ctx.nonzero, ctx.sink = sh, nonzero, sink
-        return torch.where(inside.unsqueeze(-1), s.values, torch.zeros_like(s.values))
+        ctx.mark_non_differentiable(inside)
+        return torch.where(inside.unsqueeze(-1), s.values, torch.zeros_like(s.values)), inside
 
     @staticmethod
-    def backward(ctx, g):
+    def backward(ctx, g, _g_inside):
         (vox,) = ctx.saved_tensors
         sh, dims = ctx.sh, ctx.sh.shape[:3]
         flat = sh.reshape(-1, sh.shape[-1])
@@ -97,14 +100,13 @@ class _SampleFOD(torch.autograd.Function):
 
 def attach(sh: Tensor):
     """(token, sink) for one tracking call on FOD ``sh`` when the compact path applies, else (None, None)."""
-    from .tracing import is_tracing
     if not (sh.requires_grad and torch.is_grad_enabled()) or is_tracing(sh):
         return None, None
     sink = GradSink(sh.shape)
     return _Gate.apply(sh, sink), sink
 
 
-def sample_values(sh: Tensor, nonzero: Tensor, vox: Tensor, token: Tensor, sink: GradSink) -> Tensor:
-    """FOD values at voxel coordinates through the compact backward (gradients wrt vox and, via the
-    sink and gate, wrt sh)."""
-    return _SampleFOD.apply(vox, token, sh.detach(), nonzero, sink)
+def sample(sh: Tensor, nonzero: Tensor, vox: Tensor, token: Tensor, sink: GradSink) -> Sample:
+    """``sample_fod`` at voxel coordinates vox (..., 3) through the compact backward (gradients wrt vox
+    and, via the sink and gate, wrt sh (X, Y, Z, N)) -> Sample(values (..., N), inside (...,))."""
+    return Sample(*_SampleFOD.apply(vox, token, sh.detach(), nonzero, sink))

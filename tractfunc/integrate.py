@@ -71,6 +71,15 @@ def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, earl
     soft: cutoff and angle no longer stop (their margins are reported for survival weights); only
     leaving the image and a failed peak search (non-finite amplitude) stop."""
     new_dir, amp, inside = find_peak(field, pos, dir, early_exit, params.peak_polish)
+    return sd_move(params, pos, dir, new_dir, amp, inside, soft)
+
+
+def sd_move(params: TrackParams, pos: Tensor, dir: Tensor, new_dir: Tensor, amp: Tensor, inside: Tensor,
+            soft: bool = False) -> Move:
+    """The decision half of ``sd_next``, given the peak: stop tests, then move ``params.step`` mm.
+
+    pos: (B, 3) scanner mm; dir: (B, 3) incoming unit direction; new_dir: (B, 3) peak found from it (NaN
+    where the search failed); amp: (B,) its amplitude; inside: (B,) bool, ``pos`` inside the image."""
     cos = (dir * torch.where(torch.isfinite(new_dir), new_dir, torch.zeros_like(new_dir))).sum(-1)
     if soft:
         reason = torch.where(~inside, _code(Reason.EXIT_IMAGE, pos),
@@ -130,8 +139,13 @@ def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_ex
 def iterate(field: FODField, params: TrackParams, mask: Optional[MaskField], pos: Tensor, dir: Tensor,
             early_exit: bool = False, soft: bool = False) -> Move:
     """One tckgen ``iterate``: an Euler or RK4 step, then the tracking-mask test on the new vertex."""
-    m = (rk4 if params.rk4 else euler)(field, params, pos, dir, early_exit, soft)
+    return mask_test(mask, (rk4 if params.rk4 else euler)(field, params, pos, dir, early_exit, soft))
+
+
+def mask_test(mask: Optional[MaskField], m: Move) -> Move:
+    """tckgen's tracking-mask rule: a move whose new vertex ``m.pos`` lies outside ``mask`` (nearest voxel)
+    stops with EXIT_MASK (the vertex is not kept)."""
     if mask is None:
         return m
     out = (m.reason == CONTINUE) & stop.outside_mask(mask.mask, mask.world_to_voxel, m.pos)
-    return m._replace(reason=torch.where(out, _code(Reason.EXIT_MASK, pos), m.reason))
+    return m._replace(reason=torch.where(out, _code(Reason.EXIT_MASK, m.pos), m.reason))

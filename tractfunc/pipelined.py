@@ -20,6 +20,7 @@ import torch
 from . import stop
 from .direction import ANGLE_TOLERANCE, MAX_ITER, newton_move
 from .field import FODField, MaskField
+from .integrate import mask_test, sd_move
 from .params import TrackParams
 from .stop import CONTINUE, Reason
 
@@ -64,17 +65,10 @@ def track_halves(field: FODField, params: TrackParams, mask: Optional[MaskField]
             cf = conv[fin].unsqueeze(-1)
             new_dir = torch.where(cf, v[fin], torch.full_like(v[fin], nan))
             amp = torch.where(conv[fin], a[fin], torch.full_like(a[fin], nan))
-            d_old, p_old = dir[f], pos[f]
-            reason = torch.where(stop.below_cutoff(amp, params.cutoff), int(Reason.CUTOFF),
-                     torch.where(stop.too_curved(d_old, new_dir, params.cos_angle_step), int(Reason.CURVATURE),
-                                 CONTINUE))
+            # the searches started inside the image (a half ends as soon as it samples outside)
+            m = mask_test(mask, sd_move(params, pos[f], dir[f], new_dir, amp, torch.ones_like(conv[fin])))
+            reason, new_pos, safe_dir = m.reason, m.pos, m.dir
             go = reason == CONTINUE
-            safe_dir = torch.where(go.unsqueeze(-1), new_dir, d_old)
-            new_pos = torch.where(go.unsqueeze(-1), p_old + safe_dir * params.step, p_old)
-            if mask is not None:
-                out = go & stop.outside_mask(mask.mask, mask.world_to_voxel, new_pos)
-                reason = torch.where(out, int(Reason.EXIT_MASK), reason)
-                go = reason == CONTINUE
             nn = n[f] + go.long()
             full = go & stop.length_reached(nn, params.max_points)
             reason = torch.where(full, int(Reason.MAX_LENGTH), reason)
