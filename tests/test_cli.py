@@ -1,4 +1,5 @@
 """The command line, run as a subprocess like a user would."""
+import os
 import shutil
 import subprocess
 import sys
@@ -159,6 +160,28 @@ def test_workers_give_the_same_tractogram(tmp_path, phantom_files):
     assert outs[0] == outs[1]
     assert run("track", paths["fod"], str(tmp_path / "x.tck"), "--seed-image", paths["mask"], "--workers", "0",
                check=False).returncode == 2
+
+
+def test_torchrun_two_ranks_give_the_same_tractogram(tmp_path, phantom_files):
+    """Seeds sharded over 2 torchrun processes (gloo): the merged file and the seeds CSV are byte-identical
+    to one process, with several seed batches (--chunk) so that parts are interleaved batch by batch."""
+    ph, paths = phantom_files
+    args = ["track", paths["fod"], None, "--seed-image", paths["mask"], "--mask", paths["mask"], "--select", "70",
+            "--chunk", "32", "--rng-seed", "9", "--max-length", "30", "--quiet", "--output-seeds", None]
+    outs = []
+    for launch in ("single", "torchrun"):
+        a = list(args)
+        a[2], a[-1] = str(tmp_path / f"{launch}.tck"), str(tmp_path / f"{launch}.csv")
+        cmd = [sys.executable, "-m", "tractfunc.cli", *a]
+        if launch == "torchrun":
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                   "-m", "tractfunc.cli", *a]
+        p = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert p.returncode == 0, p.stderr[-3000:]
+        outs.append(((tmp_path / f"{launch}.tck").read_bytes(), (tmp_path / f"{launch}.csv").read_bytes()))
+    assert outs[0] == outs[1]
+    assert len(nib.streamlines.load(str(tmp_path / "torchrun.tck")).streamlines) == 70
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["single.csv", "single.tck", "torchrun.csv", "torchrun.tck"]
 
 
 def test_interrupted_output_leaves_no_file(tmp_path):

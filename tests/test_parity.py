@@ -35,6 +35,7 @@ def test_parity_oblique_phantom(tmp_path, phantom_files, rk4):
 
 @pytest.mark.parametrize("rk4,dtype", [(False, torch.float32), (True, torch.float32), (False, torch.float64)])
 def test_parity_real_data_2000(tmp_path, rk4, dtype):
+    # float64: float64 arithmetic with tckgen's float32 state (parity.compare's default state_dtype)
     require_tckgen()
     d = require_philips()
     r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 2000, rk4, dtype)
@@ -54,15 +55,12 @@ def test_parity_real_data_10000(tmp_path, rk4, dtype):
     print(f"philips 10k rk4={rk4} {dtype}: {r.within_01:.4f} within 0.1 mm, {r.within_1:.4f} within 1 mm, lost {r.lost}, too short {r.too_short}")
     assert r.lost == 0
     assert r.within_01 >= 0.995
-    if dtype == torch.float32:
-        assert r.within_1 >= 0.999          # the acceptance bar (measured 99.95 % Euler, 99.93 % RK4)
+    if dtype == torch.float32 or not rk4:
+        # the acceptance bar (measured 99.93 % Euler / 99.93 % RK4 in float32; 99.94 % Euler in float64
+        # arithmetic with tckgen's float32 state, 99.84 % with float64 state)
+        assert r.within_1 >= 0.999
     else:
-        # float64 sits below the 99.9 % bar (measured 99.84 % Euler, 99.88 % RK4): tckgen computes in float32
-        # and SD_Stream is chaotic at the 1e-6 level (docs: README "Parity"); this guards the measured level
-        assert r.within_1 >= 0.998
-
-
-def test_tckgen_missing_is_reported(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="tckgen not found"):
-        parity.run_tckgen("a", "b", "c", "d", None, 1)
+        # RK4 in float64 arithmetic sits just below the bar (measured 99.89 %: 11 of 10 000 streamlines
+        # diverge, at different seeds than float32's 7): RK4 makes five peak searches per step, each a
+        # chaotic decision at the 1e-6 level; this guards the measured level (issue #3 stays open on it)
+        assert r.within_1 >= 0.9985

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tractfunc import Reason, seeds as S
-from tractfunc.tracking import track, track_fixed, step, TrackState
+from tractfunc.tracking import random_directions, track, track_fixed, step, TrackState
 
 
 def _seeds(ph, n, dtype, seed=0):
@@ -168,3 +168,36 @@ def test_torch_compile_step(phantom_field):
     got = compiled(st)
     assert torch.equal(got[1], eager[1])
     assert torch.allclose(got[0].pos, eager[0].pos, atol=1e-5)
+
+
+def test_state_dtype_keeps_tckgen_float32_state(phantom_field):
+    """float64 arithmetic with ``state_dtype=float32``: every vertex is a float32 number (tckgen stores
+    positions as float), results stay within rounding of full float64 tracking, and gradients still flow
+    (the rounding is a cast, whose derivative is the identity)."""
+    from tractfunc import params as P
+    from tractfunc.tracking import track_fixed
+    f = phantom_field
+    g = torch.Generator().manual_seed(8)
+    pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, 30, g).double()
+    pts = pts.float().double()
+    dirs = random_directions(30, g, torch.float64)
+    out = {}
+    for sd in (None, torch.float32):
+        for rk4 in (False, True):
+            prm = P.resolve(f["img"].voxel_sizes, max_length=20.0, rk4=rk4, state_dtype=sd)
+            out[sd, rk4] = track(f["field64"], prm, pts, dirs, mask=f["mask"])
+    for rk4 in (False, True):
+        lines = out[torch.float32, rk4].streamlines
+        assert len(lines) > 10
+        assert all(torch.equal(l, l.float().double()) for l in lines)
+        full = out[None, rk4].streamlines
+        assert any(not torch.equal(l, l.float().double()) for l in full)
+        close = [x.shape == y.shape and float((x - y).abs().max()) < 1e-3 for x, y in zip(lines, full)]
+        assert sum(close) >= 0.9 * len(close)
+    prm = P.resolve(f["img"].voxel_sizes, max_length=10.0, state_dtype=torch.float32)
+    seeds = pts[:8].clone().requires_grad_(True)
+    r = track_fixed(f["field64"], prm, seeds, dirs[:8], 30, mask=f["mask"])
+    (r.vertices * r.valid.unsqueeze(-1)).sum().backward()
+    assert torch.isfinite(seeds.grad).all() and float(seeds.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="state_dtype"):
+        P.resolve(f["img"].voxel_sizes, state_dtype=torch.float16)

@@ -29,12 +29,12 @@ from .params import TrackParams, resolve
 from .seeds import random_in_mask
 from .integrate import euler, iterate, rk4, sd_next
 from .stop import Reason
-from .tracking import FixedTracks, Tractogram, TrackState, step, track, track_fixed
+from .tracking import FixedTracks, PackedTracks, Tractogram, TrackState, step, track, track_fixed, track_packed
 
 __all__ = [
     "sh", "Peak", "peak", "attach_peak", "seed_jacobian", "direction_jacobian", "FODField", "MaskField", "make_field", "make_mask", "sample_fod", "trilinear",
     "TractfuncError", "load_fod", "load_mask", "write_tractogram", "TrackParams", "resolve",
     "random_in_mask", "euler", "iterate", "rk4", "sd_next", "Reason", "FixedTracks", "Tractogram",
-    "TrackState", "step", "track", "track_fixed",
+    "TrackState", "step", "track", "track_fixed", "track_packed", "PackedTracks",
 ]
 __version__ = "0.1.0"

@@ -10,9 +10,14 @@ from typing import Optional
 import numpy as np
 import torch
 
-from . import field as F, io, params as P, seeds as S
+from . import distributed, field as F, io, params as P, seeds as S
 from .io import TractfuncError
-from .tracking import random_directions, track
+from .tracking import random_directions, track, track_packed
+
+STATE_DTYPES = {"float32": torch.float32, "float64": None}
+STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
+              "operations (default float32, as tckgen keeps them; with --dtype float64 this keeps tckgen's "
+              "rounding under float64 arithmetic; float64 keeps full precision)")
 
 EXAMPLES_TRACK = """examples:
   tractfunc track fod.nii.gz out.tck --seed-image wm.nii.gz --mask brain.nii.gz --select 5000
@@ -44,7 +49,8 @@ def _progress(enabled: bool):
 def _load_inputs(a, dtype, device):
     fod = io.load_fod(a.fod)
     prm = P.resolve(fod.voxel_sizes, rk4=a.rk4, step=a.step, angle=a.angle, cutoff=a.cutoff,
-                    min_length=a.min_length, max_length=a.max_length, precomputed=not a.exact_sh)
+                    min_length=a.min_length, max_length=a.max_length, precomputed=not a.exact_sh,
+                    state_dtype=STATE_DTYPES[a.state_dtype])
     fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype, device=device), fod.affine, precomputed=not a.exact_sh)
     msk = None
     if a.mask:
@@ -65,35 +71,67 @@ def _inside_image(fod: io.Image, pts: np.ndarray) -> np.ndarray:
 
 class _Sink:
     """Where accepted streamlines go: streamed to disk chunk by chunk for .tck (bounded memory; the file
-    appears only when complete), collected then written for .trk."""
+    appears only when complete), collected then written for .trk.  Under a ``torchrun`` launch each rank
+    streams its own streamlines to a part file and rank 0 merges the parts (see
+    :mod:`tractfunc.distributed`)."""
 
-    def __init__(self, path, fod, header):
-        self.path, self.fod, self.header = path, fod, header
+    def __init__(self, path, fod, header, shard=None):
+        self.path, self.fod, self.header, self.shard = path, fod, header, shard
         self.count = 0
         self.seed_pts, self.sidx = [], []
         self.lines = []
-        self.writer = io.TckWriter(path, header) if path.lower().endswith(".tck") else None
+        self.segments = []   # per add(): (first byte, end byte, streamlines) of this rank's part
+        tck = path.lower().endswith(".tck")
+        if shard is not None and not tck:
+            raise TractfuncError(f"{path}: a torchrun launch writes .tck (ranks stream parts that are merged)")
+        self.part = self._part_name(shard.rank) if shard is not None else path
+        self.writer = io.TckWriter(self.part, header) if tck else None
 
-    def add(self, lines, seed_pts, sidx):
-        arrays = [l.detach().cpu().double().numpy() if torch.is_tensor(l) else np.asarray(l) for l in lines]
+    def _part_name(self, rank: int) -> str:
+        return f"{self.path[:-4]}.rank{rank}.tck"
+
+    def add(self, batch, k: int, seed_pts):
+        """The first k streamlines of a tracked ``batch`` (:class:`tractfunc.distributed.Batch`), with
+        their seed points (k, 3)."""
+        verts, lengths = batch.local_prefix(k)
         if self.writer is not None:
-            self.writer.write(arrays)
-        else:
-            self.lines += arrays
+            start = self.writer.tell()
+            self.writer.write_packed(verts, lengths)
+            self.segments.append((start, self.writer.tell(), len(lengths)))
+        elif len(lengths):
+            self.lines += np.split(np.asarray(verts, dtype=np.float64), np.cumsum(lengths)[:-1])
         self.seed_pts += list(seed_pts)
-        self.sidx += list(sidx)
-        self.count += len(arrays)
+        self.sidx += batch.seed_index[:k].tolist()
+        self.count += k
 
     def close(self, n_seeds):
-        self.header["total_count"] = n_seeds
-        if self.writer is not None:
-            self.writer.close()
-        else:
-            io.write_tractogram(self.path, self.lines, self.fod, self.header)
+        if self.writer is None:
+            io.write_tractogram(self.path, self.lines, self.fod, {**self.header, "total_count": n_seeds})
+            return
+        self.writer.close()
+        if self.shard is None:
+            return
+        parts = self.shard.all_gather(self.segments)
+        if self.shard.rank == 0:   # interleave the parts' byte ranges: batch by batch, rank by rank
+            with io.TckWriter(self.path, self.header) as out:
+                files = [open(self._part_name(r), "rb") for r in range(self.shard.world)]
+                try:
+                    for j in range(len(self.segments)):
+                        for fh, segs in zip(files, parts):
+                            start, end, n = segs[j]
+                            fh.seek(start)
+                            out.write_raw(fh.read(end - start), n)
+                finally:
+                    for fh in files:
+                        fh.close()
+        self.shard.barrier()
+        os.remove(self.part)
 
     def abort(self):
         if self.writer is not None:
             self.writer.abort()
+        if self.shard is not None and os.path.exists(self.part):
+            os.remove(self.part)
 
 
 def _track_points(a, fod, run, gen, sink, report):
@@ -109,9 +147,10 @@ def _track_points(a, fod, run, gen, sink, report):
         if a.select and sink.count >= a.select:
             break
         sl = slice(start, start + a.chunk)
-        lines, ids, sidx = run(pts[sl], dirs[sl])
-        keep = len(lines) if not a.select else min(len(lines), a.select - sink.count)
-        sink.add(lines[:keep], [pts[sl][i] for i in ids[:keep].tolist()], sidx[:keep].tolist())
+        batch = run(pts[sl], dirs[sl])
+        ids = batch.seed_ids
+        keep = len(ids) if not a.select else min(len(ids), a.select - sink.count)
+        sink.add(batch, keep, [pts[sl][i] for i in ids[:keep].tolist()])
         report(min(sl.stop, len(pts)), len(pts), sink.count)
     return len(pts)
 
@@ -133,8 +172,8 @@ def _track_image(a, run, gen, sink, report):
         want = 1.15 * (select - sink.count) / rate if select else max_seeds
         n = int(min(max(want, 512), a.chunk, max_seeds - n_seeds))
         pts = S.random_in_mask(torch.as_tensor(seed_img.data), seed_img.affine, n, gen)
-        lines, ids, sidx = run(pts.numpy(), random_directions(n, gen, torch.float64).numpy())
-        keep = ids.tolist()
+        batch = run(pts.numpy(), random_directions(n, gen, torch.float64).numpy())
+        keep = batch.seed_ids.tolist()
         if select and sink.count + len(keep) >= select:
             k = select - sink.count
             # count seeds up to and including the one that produced the select-th streamline
@@ -142,7 +181,7 @@ def _track_image(a, run, gen, sink, report):
             keep = keep[:k]
         else:
             n_seeds += n
-        sink.add(lines[:len(keep)], [pts[i].numpy() for i in keep], sidx[:len(keep)].tolist())
+        sink.add(batch, len(keep), [pts[i].numpy() for i in keep])
         report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
     return n_seeds
 
@@ -157,12 +196,19 @@ def cmd_track(a) -> int:
     if a.chunk < 1:
         raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
     gen = torch.Generator().manual_seed(a.rng_seed)
+    shard = None
+    if distributed.launched():
+        if a.workers > 1:
+            raise TractfuncError("--workers and a torchrun launch both split seeds; use one of them")
+        shard = distributed.Shard(device)
+        device = shard.device(device)
     fod, prm, fld, msk = _load_inputs(a, dtype, device)
-    report = _progress(not a.quiet and sys.stderr.isatty())
+    leader = shard is None or shard.rank == 0
+    report = _progress(leader and not a.quiet and sys.stderr.isatty())
     header = {"method": "SD_Stream (tractfunc)", "step_size": prm.step, "max_angle": prm.angle,
               "threshold": prm.cutoff, "min_dist": prm.min_length, "max_dist": prm.max_length,
               "rk4": int(prm.rk4), "source": a.fod}
-    sink = _Sink(a.output, fod, header)
+    sink = _Sink(a.output, fod, header, shard)
     pool = None
     if a.workers > 1:
         if device.type != "cpu":
@@ -170,13 +216,20 @@ def cmd_track(a) -> int:
         from .workers import Pool
         pool = Pool(a, a.dtype, a.workers, threads_each=a.threads or 1)
 
-    def run(pts: np.ndarray, dirs: np.ndarray):
-        """Track a batch: seeds (S, 3) and start directions (S, 3) -> (streamlines, seed ids, seed indices)."""
+    def run_here(pts: np.ndarray, dirs: np.ndarray):
+        """Track seeds (S, 3) with start directions (S, 3) -> packed streamlines (vertices (V, 3),
+        lengths (A,)), seed ids (A,), seed vertex indices (A,); NumPy."""
         if pool is not None:
             return pool.track(pts, dirs)
-        res = track(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
-                    torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk)
-        return res.streamlines, res.seed_ids.cpu().numpy(), res.seed_index.cpu().numpy()
+        res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
+                           torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile)
+        return tuple(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index))
+
+    def run(pts: np.ndarray, dirs: np.ndarray) -> distributed.Batch:
+        """Track a seed batch (here, or this rank's share of it)."""
+        if shard is not None:
+            return shard.track(run_here, pts, dirs)
+        return distributed.Batch(*run_here(pts, dirs))
 
     try:
         if a.seed_points:
@@ -190,9 +243,11 @@ def cmd_track(a) -> int:
         if pool is not None:
             pool.close()
     sink.close(n_seeds)
-    if a.output_seeds:
+    if shard is not None:
+        shard.close()
+    if a.output_seeds and leader:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
-    if not a.quiet:
+    if not a.quiet and leader:
         print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{n_seeds})")
     return 0
 
@@ -249,7 +304,7 @@ def cmd_parity(a) -> int:
         parity.run_tckgen(a.fod, tck, csv, a.seed_image, a.mask, a.select, rk4=a.rk4, nthreads=a.threads)
         ref = parity.load_reference(tck, csv)
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype)
+        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=STATE_DTYPES[a.state_dtype])
     print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}): {len(r.distances)} streamlines, "
           f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
           f"{r.too_short} shorter than the minimum length, "
@@ -299,10 +354,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rng-seed", type=int, default=0, help="seed of the random generator (default 0)")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
     t.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
     t.add_argument("--workers", type=int, default=1,
                    help="CPU processes tracking in parallel (seeds split across them; same output)")
     t.add_argument("--chunk", type=int, default=20000, help="seeds tracked per batch; bounds memory (default 20000)")
+    t.add_argument("--compile", action="store_true",
+                   help="fuse the Newton move with torch.compile (compiles for tens of seconds first; float32 "
+                        "output then differs from tckgen's arithmetic in the last bits: see docs/benchmarks.md)")
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     t.set_defaults(func=cmd_track)
     d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG")
@@ -317,6 +376,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--select", type=int, default=2000)
     q.add_argument("--rk4", action="store_true")
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    q.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
     q.add_argument("--threads", type=int, default=2)
     q.set_defaults(func=cmd_parity)
     b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",

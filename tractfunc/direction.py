@@ -26,6 +26,16 @@ ANGLE_TOLERANCE = 1e-4   # rad, convergence threshold on the move
 MAX_ITER = 50
 
 
+def store(x: Tensor, state_dtype: Optional[torch.dtype]) -> Tensor:
+    """``x`` rounded to ``state_dtype`` and back, as tckgen keeps its state (positions, directions,
+    Newton iterates, FOD samples) in float32 between operations.  Identity when ``state_dtype`` is None
+    or not narrower than ``x``.  A cast, so its derivative is the identity (gradients pass unchanged);
+    for finite-difference checks use ``state_dtype=None``."""
+    if state_dtype is None or torch.finfo(state_dtype).bits >= torch.finfo(x.dtype).bits:
+        return x
+    return x.to(state_dtype).to(x.dtype)
+
+
 class Peak(NamedTuple):
     """dir: (..., 3) unit peak direction (NaN where the search failed); amp: (...,) FOD amplitude."""
     dir: Tensor
@@ -111,7 +121,8 @@ def polish(coeffs: Tensor, u: Tensor, n_iter: int) -> Peak:
 
 
 def peak(coeffs: Tensor, u0: Tensor, table: Optional[sh.LegendreTable] = None,
-         max_iter: int = MAX_ITER, early_exit: bool = False, polish_iter: int = 0) -> Peak:
+         max_iter: int = MAX_ITER, early_exit: bool = False, polish_iter: int = 0,
+         state_dtype: Optional[torch.dtype] = None) -> Peak:
     """Local FOD maximum reached from ``u0`` (MRtrix ``get_peak`` semantics).
 
     coeffs: (..., N) SH coefficients (MRtrix3 basis); u0: (..., 3) unit start directions (scanner frame).
@@ -120,23 +131,25 @@ def peak(coeffs: Tensor, u0: Tensor, table: Optional[sh.LegendreTable] = None,
     early_exit: stop iterating once every entry converged and evaluate only the unconverged ones
     (eager mode only; ignored under vmap / torch.compile, where the fixed-iteration path runs).
     polish_iter: full Newton iterations appended on the exact jet (see :func:`polish`); 0 = tckgen.
+    state_dtype: round every Newton iterate to this dtype (:func:`store`; float32 = tckgen's storage).
     Returns :class:`Peak`; entries that did not converge within ``max_iter`` get NaN direction and amp.
     This function is differentiated by unrolling; trackers use :func:`tractfunc.implicit.attach_peak`
     instead (implicit function theorem, O(1) memory in the iteration count).
     """
     if early_exit and not is_tracing(coeffs, u0):
-        p = _peak_active_set(coeffs, u0, table, max_iter)
+        p = _peak_active_set(coeffs, u0, table, max_iter, state_dtype)
         return polish(coeffs, p.dir, polish_iter) if polish_iter else p
-    p = _peak_fixed(coeffs, u0, table, max_iter)
+    p = _peak_fixed(coeffs, u0, table, max_iter, state_dtype)
     return polish(coeffs, p.dir, polish_iter) if polish_iter else p
 
 
-def _peak_fixed(coeffs, u0, table, max_iter) -> Peak:
+def _peak_fixed(coeffs, u0, table, max_iter, state_dtype=None) -> Peak:
     u = u0
     amp = torch.full(u0.shape[:-1], float("nan"), dtype=u0.dtype, device=u0.device)
     done = torch.zeros(u0.shape[:-1], dtype=torch.bool, device=u0.device)
     for _ in range(max_iter):
         v, a, dt = newton_move(coeffs, u, table)
+        v = store(v, state_dtype)
         u = torch.where(done.unsqueeze(-1), u, v)
         amp = torch.where(done, amp, a)
         done = done | (dt < ANGLE_TOLERANCE)
@@ -144,7 +157,7 @@ def _peak_fixed(coeffs, u0, table, max_iter) -> Peak:
     return Peak(torch.where(done.unsqueeze(-1), u, nan), torch.where(done, amp, torch.full_like(amp, float("nan"))))
 
 
-def _peak_active_set(coeffs, u0, table, max_iter) -> Peak:
+def _peak_active_set(coeffs, u0, table, max_iter, state_dtype=None) -> Peak:
     shape = u0.shape[:-1]
     c = coeffs.expand(*shape, coeffs.shape[-1]).reshape(-1, coeffs.shape[-1])
     u = u0.reshape(-1, 3)
@@ -155,6 +168,7 @@ def _peak_active_set(coeffs, u0, table, max_iter) -> Peak:
         if idx.numel() == 0:
             break
         v, a, dt = newton_move(c, u, table)
+        v = store(v, state_dtype)
         conv = dt < ANGLE_TOLERANCE
         if bool(conv.any()):
             out_u = out_u.index_copy(0, idx[conv], v[conv])

@@ -17,7 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import stop
-from .direction import peak
+from .direction import peak, store
 from .implicit import attach_peak
 from .field import FODField, MaskField
 from .params import TrackParams
@@ -44,19 +44,22 @@ def _code(code: Reason, like: Tensor) -> Tensor:
     return torch.full(like.shape[:-1], int(code), dtype=torch.long, device=like.device)
 
 
-def find_peak(field: FODField, pos: Tensor, dir: Tensor, early_exit: bool = False, polish: int = 0):
+def find_peak(field: FODField, pos: Tensor, dir: Tensor, early_exit: bool = False, polish: int = 0,
+              state_dtype: Optional[torch.dtype] = None):
     """Sample the FOD at ``pos`` and refine the peak from ``dir`` (``polish`` exact Newton iterations
-    appended).  Derivatives wrt the FOD and ``pos`` follow the implicit function theorem.
+    appended; samples and iterates rounded to ``state_dtype``, see :func:`tractfunc.direction.store`).
+    Derivatives wrt the FOD and ``pos`` follow the implicit function theorem.
 
     Returns (peak_dir (B, 3), amp (B,), inside (B,)).  Where outside the image, amp is NaN."""
     s = field.sample(pos)
-    c = s.values
+    c = store(s.values, state_dtype)
     if needs_grad(c):
-        p = peak(c.detach(), dir.detach(), field.table, early_exit=early_exit, polish_iter=polish)
+        p = peak(c.detach(), dir.detach(), field.table, early_exit=early_exit, polish_iter=polish,
+                 state_dtype=state_dtype)
         p = attach_peak(c, p.dir, p.amp)
     else:
-        p = peak(c, dir, field.table, early_exit=early_exit, polish_iter=polish)
-    amp = torch.where(s.inside, p.amp, torch.full_like(p.amp, float("nan")))
+        p = peak(c, dir, field.table, early_exit=early_exit, polish_iter=polish, state_dtype=state_dtype)
+    amp = torch.where(s.inside, store(p.amp, state_dtype), torch.full_like(p.amp, float("nan")))
     return p.dir, amp, s.inside
 
 
@@ -70,7 +73,7 @@ def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, earl
 
     soft: cutoff and angle no longer stop (their margins are reported for survival weights); only
     leaving the image and a failed peak search (non-finite amplitude) stop."""
-    new_dir, amp, inside = find_peak(field, pos, dir, early_exit, params.peak_polish)
+    new_dir, amp, inside = find_peak(field, pos, dir, early_exit, params.peak_polish, params.state_dtype)
     return sd_move(params, pos, dir, new_dir, amp, inside, soft)
 
 
@@ -87,12 +90,34 @@ def sd_move(params: TrackParams, pos: Tensor, dir: Tensor, new_dir: Tensor, amp:
     else:
         reason = torch.where(~inside, _code(Reason.EXIT_IMAGE, pos),
                  torch.where(stop.below_cutoff(amp, params.cutoff), _code(Reason.CUTOFF, pos),
-                 torch.where(stop.too_curved(dir, new_dir, params.cos_angle_step), _code(Reason.CURVATURE, pos),
+                 torch.where(stop.too_curved(*_narrow(params.state_dtype, dir, new_dir), params.cos_angle_step),
+                             _code(Reason.CURVATURE, pos),
                              _code(Reason.CONTINUE, pos))))
     go = (reason == CONTINUE).unsqueeze(-1)
     safe_dir = torch.where(go, new_dir, dir)
-    return Move(torch.where(go, pos + safe_dir * params.step, pos), safe_dir, reason, amp,
+    new_pos = in_state(params.state_dtype, lambda p, d: p + d * params.step, pos, safe_dir)
+    return Move(torch.where(go, new_pos, pos), safe_dir, reason, amp,
                 _finite_or_zero(amp - params.cutoff), _finite_or_zero(cos - params.cos_angle_step))
+
+
+def in_state(state_dtype: Optional[torch.dtype], f, *xs: Tensor) -> Tensor:
+    """Evaluate a small vector update ``f(*xs)`` (moving a position, combining directions) in the state
+    dtype, as tckgen does its bookkeeping in float32, and return it in the compute dtype.  Plain
+    ``f(*xs)`` when ``state_dtype`` is None or not narrower.  Casts are differentiable."""
+    if state_dtype is None or torch.finfo(state_dtype).bits >= torch.finfo(xs[0].dtype).bits:
+        return f(*xs)
+    return f(*(x.to(state_dtype) for x in xs)).to(xs[0].dtype)
+
+
+def _narrow(state_dtype: Optional[torch.dtype], *xs: Tensor):
+    """The inputs of a stop decision in the state dtype (tckgen compares float32 dot products)."""
+    if state_dtype is None or torch.finfo(state_dtype).bits >= torch.finfo(xs[0].dtype).bits:
+        return xs
+    return tuple(x.to(state_dtype) for x in xs)
+
+
+def _unit(v: Tensor) -> Tensor:
+    return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
 def _merge(first: Tensor, second: Tensor) -> Tensor:
@@ -109,25 +134,23 @@ def euler(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_
 def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False,
         soft: bool = False) -> Move:
     """Fourth-order Runge-Kutta step exactly as tckgen ``-rk4`` composes SD_Stream's ``next``."""
-    h = params.step
+    h, sd = params.step, params.state_dtype
     m1 = sd_next(field, params, pos, dir, early_exit, soft)
     d1 = m1.dir
-    m2 = sd_next(field, params, pos + d1 * (0.5 * h), dir, early_exit, soft)
+    m2 = sd_next(field, params, in_state(sd, lambda p, d: p + d * (0.5 * h), pos, d1), dir, early_exit, soft)
     d2 = m2.dir
-    m3 = sd_next(field, params, pos + d2 * (0.5 * h), dir, early_exit, soft)
+    m3 = sd_next(field, params, in_state(sd, lambda p, d: p + d * (0.5 * h), pos, d2), dir, early_exit, soft)
     d3 = m3.dir
-    d23 = d2 + d3
-    m4 = sd_next(field, params, pos + d3 * h, d23 / torch.linalg.vector_norm(d23, dim=-1, keepdim=True),
-                 early_exit, soft)
+    m4 = sd_next(field, params, in_state(sd, lambda p, d: p + d * h, pos, d3),
+                 in_state(sd, lambda a, b: _unit(a + b), d2, d3), early_exit, soft)
     d4 = m4.dir
-    mean = d1 + d2 * 2.0 + d3 * 2.0 + d4
-    final_dir = mean / torch.linalg.vector_norm(mean, dim=-1, keepdim=True)
-    final_pos = pos + final_dir * h
+    final_dir = in_state(sd, lambda a, b, c, d: _unit(a + b * 2.0 + c * 2.0 + d), d1, d2, d3, d4)
+    final_pos = in_state(sd, lambda p, d: p + d * h, pos, final_dir)
     m5 = sd_next(field, params, final_pos, final_dir, early_exit, soft)
     reason = _merge(m1.reason, _merge(m2.reason, _merge(m3.reason, _merge(m4.reason, m5.reason))))
     cos = (d1 * m5.dir).sum(-1)
     if not soft:
-        curved = (reason == CONTINUE) & stop.too_curved(d1, m5.dir, params.cos_angle_rk4)
+        curved = (reason == CONTINUE) & stop.too_curved(*_narrow(sd, d1, m5.dir), params.cos_angle_rk4)
         reason = torch.where(curved, _code(Reason.CURVATURE, pos), reason)
     go = (reason == CONTINUE).unsqueeze(-1)
     amp_margin = torch.minimum(torch.minimum(torch.minimum(m1.amp_margin, m2.amp_margin),

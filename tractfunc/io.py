@@ -176,19 +176,33 @@ class TckWriter:
             offset += 1
         head = head.encode() + b"\0" * (offset - len(head.encode()))
         self._count_at = head.index(b"\ncount: ") + len("\ncount: ")
+        self.data_start = len(head)   # byte offset of the first vertex
         self._fh = open(self.tmp, "wb")
         self._fh.write(head)
 
     def write(self, streamlines: Sequence[np.ndarray]) -> None:
         """Append streamlines (each (n_i, 3)); each is followed by the NaN delimiter."""
-        parts = []
-        for s in streamlines:
-            a = np.asarray(s, dtype="<f4").reshape(-1, 3)
-            parts.append(a)
-            parts.append(np.full((1, 3), np.nan, dtype="<f4"))
-        if parts:
-            self._fh.write(np.concatenate(parts).tobytes())
-        self.count += len(streamlines)
+        arrays = [np.asarray(s).reshape(-1, 3) for s in streamlines]
+        if arrays:
+            self.write_packed(np.concatenate(arrays), np.array([len(a) for a in arrays]))
+
+    def write_packed(self, vertices: np.ndarray, lengths: np.ndarray) -> None:
+        """Append streamlines given packed: vertices (V, 3), one streamline after another, and their
+        vertex counts lengths (A,), sum V."""
+        lengths = np.asarray(lengths, dtype=np.int64)
+        out = np.full((len(vertices) + len(lengths), 3), np.nan, dtype="<f4")
+        out[np.arange(len(vertices)) + np.repeat(np.arange(len(lengths)), lengths)] = vertices
+        self.write_raw(out.tobytes(), len(lengths))
+
+    def write_raw(self, data: bytes, count: int) -> None:
+        """Append ``count`` streamlines already encoded (float32 LE rows, each streamline NaN-terminated),
+        e.g. a byte range copied from another .tck body."""
+        self._fh.write(data)
+        self.count += count
+
+    def tell(self) -> int:
+        """Bytes written so far (header included)."""
+        return self._fh.tell()
 
     def close(self) -> None:
         """Write the end marker and the final count, then move the file into place."""

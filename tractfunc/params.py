@@ -9,6 +9,7 @@ import math
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
+import torch
 
 STEP_VOXELS = 0.1          # first order (Euler)
 STEP_VOXELS_RK4 = 0.25
@@ -43,6 +44,7 @@ class TrackParams(NamedTuple):
     min_length: float
     max_length: float
     peak_polish: int = 0
+    state_dtype: Optional[torch.dtype] = None
 
 
 def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
@@ -54,7 +56,8 @@ def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
 def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[float] = None,
             angle: Optional[float] = None, cutoff: Optional[float] = None,
             min_length: Optional[float] = None, max_length: Optional[float] = None,
-            precomputed: bool = True, peak_polish: int = 0) -> TrackParams:
+            precomputed: bool = True, peak_polish: int = 0,
+            state_dtype: Optional[torch.dtype] = None) -> TrackParams:
     """Fill unspecified parameters with tckgen SD_Stream defaults for an FOD of the given voxel sizes.
 
     voxel_sizes: (3,) mm.  step/min_length/max_length in mm, angle in degrees, cutoff in FOD amplitude.
@@ -73,6 +76,8 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         raise ValueError(f"cutoff must be a non-negative FOD amplitude, got {cutoff}")
     if not (isinstance(peak_polish, int) and peak_polish >= 0):
         raise ValueError(f"peak_polish must be a non-negative integer, got {peak_polish!r}")
+    if state_dtype not in (None, torch.float32, torch.float64):
+        raise ValueError(f"state_dtype must be None, torch.float32 or torch.float64, got {state_dtype!r}")
     if not (min_dist >= 0 and max_dist > 0):
         raise ValueError(f"lengths must be non-negative (max > 0), got min {min_dist}, max {max_dist}")
     angle_rad = f32(float(angle) * (math.pi / 180.0))
@@ -89,4 +94,4 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         cos_angle_rk4=float(cos_angle) if rk4 else -1.0,
         max_points=max_points, min_points=min_points, rk4=bool(rk4), precomputed=bool(precomputed),
         angle=float(angle), min_length=float(min_dist), max_length=float(max_dist),
-        peak_polish=int(peak_polish))
+        peak_polish=int(peak_polish), state_dtype=state_dtype)

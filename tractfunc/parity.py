@@ -151,10 +151,13 @@ class ParityResult(NamedTuple):
 
 
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
-            precomputed: bool = True, reconstruct: bool = True, **param_overrides) -> ParityResult:
+            precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = torch.float32,
+            **param_overrides) -> ParityResult:
+    """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.  state_dtype: the
+    state's storage precision (tckgen: float32; None keeps the full ``dtype``)."""
     import time
     fod = io.load_fod(fod_path)
-    prm = P.resolve(fod.voxel_sizes, rk4=rk4, precomputed=precomputed, **param_overrides)
+    prm = P.resolve(fod.voxel_sizes, rk4=rk4, precomputed=precomputed, state_dtype=state_dtype, **param_overrides)
     fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype), fod.affine, precomputed=precomputed)
     msk = None
     if mask_path:

@@ -13,12 +13,12 @@ other settings use the plain driver.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
 from . import stop
-from .direction import ANGLE_TOLERANCE, MAX_ITER, newton_move
+from .direction import ANGLE_TOLERANCE, MAX_ITER, newton_move, store
 from .field import FODField, MaskField
 from .integrate import mask_test, sd_move
 from .params import TrackParams
@@ -33,27 +33,62 @@ def supported(params: TrackParams) -> bool:
     return not params.rk4 and params.peak_polish == 0
 
 
-def track_halves(field: FODField, params: TrackParams, mask: Optional[MaskField], seeds: Tensor, dirs: Tensor):
-    """Both halves of S accepted seeds.  seeds: (S, 3) mm; dirs: (S, 3) seed peak directions.
+_COMPILED: dict = {}
+PAD = 256            # CPU: the compiled move sees batch sizes rounded up to a multiple of this
+GPU_BUCKET = 65536   # CUDA: sizes rounded up to a power of two, at least this
 
-    Returns (fwd_rows, bwd_rows, reasons (S, 2)) where each rows = (streamline index (R,), position (R, 3),
-    tick (R,)) lists the vertices each half appended, in order per streamline."""
+
+def _padded_size(n: int, cuda: bool) -> int:
+    if cuda:   # few distinct shapes (one graph each where dynamic shapes are not honoured); GPUs are
+        return max(GPU_BUCKET, 1 << (n - 1).bit_length())   # latency-bound below ~1e5 rows anyway
+    return -(-n // PAD) * PAD
+
+
+def compiled_move() -> Callable:
+    """:func:`tractfunc.direction.newton_move` fused by ``torch.compile`` (``fullgraph=True``, dynamic
+    batch size), compiled once per process.  Several times faster, but inductor reassociates sums, so
+    float32 results differ from eager in the last bits and bit-level tckgen emulation is lost.
+    Batches are padded (:func:`_padded_size`) so that sizes 0 and 1 never reach the compiler and few
+    distinct shapes do."""
+    if "move" not in _COMPILED:
+        fused = torch.compile(newton_move, dynamic=True, fullgraph=True)
+
+        def move(coeffs: Tensor, u: Tensor, table):
+            n = u.shape[0]
+            m = _padded_size(n, u.is_cuda)
+            if m != n:
+                u = torch.cat([u, u.new_tensor([1.0, 0.0, 0.0]).expand(m - n, 3)])
+                coeffs = torch.cat([coeffs, coeffs.new_zeros(m - n, coeffs.shape[-1])])
+            with torch._dynamo.config.patch(recompile_limit=32):
+                v, a, dt = fused(coeffs, u, table)
+            return v[:n], a[:n], dt[:n]
+        _COMPILED["move"] = move
+    return _COMPILED["move"]
+
+
+def track_halves(field: FODField, params: TrackParams, mask: Optional[MaskField], seeds: Tensor, dirs: Tensor,
+                 move: Callable = newton_move):
+    """Both halves of S accepted seeds.  seeds: (S, 3) mm; dirs: (S, 3) seed peak directions; move: the
+    Newton move (:func:`compiled_move` for the fused version).
+
+    Returns (fwd_rows, bwd_rows, reasons (S, 2)) where each rows = (streamline index blocks, position
+    blocks) lists the vertices each half appended, one block per tick (so in step order per streamline)."""
     S = seeds.shape[0]
     dev = seeds.device
-    sample = field.sample(seeds)
-    c_seed = sample.values
+    sd = params.state_dtype
+    c_seed = store(field.sample(seeds).values, sd)
     pos, dir = seeds.clone(), dirs.clone()
     coeffs, u = c_seed.clone(), dirs.clone()
     iters = torch.zeros(S, dtype=torch.long, device=dev)
     n = torch.ones(S, dtype=torch.long, device=dev)
     phase = torch.full((S,), SEARCH_FWD, dtype=torch.long, device=dev)
     reasons = torch.zeros(S, 2, dtype=torch.long, device=dev)
-    rows = {SEARCH_FWD: ([], [], []), SEARCH_BWD: ([], [], [])}
+    rows = {SEARCH_FWD: ([], []), SEARCH_BWD: ([], [])}
     act = torch.arange(S, device=dev)
-    tick = 0
     nan = float("nan")
     while act.numel():
-        v, a, dt = newton_move(coeffs[act], u[act], field.table)
+        v, a, dt = move(coeffs[act], u[act], field.table)
+        v = store(v, sd)
         it = iters[act] + 1
         conv = dt < ANGLE_TOLERANCE
         fin = conv | (it >= MAX_ITER)
@@ -64,7 +99,7 @@ def track_halves(field: FODField, params: TrackParams, mask: Optional[MaskField]
         if f.numel():
             cf = conv[fin].unsqueeze(-1)
             new_dir = torch.where(cf, v[fin], torch.full_like(v[fin], nan))
-            amp = torch.where(conv[fin], a[fin], torch.full_like(a[fin], nan))
+            amp = torch.where(conv[fin], store(a[fin], sd), torch.full_like(a[fin], nan))
             # the searches started inside the image (a half ends as soon as it samples outside)
             m = mask_test(mask, sd_move(params, pos[f], dir[f], new_dir, amp, torch.ones_like(conv[fin])))
             reason, new_pos, safe_dir = m.reason, m.pos, m.dir
@@ -80,14 +115,13 @@ def track_halves(field: FODField, params: TrackParams, mask: Optional[MaskField]
                     r = rows[half]
                     r[0].append(f[sel])
                     r[1].append(new_pos[sel])
-                    r[2].append(torch.full((int(sel.sum()),), tick, dtype=torch.long, device=dev))
             cont = go & ~full
             # continuing streamlines: sample at the new point; leaving the image ends the half there
             fc = f[cont]
             if fc.numel():
                 s = field.sample(new_pos[cont])
                 pos[fc], dir[fc] = new_pos[cont], safe_dir[cont]
-                coeffs[fc], u[fc], iters[fc] = s.values, safe_dir[cont], 0
+                coeffs[fc], u[fc], iters[fc] = store(s.values, sd), safe_dir[cont], 0
                 left = ~s.inside
                 ended = torch.zeros_like(cont)
                 ended[torch.nonzero(cont).squeeze(1)[left]] = True
@@ -104,5 +138,4 @@ def track_halves(field: FODField, params: TrackParams, mask: Optional[MaskField]
                     pos[to_bwd], dir[to_bwd] = seeds[to_bwd], -dirs[to_bwd]
                     coeffs[to_bwd], u[to_bwd], iters[to_bwd] = c_seed[to_bwd], -dirs[to_bwd], 0
         act = torch.nonzero(phase < DONE).squeeze(1)
-        tick += 1
     return rows[SEARCH_FWD], rows[SEARCH_BWD], reasons

@@ -107,7 +107,7 @@ def seed_peaks(field: FODField, params: TrackParams, mask: Optional[MaskField], 
                init_dirs: Tensor, early_exit: bool = True, polish: int = 0) -> Seeded:
     """tckgen ``check_seed`` + ``init``: the seed must lie in the mask and the image, and have a
     supra-threshold peak reachable from ``init_dirs``.  seeds: (B, 3) mm; init_dirs: (B, 3) unit."""
-    d, amp, inside = find_peak(field, seeds, init_dirs, early_exit, polish)
+    d, amp, inside = find_peak(field, seeds, init_dirs, early_exit, polish, params.state_dtype)
     ok = inside & ~stop.below_cutoff(amp, params.cutoff)
     if mask is not None:
         ok = ok & ~stop.outside_mask(mask.mask, mask.world_to_voxel, seeds)
@@ -234,21 +234,19 @@ class Tractogram(NamedTuple):
 
 
 def _half_eager(field, params, mask, pos, dir, n0):
-    """Propagate one half for a batch (all alive); return (vertex rows, vertex step numbers, final state)."""
+    """Propagate one half for a batch (all alive); return (vertex rows, final n, final reason).  Vertex
+    rows = (streamline index (R,), position (R, 3)) in step order."""
     B = pos.shape[0]
-    rows_idx, rows_pos, rows_k = [], [], []
+    rows_idx, rows_pos = [], []
     idx = torch.arange(B, device=pos.device)
     state = TrackState(pos, dir, torch.ones(B, dtype=torch.bool, device=pos.device), n0,
                        torch.zeros(B, dtype=torch.long, device=pos.device))
     final_n = n0.clone()
     final_reason = torch.zeros(B, dtype=torch.long, device=pos.device)
-    k = 0
     while idx.numel():
         state, added = step(state, field, params, mask, early_exit=True)
         rows_idx.append(idx[added])
         rows_pos.append(state.pos[added])
-        rows_k.append(torch.full((int(added.sum()),), k, dtype=torch.long, device=pos.device))
-        k += 1
         dead = ~state.alive
         if bool(dead.any()):
             final_n[idx[dead]] = state.n[dead]
@@ -256,56 +254,70 @@ def _half_eager(field, params, mask, pos, dir, n0):
             keep = state.alive
             idx = idx[keep]
             state = TrackState(*(None if t is None else t[keep] for t in state))
-    if rows_idx:
-        return torch.cat(rows_idx), torch.cat(rows_pos), torch.cat(rows_k), final_n, final_reason
-    empty = torch.zeros(0, dtype=torch.long, device=pos.device)
-    return empty, pos.new_zeros(0, 3), empty, final_n, final_reason
-
-
-def _group(idx: Tensor, pos: Tensor, k: Tensor, B: int):
-    """Sort vertex rows by (streamline, step) -> (sorted positions, counts per streamline)."""
-    order = torch.argsort(idx * (int(k.max()) + 1 if k.numel() else 1) + k)
-    counts = torch.bincount(idx, minlength=B)
-    return pos[order], counts
+    return _cat_rows((rows_idx, rows_pos), pos), final_n, final_reason
 
 
 def _cat_rows(rows, like):
+    """Lists of (index, position) blocks -> one (R,) index and (R, 3) position tensor."""
     if not rows[0]:
-        empty = torch.zeros(0, dtype=torch.long, device=like.device)
-        return empty, like.new_zeros(0, 3), empty
-    return tuple(torch.cat(x) for x in rows)
+        return torch.zeros(0, dtype=torch.long, device=like.device), like.new_zeros(0, 3)
+    return torch.cat(rows[0]), torch.cat(rows[1])
 
 
-def _track_chunk(field, params, mask, seeds, init_dirs, pipelined=True):
+def _ranked(idx: Tensor, n: int):
+    """Rows in step order -> (order, streamline of each sorted row, rank of the row within its
+    streamline, counts (n,)).  A stable sort by streamline keeps the step order inside each streamline."""
+    order = torch.sort(idx, stable=True).indices
+    si = idx[order]
+    counts = torch.bincount(idx, minlength=n)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(idx.numel(), device=idx.device) - starts[si]
+    return order, si, rank, counts
+
+
+def _pack(seeds: Tensor, fwd, bwd, min_points: int):
+    """Assemble accepted streamlines of one batch without a loop over streamlines.
+
+    seeds: (S, 3); fwd, bwd: vertex rows (index (R,), position (R, 3)) of each half, in step order.
+    Returns (vertices (V, 3) in tckgen order, streamline after streamline; lengths (A,); forward vertex
+    counts (A,) = seed vertex index; accepted (S,) bool)."""
+    S = seeds.shape[0]
+    fo, fi, fr, fcnt = _ranked(fwd[0], S)
+    bo, bi, br, bcnt = _ranked(bwd[0], S)
+    total = fcnt + 1 + bcnt
+    acc = total >= max(min_points, 2)
+    lengths = torch.where(acc, total, torch.zeros_like(total))
+    off = torch.cumsum(lengths, 0) - lengths
+    out = seeds.new_empty(int(lengths.sum()), 3)
+    out[(off + fcnt)[acc]] = seeds[acc]
+    keep = acc[fi]   # forward half reversed: its last vertex comes first
+    out[(off[fi] + fcnt[fi] - 1 - fr)[keep]] = fwd[1][fo][keep]
+    keep = acc[bi]
+    out[(off[bi] + fcnt[bi] + 1 + br)[keep]] = bwd[1][bo][keep]
+    return out, lengths[acc], fcnt[acc], acc
+
+
+def _track_chunk(field, params, mask, seeds, init_dirs, pipelined=True, compiled=False):
     B = seeds.shape[0]
     sd = seed_peaks(field, params, mask, seeds, init_dirs, early_exit=True, polish=params.peak_polish)
     ok_idx = torch.nonzero(sd.ok).squeeze(1)
     reasons = torch.full((B, 2), int(Reason.SEED_REJECTED), dtype=torch.long, device=seeds.device)
     s, d = seeds[ok_idx], sd.dir[ok_idx]
     if pipelined and _pipelined.supported(params) and not (s.requires_grad or field.sh.requires_grad):
-        frows, brows, rs = _pipelined.track_halves(field, params, mask, s, d)
-        (fi, fp, fk), (bi, bp, bk) = (_cat_rows(r, s) for r in (frows, brows))
+        move = _pipelined.compiled_move() if compiled else _pipelined.newton_move
+        frows, brows, rs = _pipelined.track_halves(field, params, mask, s, d, move)
+        fwd, bwd = _cat_rows(frows, s), _cat_rows(brows, s)
         fr, br = rs[:, 0], rs[:, 1]
     else:
         one = torch.ones(s.shape[0], dtype=torch.long, device=seeds.device)
-        fi, fp, fk, fn, fr = _half_eager(field, params, mask, s, d, one)
-        bi, bp, bk, bn, br = _half_eager(field, params, mask, s, -d, fn)
+        fwd, fn, fr = _half_eager(field, params, mask, s, d, one)
+        bwd, _, br = _half_eager(field, params, mask, s, -d, fn)
     reasons[ok_idx, 0] = fr
     reasons[ok_idx, 1] = br
-    fpos, fcnt = _group(fi, fp, fk, s.shape[0])
-    bpos, bcnt = _group(bi, bp, bk, s.shape[0])
-    total = fcnt + 1 + bcnt
-    acc = total >= max(params.min_points, 2)
+    verts, lengths, sidx, acc = _pack(s, fwd, bwd, params.min_points)
     accepted = torch.zeros(B, dtype=torch.bool, device=seeds.device)
     accepted[ok_idx] = acc
-    fsplit = torch.split(fpos, fcnt.tolist())
-    bsplit = torch.split(bpos, bcnt.tolist())
-    lines, ids, sidx = [], [], []
-    for j in torch.nonzero(acc).squeeze(1).tolist():
-        lines.append(torch.cat([fsplit[j].flip(0), s[j:j + 1], bsplit[j]], 0))
-        ids.append(int(ok_idx[j]))
-        sidx.append(int(fcnt[j]))
-    return lines, ids, sidx, reasons, accepted
+    return verts, lengths, ok_idx[acc], sidx, reasons, accepted
 
 
 def random_directions(n: int, generator: Optional[torch.Generator] = None, dtype=torch.float32,
@@ -316,36 +328,63 @@ def random_directions(n: int, generator: Optional[torch.Generator] = None, dtype
     return v.to(dtype=dtype, device=device)
 
 
+class PackedTracks(NamedTuple):
+    """Result of :func:`track_packed`: accepted streamlines concatenated (one tensor, no Python objects
+    per streamline; what a GPU run or a file writer wants).
+
+    vertices: (V, 3) scanner mm, streamline after streamline, each in tckgen order; lengths: (A,) int64
+    vertex count of each; seed_ids, seed_index, reasons, accepted: as in :class:`Tractogram`."""
+    vertices: Tensor
+    lengths: Tensor
+    seed_ids: Tensor
+    seed_index: Tensor
+    reasons: Tensor
+    accepted: Tensor
+
+    def split(self) -> List[Tensor]:
+        """The streamlines as a list of (n_i, 3) views."""
+        return list(torch.split(self.vertices, self.lengths.tolist()))
+
+
+def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
+                 mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
+                 chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
+                 pipelined: bool = True, compiled: bool = False) -> PackedTracks:
+    """:func:`track` with the streamlines returned packed (:class:`PackedTracks`); same arguments, and
+    compiled: fuse the pipelined driver's Newton move with ``torch.compile``
+    (:func:`tractfunc.pipelined.compiled_move`: faster, esp. on a GPU; float32 results are no longer bit
+    for bit tckgen's arithmetic, see docs/benchmarks.md)."""
+    S = seeds.shape[0]
+    if init_dirs is None:
+        init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
+    init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
+    parts = []
+    n_acc = 0
+    with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else contextlib.nullcontext():
+        for start in range(0, S, chunk_size):
+            sl = slice(start, min(S, start + chunk_size))
+            v, ln, ids, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined, compiled)
+            parts.append((v, ln, ids + start, si, r, a))
+            n_acc += ln.numel()
+            if progress is not None:
+                progress(sl.stop, S, n_acc)
+    if not parts:
+        z = torch.zeros(0, dtype=torch.long, device=seeds.device)
+        return PackedTracks(seeds.new_zeros(0, 3), z, z, z, z.new_zeros(0, 2), z.new_zeros(0, dtype=torch.bool))
+    return PackedTracks(*(torch.cat(x) for x in zip(*parts)))
+
+
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
           mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
           chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
-          pipelined: bool = True) -> Tractogram:
+          pipelined: bool = True, compiled: bool = False) -> Tractogram:
     """Track from every seed (eager, fast path).
 
     seeds: (S, 3) scanner mm, dtype/device of the computation; init_dirs: (S, 3) start directions for the
     seed peak search (normalised here), or None for uniformly random ones from ``generator`` (tckgen's
     behaviour).  progress(done_seeds, total_seeds, accepted) is called after each chunk.
     pipelined: schedule Newton searches per streamline (:mod:`tractfunc.pipelined`; same output, faster);
-    used for Euler without peak polishing when no gradient is requested."""
-    S = seeds.shape[0]
-    if init_dirs is None:
-        init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
-    init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
-    lines, ids, sidx, reasons, accepted = [], [], [], [], []
-    with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else contextlib.nullcontext():
-        for start in range(0, S, chunk_size):
-            sl = slice(start, min(S, start + chunk_size))
-            l, i, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined)
-            lines += l
-            ids += [start + x for x in i]
-            sidx += si
-            reasons.append(r)
-            accepted.append(a)
-            if progress is not None:
-                progress(sl.stop, S, len(lines))
-    dev = seeds.device
-    return Tractogram(lines, torch.tensor(ids, dtype=torch.long, device=dev),
-                      torch.tensor(sidx, dtype=torch.long, device=dev),
-                      torch.cat(reasons) if reasons else torch.zeros(0, 2, dtype=torch.long, device=dev),
-                      torch.cat(accepted) if accepted else torch.zeros(0, dtype=torch.bool, device=dev))
-
+    used for Euler without peak polishing when no gradient is requested.
+    For many streamlines (or on a GPU) :func:`track_packed` avoids one tensor per streamline."""
+    p = track_packed(field, params, seeds, init_dirs, mask, generator, chunk_size, progress, pipelined, compiled)
+    return Tractogram(p.split(), p.seed_ids, p.seed_index, p.reasons, p.accepted)

@@ -9,7 +9,7 @@ many small per-tick operations of the tracker.
 from __future__ import annotations
 
 import multiprocessing as mp
-from typing import List, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
@@ -22,16 +22,16 @@ def _init(args, dtype_name: str, threads: int) -> None:
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
     _, prm, fld, msk = _load_inputs(args, dtype, torch.device("cpu"))
-    _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype)
+    _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype, compiled=getattr(args, "compile", False))
 
 
 def _work(job: Tuple[np.ndarray, np.ndarray]):
-    from .tracking import track
+    from .tracking import track_packed
     pts, dirs = job
     s = _STATE
-    res = track(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]), torch.as_tensor(dirs, dtype=s["dtype"]),
-                mask=s["msk"])
-    return ([l.double().numpy() for l in res.streamlines], res.seed_ids.numpy(), res.seed_index.numpy())
+    res = track_packed(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]),
+                       torch.as_tensor(dirs, dtype=s["dtype"]), mask=s["msk"], compiled=s["compiled"])
+    return tuple(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index))
 
 
 class Pool:
@@ -41,19 +41,18 @@ class Pool:
         self.n = n
         self.pool = mp.get_context("spawn").Pool(n, initializer=_init, initargs=(args, dtype_name, threads_each))
 
-    def track(self, pts: np.ndarray, dirs: np.ndarray) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
-        """Seeds (S, 3) mm and start directions (S, 3) -> (streamlines, seed ids, seed vertex indices),
-        in seed order, as a single :func:`tractfunc.tracking.track` call would return them."""
+    def track(self, pts: np.ndarray, dirs: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Seeds (S, 3) mm and start directions (S, 3) -> packed streamlines (vertices (V, 3), lengths
+        (A,)), seed ids (A,), seed vertex indices (A,), in seed order, as one
+        :func:`tractfunc.tracking.track_packed` call would return them."""
         bounds = np.linspace(0, len(pts), self.n + 1).astype(int)
-        jobs = [(pts[b0:b1], dirs[b0:b1]) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
-        lines, ids, sidx = [], [], []
-        for (b0, _), (l, i, si) in zip([(b0, b1) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0],
-                                       self.pool.map(_work, jobs)):
-            lines += l
-            ids.append(i + b0)
-            sidx.append(si)
-        cat = (lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64))
-        return lines, cat(ids), cat(sidx)
+        spans = [(b0, b1) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
+        results = self.pool.map(_work, [(pts[b0:b1], dirs[b0:b1]) for b0, b1 in spans])
+        if not results:
+            return np.zeros((0, 3)), *(np.zeros(0, dtype=np.int64) for _ in range(3))
+        verts, lengths, ids, sidx = zip(*results)
+        ids = [i + b0 for i, (b0, _) in zip(ids, spans)]
+        return tuple(np.concatenate(x) for x in (verts, lengths, ids, sidx))
 
     def close(self) -> None:
         self.pool.close()
