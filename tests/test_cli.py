@@ -116,6 +116,30 @@ def test_bad_input_one_line_error(tmp_path, phantom_files, case):
     assert not (tmp_path / "o.tck").exists()
 
 
+def test_outside_seed_points_skipped_on_request(tmp_path, phantom_files):
+    """--outside skip: points outside the image are reported on stderr and skipped; the others are tracked
+    exactly as if the bad points had not been there."""
+    ph, paths = phantom_files
+    g = np.random.default_rng(3)
+    vox = np.argwhere(ph.seed_mask)[g.choice(int(ph.seed_mask.sum()), 12, replace=False)]
+    inside = vox @ ph.affine[:3, :3].T + ph.affine[:3, 3]
+    dirs = g.standard_normal((12, 3))
+    np.savetxt(tmp_path / "in.txt", inside)
+    np.savetxt(tmp_path / "din.txt", dirs)
+    np.savetxt(tmp_path / "all.txt", np.vstack([inside[:5], [[1e4, 0, 0]], inside[5:], [[0, -1e4, 0]]]))
+    np.savetxt(tmp_path / "dall.txt", np.vstack([dirs[:5], [[1, 0, 0]], dirs[5:], [[0, 1, 0]]]))
+    common = ["--mask", paths["mask"], "--max-length", "30", "--quiet"]
+    run("track", paths["fod"], str(tmp_path / "a.tck"), "--seed-points", str(tmp_path / "in.txt"),
+        "--seed-directions", str(tmp_path / "din.txt"), *common)
+    p = run("track", paths["fod"], str(tmp_path / "b.tck"), "--seed-points", str(tmp_path / "all.txt"),
+            "--seed-directions", str(tmp_path / "dall.txt"), "--outside", "skip", "--mask", paths["mask"],
+            "--max-length", "30")
+    assert "2 of 14 seed points lie outside the FOD image" in p.stderr and "skipped" in p.stderr
+    a = nib.streamlines.load(str(tmp_path / "a.tck")).streamlines
+    b = nib.streamlines.load(str(tmp_path / "b.tck")).streamlines
+    assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
 def test_bad_parameters_rejected(tmp_path, phantom_files):
     ph, paths = phantom_files
     for flag, val in [("--step", "0"), ("--angle", "200"), ("--min-length", "-3")]:

@@ -2,6 +2,8 @@
 import pytest
 import torch
 
+from conftest import phantom_seeds
+
 from tractfunc import seeds as S
 from tractfunc.params import resolve
 from tractfunc.tracking import random_directions, track
@@ -10,10 +12,7 @@ from tractfunc.tracking import random_directions, track
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_pipelined_equals_plain(phantom_field, dtype):
     f = phantom_field
-    g = torch.Generator().manual_seed(21)
-    pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, 60, g).to(dtype)
-    dirs = random_directions(60, g, dtype)
-    fld = f["field32"] if dtype == torch.float32 else f["field64"]
+    pts, dirs, fld = phantom_seeds(f, 60, 21, dtype)
     for prm in (resolve(f["img"].voxel_sizes, max_length=30.0),
                 resolve(f["img"].voxel_sizes, max_length=15.0, cutoff=1.2)):   # mask, budget and cutoff stops
         a = track(fld, prm, pts, dirs, mask=f["mask"], pipelined=True)

@@ -18,8 +18,6 @@ import tempfile
 import time
 from typing import List, Optional
 
-import numpy as np
-
 
 def _count_vertices(tck: str) -> int:
     import nibabel as nib

@@ -136,13 +136,19 @@ class _Sink:
 
 def _track_points(a, fod, run, gen, sink, report):
     pts = io.read_seed_points(a.seed_points)
+    n_all = len(pts)
     outside = ~_inside_image(fod, pts)
-    if outside.any():
-        raise TractfuncError(f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside "
-                             f"the FOD image (first: row {int(np.argmax(outside)) + 1}); expected scanner-mm points inside it")
     dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
     if dirs is None:   # tckgen draws a random start direction per seed
         dirs = random_directions(len(pts), gen, torch.float64).numpy()
+    if outside.any():
+        what = (f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
+                f"(first: row {int(np.argmax(outside)) + 1})")
+        if a.outside == "fail":
+            raise TractfuncError(f"{what}; expected scanner-mm points inside it (or --outside skip)")
+        if not a.quiet:
+            sys.stderr.write(f"tractfunc track: {what}; skipped (--outside skip)\n")
+        pts, dirs = pts[~outside], dirs[~outside]
     for start in range(0, len(pts), a.chunk):
         if a.select and sink.count >= a.select:
             break
@@ -152,7 +158,7 @@ def _track_points(a, fod, run, gen, sink, report):
         keep = len(ids) if not a.select else min(len(ids), a.select - sink.count)
         sink.add(batch, keep, [pts[sl][i] for i in ids[:keep].tolist()])
         report(min(sl.stop, len(pts)), len(pts), sink.count)
-    return len(pts)
+    return n_all
 
 
 def _track_image(a, run, gen, sink, report):
@@ -350,6 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=float, help="maximum length in mm (default 100 x voxel)")
     t.add_argument("--rk4", action="store_true", help="fourth-order Runge-Kutta integration")
     t.add_argument("--exact-sh", action="store_true", help="exact SH evaluation in peak search instead of tckgen's lookup table")
+    t.add_argument("--outside", choices=["fail", "skip"], default="fail",
+                   help="--seed-points outside the FOD image: stop with an error (default) or skip them with a "
+                        "count on stderr (they count as rejected seeds in total_count)")
     t.add_argument("--output-seeds", help="write seeds as tckgen -output_seeds CSV")
     t.add_argument("--rng-seed", type=int, default=0, help="seed of the random generator (default 0)")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")

@@ -94,20 +94,28 @@ def read_directions(path: str, n: Optional[int] = None) -> np.ndarray:
 
 
 def _read_rows(path):
+    """Numeric rows of a text table; non-numeric lines are accepted only before the first numeric row
+    (a header), so a corrupted row is an error rather than a silently dropped seed."""
     if not os.path.exists(path):
         raise TractfuncError(f"{path}: no such file")
     rows = []
-    with open(path) as fh:
-        for line in fh:
-            line = line.split("#", 1)[0].strip()
-            if not line:
-                continue
-            parts = [p for p in line.replace(",", " ").split() if p]
-            try:
-                [float(p) for p in parts]
-            except ValueError:
-                continue  # header line
-            rows.append(parts)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for k, line in enumerate(fh, 1):
+                line = line.split("#", 1)[0].strip()
+                if not line:
+                    continue
+                parts = [p for p in line.replace(",", " ").split() if p]
+                try:
+                    [float(p) for p in parts]
+                except ValueError:
+                    if rows:
+                        raise TractfuncError(f"{path}: row {k} is not numeric ({line[:40]!r}); expected numbers "
+                                             "after the header") from None
+                    continue  # header line
+                rows.append(parts)
+    except UnicodeDecodeError:
+        raise TractfuncError(f"{path}: not a text file (expected rows of numbers)") from None
     if not rows:
         raise TractfuncError(f"{path}: no numeric rows found")
     return rows
