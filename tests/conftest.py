@@ -11,22 +11,31 @@ PHILIPS = os.path.join(SHARED, "dmri_invivo_philips_achieva_dti32")
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 
-def require_tckgen():
-    """Parity tests need MRtrix3: in CI its absence is a failure, elsewhere a skip with the reason."""
-    if shutil.which("tckgen") is None:
-        msg = "tckgen (MRtrix3) not on PATH: apt-get install -y mrtrix3"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+def _missing(msg):
+    """A missing reference tool or dataset: a failure in CI, elsewhere a skip with the reason."""
+    if IN_CI:
+        pytest.fail(msg)
+    pytest.skip(msg)
+
+
+def require_tckgen(tool="tckgen"):
+    """Parity tests need MRtrix3 (``tool`` from it on PATH)."""
+    if shutil.which(tool) is None:
+        _missing(f"{tool} (MRtrix3) not on PATH: apt-get install -y mrtrix3")
+
+
+def require_toshiba():
+    """The Toshiba series (one subject, five slice angulations) in ../shared/data."""
+    d = os.path.join(os.path.dirname(PHILIPS), "dmri_invivo_toshiba_galan_dti")
+    if not os.path.exists(os.path.join(d, "7006_DTI_ortho.nii.gz")):
+        _missing(f"Toshiba angulation series not found at {d}")
+    return d
 
 
 def require_philips():
     fod = os.path.join(PHILIPS, "dwi_fod_lmax8.nii.gz")
     if not os.path.exists(fod):
-        msg = f"real data not found at {PHILIPS} (../shared/data next to the checkout)"
-        if IN_CI:
-            pytest.fail(msg)
-        pytest.skip(msg)
+        _missing(f"real data not found at {PHILIPS} (../shared/data next to the checkout)")
     return {"fod": fod, "seed": os.path.join(PHILIPS, "dwi_wmmask_FA0.3.nii.gz"),
             "mask": os.path.join(PHILIPS, "dwi_brainmask.nii.gz")}
 

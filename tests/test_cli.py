@@ -1,5 +1,6 @@
 """The command line, run as a subprocess like a user would."""
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,16 +129,36 @@ def test_outside_seed_points_skipped_on_request(tmp_path, phantom_files):
     np.savetxt(tmp_path / "din.txt", dirs)
     np.savetxt(tmp_path / "all.txt", np.vstack([inside[:5], [[1e4, 0, 0]], inside[5:], [[0, -1e4, 0]]]))
     np.savetxt(tmp_path / "dall.txt", np.vstack([dirs[:5], [[1, 0, 0]], dirs[5:], [[0, 1, 0]]]))
-    common = ["--mask", paths["mask"], "--max-length", "30", "--quiet"]
-    run("track", paths["fod"], str(tmp_path / "a.tck"), "--seed-points", str(tmp_path / "in.txt"),
-        "--seed-directions", str(tmp_path / "din.txt"), *common)
+    common = ["--mask", paths["mask"], "--max-length", "30"]
+    q = run("track", paths["fod"], str(tmp_path / "a.tck"), "--seed-points", str(tmp_path / "in.txt"),
+            "--seed-directions", str(tmp_path / "din.txt"), *common)
     p = run("track", paths["fod"], str(tmp_path / "b.tck"), "--seed-points", str(tmp_path / "all.txt"),
             "--seed-directions", str(tmp_path / "dall.txt"), "--outside", "skip", "--mask", paths["mask"],
             "--max-length", "30")
     assert "2 of 14 seed points lie outside the FOD image" in p.stderr and "skipped" in p.stderr
+    rejected = [int(re.search(r"; (\d+) seeds rejected", x.stdout).group(1)) for x in (q, p)]
+    assert rejected[1] == rejected[0] + 2   # the skipped points count as rejected seeds
     a = nib.streamlines.load(str(tmp_path / "a.tck")).streamlines
     b = nib.streamlines.load(str(tmp_path / "b.tck")).streamlines
     assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def test_chunked_run_writes_every_streamline_once(tmp_path, phantom_files):
+    """Seed points tracked in many small chunks or in one: byte-identical files, and the file's streamline
+    count equals the count in the summary line (the small-scale check of the 1M-streamline run)."""
+    ph, paths = phantom_files
+    g = np.random.default_rng(11)
+    vox = np.argwhere(ph.seed_mask)[g.choice(int(ph.seed_mask.sum()), 150, replace=False)] + g.uniform(-0.4, 0.4, (150, 3))
+    np.savetxt(tmp_path / "p.txt", vox @ ph.affine[:3, :3].T + ph.affine[:3, 3])
+    outs = []
+    for chunk in ("7", "1000"):
+        out = tmp_path / f"c{chunk}.tck"
+        p = run("track", paths["fod"], str(out), "--seed-points", str(tmp_path / "p.txt"), "--mask", paths["mask"],
+                "--max-length", "30", "--chunk", chunk, "--rng-seed", "2")
+        n = int(re.search(r": (\d+) streamlines from 150 seeds", p.stdout).group(1))
+        assert len(nib.streamlines.load(str(out)).streamlines) == n > 50
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
 
 
 def test_bad_parameters_rejected(tmp_path, phantom_files):

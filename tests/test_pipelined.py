@@ -55,7 +55,7 @@ def test_compiled_move_tracks_like_eager(phantom_field):
     float32 rounding of the eager ones (inductor reassociates sums, so not bit for bit)."""
     f = phantom_field
     g = torch.Generator().manual_seed(22)
-    pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, 40, g)
+    pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, 40, g).float()
     dirs = random_directions(40, g)
     prm = resolve(f["img"].voxel_sizes, max_length=30.0)
     a = track(f["field32"], prm, pts, dirs, mask=f["mask"])

@@ -12,7 +12,7 @@ import torch
 
 from . import distributed, field as F, io, params as P, seeds as S
 from .io import TractfuncError
-from .tracking import random_directions, track, track_packed
+from .tracking import random_directions, seeds_ok, track, track_packed
 
 STATE_DTYPES = {"float32": torch.float32, "float64": None}
 STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
@@ -78,6 +78,7 @@ class _Sink:
     def __init__(self, path, fod, header, shard=None):
         self.path, self.fod, self.header, self.shard = path, fod, header, shard
         self.count = 0
+        self.rejected = 0   # seeds rejected at the seed point (outside the mask or image, no peak)
         self.seed_pts, self.sidx = [], []
         self.lines = []
         self.segments = []   # per add(): (first byte, end byte, streamlines) of this rank's part
@@ -149,11 +150,13 @@ def _track_points(a, fod, run, gen, sink, report):
         if not a.quiet:
             sys.stderr.write(f"tractfunc track: {what}; skipped (--outside skip)\n")
         pts, dirs = pts[~outside], dirs[~outside]
+        sink.rejected += int(outside.sum())
     for start in range(0, len(pts), a.chunk):
         if a.select and sink.count >= a.select:
             break
         sl = slice(start, start + a.chunk)
         batch = run(pts[sl], dirs[sl])
+        sink.rejected += int((~batch.seed_ok).sum())
         ids = batch.seed_ids
         keep = len(ids) if not a.select else min(len(ids), a.select - sink.count)
         sink.add(batch, keep, [pts[sl][i] for i in ids[:keep].tolist()])
@@ -183,10 +186,12 @@ def _track_image(a, run, gen, sink, report):
         if select and sink.count + len(keep) >= select:
             k = select - sink.count
             # count seeds up to and including the one that produced the select-th streamline
-            n_seeds += keep[k - 1] + 1
+            used = keep[k - 1] + 1
             keep = keep[:k]
         else:
-            n_seeds += n
+            used = n
+        n_seeds += used
+        sink.rejected += int((~batch.seed_ok[:used]).sum())
         sink.add(batch, len(keep), [pts[i].numpy() for i in keep])
         report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
     return n_seeds
@@ -224,18 +229,19 @@ def cmd_track(a) -> int:
 
     def run_here(pts: np.ndarray, dirs: np.ndarray):
         """Track seeds (S, 3) with start directions (S, 3) -> packed streamlines (vertices (V, 3),
-        lengths (A,)), seed ids (A,), seed vertex indices (A,); NumPy."""
+        lengths (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,); NumPy."""
         if pool is not None:
             return pool.track(pts, dirs)
         res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
                            torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile)
-        return tuple(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index))
+        return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), seeds_ok(res))
 
     def run(pts: np.ndarray, dirs: np.ndarray) -> distributed.Batch:
         """Track a seed batch (here, or this rank's share of it)."""
         if shard is not None:
             return shard.track(run_here, pts, dirs)
-        return distributed.Batch(*run_here(pts, dirs))
+        v, ln, ids, sidx, ok = run_here(pts, dirs)
+        return distributed.Batch(v, ln, ids, sidx, seed_ok=ok)
 
     try:
         if a.seed_points:
@@ -254,7 +260,9 @@ def cmd_track(a) -> int:
     if a.output_seeds and leader:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
     if not a.quiet and leader:
-        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{n_seeds})")
+        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{n_seeds}; "
+              f"{sink.rejected} seeds rejected at the seed point: outside the mask or image, or no FOD peak "
+              "above the cutoff)")
     return 0
 
 

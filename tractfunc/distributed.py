@@ -13,7 +13,7 @@ Backend: gloo on CPU; nccl with ``--device cuda``, where rank r uses ``cuda:LOCA
 from __future__ import annotations
 
 import os
-from typing import Callable, List, NamedTuple, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
@@ -25,13 +25,15 @@ class Batch(NamedTuple):
 
     lengths, seed_ids, seed_index: (A,) for every accepted streamline of the whole batch, in seed order;
     vertices: (V, 3) scanner mm of the streamlines ``first .. first + n_local - 1`` of that list only
-    (all of them in a single process)."""
+    (all of them in a single process); seed_ok: (S,) bool per seed of the batch, False where the seed
+    was rejected (outside the mask or image, or no peak above the cutoff)."""
     vertices: np.ndarray
     lengths: np.ndarray
     seed_ids: np.ndarray
     seed_index: np.ndarray
     first: int = 0
     n_local: int = -1
+    seed_ok: Optional[np.ndarray] = None
 
     def local_prefix(self, k: int) -> Tuple[np.ndarray, np.ndarray]:
         """Of the batch's first k streamlines, those held here: (vertices, lengths)."""
@@ -61,16 +63,16 @@ class Shard:
         return torch.device("cuda", torch.cuda.current_device()) if self.cuda else device
 
     def track(self, run: Callable, pts: np.ndarray, dirs: np.ndarray) -> Batch:
-        """Track this rank's slice of the batch with ``run(pts, dirs) -> (vertices, lengths, ids, sidx)``
+        """Track this rank's slice of the batch with ``run(pts, dirs) -> (vertices, lengths, ids, sidx, ok)``
         and share the per-streamline records."""
         b = np.linspace(0, len(pts), self.world + 1).astype(int)
         lo, hi = b[self.rank], b[self.rank + 1]
-        verts, lengths, ids, sidx = run(pts[lo:hi], dirs[lo:hi])
+        verts, lengths, ids, sidx, ok = run(pts[lo:hi], dirs[lo:hi])
         parts: List = [None] * self.world
-        dist.all_gather_object(parts, (np.asarray(lengths), np.asarray(ids) + lo, np.asarray(sidx)))
+        dist.all_gather_object(parts, (np.asarray(lengths), np.asarray(ids) + lo, np.asarray(sidx), np.asarray(ok)))
         first = sum(len(p[0]) for p in parts[:self.rank])
         cat = (lambda i: np.concatenate([p[i] for p in parts]))
-        return Batch(verts, cat(0), cat(1), cat(2), first, len(lengths))
+        return Batch(verts, cat(0), cat(1), cat(2), first, len(lengths), cat(3))
 
     def all_gather(self, obj) -> list:
         out: List = [None] * self.world

@@ -34,6 +34,24 @@ from .tracing import is_tracing
 Tensor = torch.Tensor
 
 
+def check_inputs(field: FODField, seeds: Tensor, init_dirs: Optional[Tensor] = None) -> None:
+    """Public-boundary validation: seeds (N, 3) and start directions (N, 3) in the FOD's dtype and on its
+    device.  Raises :class:`tractfunc.io.TractfuncError` naming the mismatch."""
+    from .io import TractfuncError
+    sh = field.sh
+    for name, t in (("seeds", seeds), ("init_dirs", init_dirs)):
+        if t is None:
+            continue
+        if t.dim() != 2 or t.shape[-1] != 3:
+            raise TractfuncError(f"{name} has shape {tuple(t.shape)}; expected (N, 3)")
+        if t.dtype != sh.dtype or t.device != sh.device:
+            raise TractfuncError(f"{name} are {t.dtype} on {t.device} but the FOD is {sh.dtype} on {sh.device}; "
+                                 "expected the same dtype and device (use .to(field.sh))")
+    if init_dirs is not None and init_dirs.shape != seeds.shape:
+        raise TractfuncError(f"init_dirs has shape {tuple(init_dirs.shape)}; expected one direction per seed "
+                             f"{tuple(seeds.shape)}")
+
+
 class TrackState(NamedTuple):
     """Fixed-shape state of B streamline halves.  pos: (B, 3) scanner mm; dir: (B, 3) unit;
     alive: (B,) bool; n: (B,) int64 vertices so far over both halves; reason: (B,) int64 Reason;
@@ -184,6 +202,8 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
     checkpoint: recompute chunks of this many steps during backward instead of storing their
     intermediates (plain autograd only; ignored under torch.func transforms and torch.compile).  The
     recomputation is bit-identical to the forward, so gradients do not change."""
+    if not is_tracing(seeds, init_dirs, field.sh):
+        check_inputs(field, seeds, init_dirs)
     token, sink = fodgrad.attach(field.sh)
     if sink is not None:   # plain autograd wrt the FOD: one gradient buffer, compact saved state
         field = field._replace(grad_token=token, grad_sink=sink)
@@ -346,6 +366,12 @@ class PackedTracks(NamedTuple):
         return list(torch.split(self.vertices, self.lengths.tolist()))
 
 
+def seeds_ok(result):
+    """(S,) NumPy bool per seed of a :class:`Tractogram` / :class:`PackedTracks`: False where the seed was
+    rejected (outside the mask or image, or no peak above the cutoff)."""
+    return (result.reasons[:, 0] != int(Reason.SEED_REJECTED)).cpu().numpy()
+
+
 def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
                  mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
                  chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
@@ -354,6 +380,7 @@ def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
     compiled: fuse the pipelined driver's Newton move with ``torch.compile``
     (:func:`tractfunc.pipelined.compiled_move`: faster, esp. on a GPU; float32 results are no longer bit
     for bit tckgen's arithmetic, see docs/benchmarks.md)."""
+    check_inputs(field, seeds, init_dirs)
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)

@@ -26,12 +26,12 @@ def _init(args, dtype_name: str, threads: int) -> None:
 
 
 def _work(job: Tuple[np.ndarray, np.ndarray]):
-    from .tracking import track_packed
+    from .tracking import seeds_ok, track_packed
     pts, dirs = job
     s = _STATE
     res = track_packed(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]),
                        torch.as_tensor(dirs, dtype=s["dtype"]), mask=s["msk"], compiled=s["compiled"])
-    return tuple(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index))
+    return (*(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), seeds_ok(res))
 
 
 class Pool:
@@ -41,18 +41,18 @@ class Pool:
         self.n = n
         self.pool = mp.get_context("spawn").Pool(n, initializer=_init, initargs=(args, dtype_name, threads_each))
 
-    def track(self, pts: np.ndarray, dirs: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    def track(self, pts: np.ndarray, dirs: np.ndarray) -> Tuple[np.ndarray, ...]:
         """Seeds (S, 3) mm and start directions (S, 3) -> packed streamlines (vertices (V, 3), lengths
-        (A,)), seed ids (A,), seed vertex indices (A,), in seed order, as one
-        :func:`tractfunc.tracking.track_packed` call would return them."""
+        (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,), in seed order, as one
+        :func:`tractfunc.tracking.track_packed` call would give them."""
         bounds = np.linspace(0, len(pts), self.n + 1).astype(int)
         spans = [(b0, b1) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
         results = self.pool.map(_work, [(pts[b0:b1], dirs[b0:b1]) for b0, b1 in spans])
         if not results:
-            return np.zeros((0, 3)), *(np.zeros(0, dtype=np.int64) for _ in range(3))
-        verts, lengths, ids, sidx = zip(*results)
+            return np.zeros((0, 3)), *(np.zeros(0, dtype=np.int64) for _ in range(3)), np.zeros(0, dtype=bool)
+        verts, lengths, ids, sidx, ok = zip(*results)
         ids = [i + b0 for i, (b0, _) in zip(ids, spans)]
-        return tuple(np.concatenate(x) for x in (verts, lengths, ids, sidx))
+        return tuple(np.concatenate(x) for x in (verts, lengths, ids, sidx, ok))
 
     def close(self) -> None:
         self.pool.close()
