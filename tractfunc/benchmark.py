@@ -69,15 +69,17 @@ nib.streamlines.save(nib.streamlines.Tractogram(sl, affine_to_rasmm=np.eye(4)), 
 
 def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: str = "float32",
         device: str = "cpu", rk4: bool = False, dipy: bool = False, repeats: int = 1,
-        json_path: Optional[str] = None, workers: int = 1) -> dict:
-    """Run the benchmark; returns (and optionally writes) a dict of results."""
+        json_path: Optional[str] = None, workers: int = 1, compiled: bool = False) -> dict:
+    """Run the benchmark; returns (and optionally writes) a dict of results.  compiled: tractfunc runs
+    with ``--compile`` (its wall time then includes compilation)."""
     if shutil.which("tckgen") is None:
         raise RuntimeError("tckgen (MRtrix3) not on PATH: apt-get install -y mrtrix3")
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MRTRIX_RNG_SEED="7")
     results = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
                            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
                "inputs": {"fod": fod, "seed_image": seed_image, "mask": mask, "select": select,
-                          "threads": threads, "workers": workers, "dtype": dtype, "device": device, "rk4": rk4},
+                          "threads": threads, "workers": workers, "dtype": dtype, "device": device, "rk4": rk4,
+                          "compiled": compiled},
                "runs": []}
     import torch
     results["machine"]["torch"] = torch.__version__
@@ -94,7 +96,8 @@ def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: 
             cmd = [sys.executable, "-m", "tractfunc.cli", "track", fod, out, "--seed-image", seed_image,
                    "--select", str(select), "--threads", str(max(1, threads // workers)), "--workers", str(workers),
                    "--dtype", dtype, "--device", device,
-                   "--quiet"] + (["--mask", mask] if mask else []) + (["--rk4"] if rk4 else [])
+                   "--quiet"] + (["--mask", mask] if mask else []) + (["--rk4"] if rk4 else []) \
+                + (["--compile"] if compiled else [])
             r = _timed(cmd, env)
             r.update(tool="tractfunc", vertices=_count_vertices(out))
             results["runs"].append(r)

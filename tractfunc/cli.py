@@ -330,7 +330,7 @@ def cmd_bench(a) -> int:
     from . import benchmark
     try:
         res = benchmark.run(a.fod, a.seed_image, a.mask, a.select, a.threads, a.dtype, a.device, a.rk4,
-                            a.dipy, a.repeats, a.json, a.workers)
+                            a.dipy, a.repeats, a.json, a.workers, a.compile)
     except RuntimeError as e:
         raise TractfuncError(str(e)) from None
     print(benchmark.format_table(res))
@@ -378,7 +378,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--chunk", type=int, default=20000, help="seeds tracked per batch; bounds memory (default 20000)")
     t.add_argument("--compile", action="store_true",
                    help="fuse the Newton move with torch.compile (compiles for tens of seconds first; float32 "
-                        "output then differs from tckgen's arithmetic in the last bits: see docs/benchmarks.md)")
+                        "output then differs from tckgen's arithmetic in the last bits; measured slower than "
+                        "eager on the CPU: see docs/benchmarks.md)")
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     t.set_defaults(func=cmd_track)
     d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG")
@@ -405,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--threads", type=int, default=2)
     b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     b.add_argument("--device", default="cpu")
+    b.add_argument("--compile", action="store_true", help="tractfunc with --compile (wall time includes compiling)")
     b.add_argument("--rk4", action="store_true")
     b.add_argument("--dipy", action="store_true", help="also time DIPY deterministic tracking (seeds = select)")
     b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")

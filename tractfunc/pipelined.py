@@ -46,8 +46,9 @@ def _padded_size(n: int, cuda: bool) -> int:
 
 def compiled_move() -> Callable:
     """:func:`tractfunc.direction.newton_move` fused by ``torch.compile`` (``fullgraph=True``, dynamic
-    batch size), compiled once per process.  Several times faster, but inductor reassociates sums, so
-    float32 results differ from eager in the last bits and bit-level tckgen emulation is lost.
+    batch size), compiled once per process.  2.9x faster per move for 10 000 directions, but slower in
+    this driver on the CPU, whose ticks mostly carry small batches (docs/benchmarks.md); inductor
+    reassociates sums, so float32 results differ from eager in the last bits.
     Batches are padded (:func:`_padded_size`) so that sizes 0 and 1 never reach the compiler and few
     distinct shapes do."""
     if "move" not in _COMPILED:
