@@ -194,13 +194,15 @@ def test_parity_subcommand_on_phantom(tmp_path, phantom_files):
 
 
 def test_workers_give_the_same_tractogram(tmp_path, phantom_files):
-    """--workers splits seeds across processes; the file must be byte-identical to one process."""
+    """--workers splits seeds across processes of the PyTorch tracker; the file must be byte-identical to
+    one process."""
     ph, paths = phantom_files
     outs = []
     for w in ("1", "2"):
         out = tmp_path / f"w{w}.tck"
         run("track", paths["fod"], str(out), "--seed-image", paths["mask"], "--mask", paths["mask"],
-            "--select", "60", "--rng-seed", "5", "--workers", w, "--max-length", "30", "--quiet")
+            "--select", "60", "--rng-seed", "5", "--workers", w, "--max-length", "30", "--quiet",
+            "--backend", "torch")
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     assert run("track", paths["fod"], str(tmp_path / "x.tck"), "--seed-image", paths["mask"], "--workers", "0",
@@ -212,7 +214,8 @@ def test_torchrun_two_ranks_give_the_same_tractogram(tmp_path, phantom_files):
     to one process, with several seed batches (--chunk) so that parts are interleaved batch by batch."""
     ph, paths = phantom_files
     args = ["track", paths["fod"], None, "--seed-image", paths["mask"], "--mask", paths["mask"], "--select", "70",
-            "--chunk", "32", "--rng-seed", "9", "--max-length", "30", "--quiet", "--output-seeds", None]
+            "--chunk", "32", "--rng-seed", "9", "--max-length", "30", "--quiet", "--backend", "torch", "--output-seeds",
+            None]
     outs = []
     for launch in ("single", "torchrun"):
         a = list(args)

@@ -702,7 +702,7 @@ def test_hard_mode_forward_identical_with_requires_grad(phantom_field, phantom64
         mask = phantom64["mask"]
         with torch.no_grad():
             r0 = track_fixed(fld, prm, pts, dirs, 20, mask)
-            e0 = track(fld, prm, pts, dirs, mask=mask)
+            e0 = track(fld, prm, pts, dirs, mask=mask, backend="torch")   # the PyTorch tracker, as e1
         shv = fld.sh.clone().requires_grad_(True)
         s = pts.clone().requires_grad_(True)
         r1 = track_fixed(fld._replace(sh=shv), prm, s, dirs, 20, mask)

@@ -15,26 +15,43 @@ Layout (one concept per module):
   seeds        seed generation with an explicit torch.Generator
   io           NIfTI in, .tck/.trk out, seed files
   phantom      built-in synthetic FOD phantom
+  native       C kernel: SD_Stream with tckgen's exact float32 arithmetic (fast forward tracking)
   parity       re-tracking tckgen output and measuring agreement
   cli          the command line
-"""
-from . import sh
-from .direction import Peak, peak
-from .implicit import attach_peak
-from .jacobian import direction_jacobian, seed_jacobian
-from .field import FODField, MaskField, make_field, make_mask
-from .interpolate import sample_fod, trilinear
-from .io import TractfuncError, load_fod, load_mask, write_tractogram
-from .params import TrackParams, resolve
-from .seeds import random_in_mask
-from .integrate import euler, iterate, rk4, sd_next
-from .stop import Reason
-from .tracking import FixedTracks, PackedTracks, Tractogram, TrackState, step, track, track_fixed, track_packed
 
-__all__ = [
-    "sh", "Peak", "peak", "attach_peak", "seed_jacobian", "direction_jacobian", "FODField", "MaskField", "make_field", "make_mask", "sample_fod", "trilinear",
-    "TractfuncError", "load_fod", "load_mask", "write_tractogram", "TrackParams", "resolve",
-    "random_in_mask", "euler", "iterate", "rk4", "sd_next", "Reason", "FixedTracks", "Tractogram",
-    "TrackState", "step", "track", "track_fixed", "track_packed", "PackedTracks",
-]
+Attributes are imported on first use (PEP 562), so ``import tractfunc`` and the command line's
+native path do not pay for importing torch until something needs it.
+"""
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "sh": None, "Peak": "direction", "peak": "direction", "attach_peak": "implicit",
+    "seed_jacobian": "jacobian", "direction_jacobian": "jacobian",
+    "FODField": "field", "MaskField": "field", "make_field": "field", "make_mask": "field",
+    "sample_fod": "interpolate", "trilinear": "interpolate",
+    "TractfuncError": "io", "load_fod": "io", "load_mask": "io", "write_tractogram": "io",
+    "TrackParams": "params", "resolve": "params", "random_in_mask": "seeds",
+    "euler": "integrate", "iterate": "integrate", "rk4": "integrate", "sd_next": "integrate",
+    "Reason": "stop", "FixedTracks": "tracking", "Tractogram": "tracking", "TrackState": "tracking",
+    "step": "tracking", "track": "tracking", "track_fixed": "tracking", "track_packed": "tracking",
+    "PackedTracks": "tracking",
+}
+__all__ = list(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'tractfunc' has no attribute {name!r}")
+    mod = _EXPORTS[name]
+    value = importlib.import_module(f".{name if mod is None else mod}", __name__)
+    if mod is not None:
+        value = getattr(value, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -1,4 +1,9 @@
-"""Command line: ``tractfunc track | demo | parity`` -- a thin layer over the Python API."""
+"""Command line: ``tractfunc track | demo | parity | bench`` -- a thin layer over the Python API.
+
+``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.native`) without importing torch;
+other settings (float64, CUDA, ``--backend torch``, ``--compile``, ``--workers``, torchrun) run the
+PyTorch tracker.  Seeds and random start directions come from ``numpy.random.default_rng(--rng-seed)``
+on both routes, so the two draw the same seeds."""
 from __future__ import annotations
 
 import argparse
@@ -8,13 +13,16 @@ import time
 from typing import Optional
 
 import numpy as np
-import torch
 
-from . import distributed, field as F, io, params as P, seeds as S
+from . import distributed, io, params as P, seeds as S
 from .io import TractfuncError
-from .tracking import random_directions, seeds_ok, track, track_packed
 
-STATE_DTYPES = {"float32": torch.float32, "float64": None}
+STATE_DTYPES = ("float32", "float64")   # --state-dtype choices: tckgen's float32 state, or full precision
+
+
+def _state_dtype(name: str):
+    import torch
+    return torch.float32 if name == "float32" else None
 STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
               "operations (default float32, as tckgen keeps them; with --dtype float64 this keeps tckgen's "
               "rounding under float64 arithmetic; float64 keeps full precision)")
@@ -46,20 +54,63 @@ def _progress(enabled: bool):
     return report
 
 
-def _load_inputs(a, dtype, device):
-    fod = io.load_fod(a.fod)
+def _load_inputs(a, native: bool = False):
+    """FOD image, resolved parameters and the optional mask image, validated (one-line errors).
+    native: the FOD stays in its file layout (the kernel repacks it) and its finiteness is checked there."""
+    fod = io.load_fod(a.fod, check_finite=not native)
     prm = P.resolve(fod.voxel_sizes, rk4=a.rk4, step=a.step, angle=a.angle, cutoff=a.cutoff,
                     min_length=a.min_length, max_length=a.max_length, precomputed=not a.exact_sh,
-                    state_dtype=STATE_DTYPES[a.state_dtype])
-    fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype, device=device), fod.affine, precomputed=not a.exact_sh)
-    msk = None
+                    state_dtype=None if native else _state_dtype(a.state_dtype))
+    mask = None
     if a.mask:
-        m = io.load_mask(a.mask)
-        if not io.same_grid(m, fod):
-            raise TractfuncError(f"{a.mask}: mask grid {m.data.shape} does not match the FOD grid "
+        mask = io.load_mask(a.mask)
+        if not io.same_grid(mask, fod):
+            raise TractfuncError(f"{a.mask}: mask grid {mask.data.shape} does not match the FOD grid "
                                  f"{fod.data.shape[:3]} (same dimensions and affine expected)")
-        msk = F.make_mask(torch.as_tensor(m.data, device=device), m.affine)
+    return fod, prm, mask
+
+
+def _torch_inputs(a, dtype, device):
+    """(fod image, params, FODField, MaskField or None) for the PyTorch tracker."""
+    import torch
+    from . import field as F
+    fod, prm, mask = _load_inputs(a)
+    fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype, device=device), fod.affine, precomputed=not a.exact_sh,
+                       voxel_sizes=fod.voxel_sizes)
+    msk = (F.make_mask(torch.as_tensor(mask.data, device=device), mask.affine, mask.voxel_sizes)
+           if mask is not None else None)
     return fod, prm, fld, msk
+
+
+def _native_kernel(a, threads: int):
+    """(fod image, params, :class:`tractfunc.native.Kernel`) -- no torch import."""
+    from . import native
+    fod, prm, mask = _load_inputs(a, native=True)
+    sh, nz, bad = native.prepare_volume(fod.data, threads)
+    if bad:
+        raise io.nonfinite_error(a.fod, bad)
+    k = native.Kernel(sh, fod.affine, prm, nz, None if mask is None else mask.data,
+                      None if mask is None else mask.affine, threads, fod.voxel_sizes,
+                      None if mask is None else mask.voxel_sizes)
+    # the kernel holds its own copy; keep only the grid of the file's array (for headers), not its memory
+    return fod._replace(data=np.broadcast_to(np.float32(0), fod.data.shape)), prm, k
+
+
+def _use_native(a) -> bool:
+    """Whether ``track`` runs the native kernel (see the module docstring); --backend native insists."""
+    from . import native
+    fits = (a.dtype == "float32" and a.device == "cpu" and not a.exact_sh and not a.compile and a.workers == 1
+            and not distributed.launched() and a.state_dtype == "float32")
+    if a.backend == "torch" or (a.backend == "auto" and not fits):
+        return False
+    ok, why = native.available()
+    if a.backend == "native":
+        if not fits:
+            raise TractfuncError("--backend native runs float32 on the CPU (no --exact-sh, --compile, --workers, "
+                                 "torchrun or --state-dtype float64)")
+        if not ok:
+            raise TractfuncError(f"--backend native: the native kernel is unavailable ({why})")
+    return ok
 
 
 def _inside_image(fod: io.Image, pts: np.ndarray) -> np.ndarray:
@@ -141,7 +192,7 @@ def _track_points(a, fod, run, gen, sink, report):
     outside = ~_inside_image(fod, pts)
     dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
     if dirs is None:   # tckgen draws a random start direction per seed
-        dirs = random_directions(len(pts), gen, torch.float64).numpy()
+        dirs = S.random_directions_np(len(pts), gen)
     if outside.any():
         what = (f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
                 f"(first: row {int(np.argmax(outside)) + 1})")
@@ -164,7 +215,7 @@ def _track_points(a, fod, run, gen, sink, report):
     return n_all
 
 
-def _track_image(a, run, gen, sink, report):
+def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
     if a.seed_directions:
         raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
     seed_img = io.load_mask(a.seed_image)
@@ -175,13 +226,14 @@ def _track_image(a, run, gen, sink, report):
     n_seeds = 0
     while n_seeds < max_seeds and (not select or sink.count < select):
         # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
-        # (first guess 0.7: typical white-matter seeding); overshoot a little rather than run a tiny
-        # extra batch, whose per-tick overhead would dominate, but not so much that seeds are wasted
+        # (first guess 0.7: typical white-matter seeding); the PyTorch tracker overshoots a little rather
+        # than run a tiny extra batch, whose per-tick overhead would dominate; the native kernel has no
+        # such overhead and tops up in small batches instead of tracking seeds for nothing
         rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.7
-        want = 1.15 * (select - sink.count) / rate if select else max_seeds
-        n = int(min(max(want, 512), a.chunk, max_seeds - n_seeds))
-        pts = S.random_in_mask(torch.as_tensor(seed_img.data), seed_img.affine, n, gen)
-        batch = run(pts.numpy(), random_directions(n, gen, torch.float64).numpy())
+        want = overshoot * (select - sink.count) / rate if select else max_seeds
+        n = int(min(max(want, min_batch), a.chunk, max_seeds - n_seeds))
+        pts = S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
+        batch = run(pts, S.random_directions_np(n, gen))
         keep = batch.seed_ids.tolist()
         if select and sink.count + len(keep) >= select:
             k = select - sink.count
@@ -192,49 +244,65 @@ def _track_image(a, run, gen, sink, report):
             used = n
         n_seeds += used
         sink.rejected += int((~batch.seed_ok[:used]).sum())
-        sink.add(batch, len(keep), [pts[i].numpy() for i in keep])
+        sink.add(batch, len(keep), [pts[i] for i in keep])
         report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
     return n_seeds
 
 
 def cmd_track(a) -> int:
-    dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-    device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
     if a.workers < 1:
         raise TractfuncError(f"--workers must be a positive number of processes, got {a.workers}")
     if a.chunk < 1:
         raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
-    gen = torch.Generator().manual_seed(a.rng_seed)
-    shard = None
-    if distributed.launched():
+    if a.threads is not None and a.threads < 1:
+        raise TractfuncError(f"--threads must be a positive number, got {a.threads}")
+    gen = np.random.default_rng(a.rng_seed)
+    pool = shard = None
+    native = _use_native(a)
+    if native:
+        from . import native as native_mod
+        threads = a.threads or os.cpu_count() or 1
+        fod, prm, kernel = _native_kernel(a, threads)
+
+        def run_here(pts: np.ndarray, dirs: np.ndarray):
+            v, ln, ids, sidx, reasons, _ = kernel.track(pts, dirs, threads)
+            return v, ln, ids, sidx, reasons[:, 0] != int(native_mod.SEED_REJECTED)
+    else:
+        import torch
+        from .tracking import seeds_ok, track_packed
+        dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
+        device = torch.device(a.device)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        if distributed.launched():
+            if a.workers > 1:
+                raise TractfuncError("--workers and a torchrun launch both split seeds; use one of them")
+            shard = distributed.Shard(device)
+            device = shard.device(device)
+        fod, prm, fld, msk = _torch_inputs(a, dtype, device)
         if a.workers > 1:
-            raise TractfuncError("--workers and a torchrun launch both split seeds; use one of them")
-        shard = distributed.Shard(device)
-        device = shard.device(device)
-    fod, prm, fld, msk = _load_inputs(a, dtype, device)
+            if device.type != "cpu":
+                raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
+            from .workers import Pool
+            pool = Pool(a, a.dtype, a.workers, threads_each=a.threads or 1)
+
+        def run_here(pts: np.ndarray, dirs: np.ndarray):
+            """Track seeds (S, 3) with start directions (S, 3) -> packed streamlines (vertices (V, 3),
+            lengths (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,); NumPy."""
+            if pool is not None:
+                return pool.track(pts, dirs)
+            res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
+                               torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
+                               backend=a.backend)
+            return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)),
+                    seeds_ok(res))
+
     leader = shard is None or shard.rank == 0
     report = _progress(leader and not a.quiet and sys.stderr.isatty())
     header = {"method": "SD_Stream (tractfunc)", "step_size": prm.step, "max_angle": prm.angle,
               "threshold": prm.cutoff, "min_dist": prm.min_length, "max_dist": prm.max_length,
               "rk4": int(prm.rk4), "source": a.fod}
     sink = _Sink(a.output, fod, header, shard)
-    pool = None
-    if a.workers > 1:
-        if device.type != "cpu":
-            raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
-        from .workers import Pool
-        pool = Pool(a, a.dtype, a.workers, threads_each=a.threads or 1)
-
-    def run_here(pts: np.ndarray, dirs: np.ndarray):
-        """Track seeds (S, 3) with start directions (S, 3) -> packed streamlines (vertices (V, 3),
-        lengths (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,); NumPy."""
-        if pool is not None:
-            return pool.track(pts, dirs)
-        res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
-                           torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile)
-        return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), seeds_ok(res))
 
     def run(pts: np.ndarray, dirs: np.ndarray) -> distributed.Batch:
         """Track a seed batch (here, or this rank's share of it)."""
@@ -247,7 +315,7 @@ def cmd_track(a) -> int:
         if a.seed_points:
             n_seeds = _track_points(a, fod, run, gen, sink, report)
         else:
-            n_seeds = _track_image(a, run, gen, sink, report)
+            n_seeds = _track_image(a, run, gen, sink, report, *((1.02, 64) if native else ()))
     except BaseException:
         sink.abort()
         raise
@@ -267,7 +335,10 @@ def cmd_track(a) -> int:
 
 
 def cmd_demo(a) -> int:
+    import torch
+    from . import field as F
     from .phantom import make_phantom, save_phantom
+    from .tracking import track
     os.makedirs(a.out, exist_ok=True)
     ph = make_phantom()
     paths = save_phantom(ph, os.path.join(a.out, "phantom"))
@@ -311,6 +382,7 @@ def _render(lines, ph, png):
 
 
 def cmd_parity(a) -> int:
+    import torch
     from . import parity
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
@@ -318,7 +390,7 @@ def cmd_parity(a) -> int:
         parity.run_tckgen(a.fod, tck, csv, a.seed_image, a.mask, a.select, rk4=a.rk4, nthreads=a.threads)
         ref = parity.load_reference(tck, csv)
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=STATE_DTYPES[a.state_dtype])
+        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype))
     print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}): {len(r.distances)} streamlines, "
           f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
           f"{r.too_short} shorter than the minimum length, "
@@ -330,7 +402,7 @@ def cmd_bench(a) -> int:
     from . import benchmark
     try:
         res = benchmark.run(a.fod, a.seed_image, a.mask, a.select, a.threads, a.dtype, a.device, a.rk4,
-                            a.dipy, a.repeats, a.json, a.workers, a.compile)
+                            a.dipy, a.repeats, a.json, a.workers, a.compile, a.backend)
     except RuntimeError as e:
         raise TractfuncError(str(e)) from None
     print(benchmark.format_table(res))
@@ -372,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     t.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
-    t.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads)")
+    t.add_argument("--threads", type=int, help="CPU threads (default: all; the native kernel's threads, else "
+                                                "torch.set_num_threads)")
     t.add_argument("--workers", type=int, default=1,
                    help="CPU processes tracking in parallel (seeds split across them; same output)")
     t.add_argument("--chunk", type=int, default=20000, help="seeds tracked per batch; bounds memory (default 20000)")
@@ -380,6 +453,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse the Newton move with torch.compile (compiles for tens of seconds first; float32 "
                         "output then differs from tckgen's arithmetic in the last bits; measured slower than "
                         "eager on the CPU: see docs/benchmarks.md)")
+    t.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="native: the C kernel with tckgen's exact float32 arithmetic (bit-identical to tckgen, "
+                        "fastest; float32 on the CPU); torch: the PyTorch tracker (any dtype/device); auto "
+                        "(default): native where it applies")
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     t.set_defaults(func=cmd_track)
     d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG")
@@ -412,6 +489,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")
     b.add_argument("--workers", type=int, default=1,
                    help="tractfunc processes sharing the --threads cores (e.g. 2 workers x 1 thread)")
+    b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="tractfunc's tracker (as for track; default auto: the native kernel for float32 on the CPU)")
     b.add_argument("--json", help="write all results to this JSON file")
     b.set_defaults(func=cmd_bench)
     return p

@@ -16,8 +16,6 @@ import os
 from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
-import torch
-import torch.distributed as dist
 
 
 class Batch(NamedTuple):
@@ -51,7 +49,10 @@ def launched() -> bool:
 class Shard:
     """This process's place in the launch; joins the process group on creation."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device):
+        import torch
+        import torch.distributed as dist
+        self.dist = dist
         self.cuda = device.type == "cuda"
         if self.cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -59,7 +60,8 @@ class Shard:
             dist.init_process_group("nccl" if self.cuda else "gloo")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
 
-    def device(self, device: torch.device) -> torch.device:
+    def device(self, device):
+        import torch
         return torch.device("cuda", torch.cuda.current_device()) if self.cuda else device
 
     def track(self, run: Callable, pts: np.ndarray, dirs: np.ndarray) -> Batch:
@@ -69,19 +71,19 @@ class Shard:
         lo, hi = b[self.rank], b[self.rank + 1]
         verts, lengths, ids, sidx, ok = run(pts[lo:hi], dirs[lo:hi])
         parts: List = [None] * self.world
-        dist.all_gather_object(parts, (np.asarray(lengths), np.asarray(ids) + lo, np.asarray(sidx), np.asarray(ok)))
+        self.dist.all_gather_object(parts, (np.asarray(lengths), np.asarray(ids) + lo, np.asarray(sidx), np.asarray(ok)))
         first = sum(len(p[0]) for p in parts[:self.rank])
         cat = (lambda i: np.concatenate([p[i] for p in parts]))
         return Batch(verts, cat(0), cat(1), cat(2), first, len(lengths), cat(3))
 
     def all_gather(self, obj) -> list:
         out: List = [None] * self.world
-        dist.all_gather_object(out, obj)
+        self.dist.all_gather_object(out, obj)
         return out
 
     def barrier(self) -> None:
-        dist.barrier()
+        self.dist.barrier()
 
     def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        if self.dist.is_initialized():
+            self.dist.destroy_process_group()

@@ -14,13 +14,16 @@ Tensor = torch.Tensor
 class FODField(NamedTuple):
     """sh: (X, Y, Z, N) SH coefficients (MRtrix3 basis, directions in the scanner frame);
     nonzero: (X, Y, Z) bool, voxels holding any non-zero coefficient; world_to_voxel: (4, 4) float64
-    inverse affine; table: Legendre lookup for MRtrix3-exact peaks, or None for exact evaluation."""
+    inverse affine; table: Legendre lookup for MRtrix3-exact peaks, or None for exact evaluation;
+    voxel_sizes: (3,) mm from the image header (MRtrix3 builds its voxel transform from them), or None
+    for the affine's column lengths."""
     sh: Tensor
     nonzero: Tensor
     world_to_voxel: Tensor
     table: Optional[sh.LegendreTable]
     grad_token: Optional[Tensor] = None   # set by track_fixed for the compact FOD backward (fodgrad)
     grad_sink: Optional[object] = None
+    voxel_sizes: Optional[tuple] = None
 
     def sample(self, pos: Tensor) -> Sample:
         """FOD coefficients at scanner points (..., 3) mm -> Sample(values (..., N), inside (...,))."""
@@ -32,24 +35,29 @@ class FODField(NamedTuple):
 
 
 class MaskField(NamedTuple):
-    """mask: (X, Y, Z) bool; world_to_voxel: (4, 4) float64 inverse affine of the mask image."""
+    """mask: (X, Y, Z) bool; world_to_voxel: (4, 4) float64 inverse affine of the mask image;
+    voxel_sizes: as in :class:`FODField`."""
     mask: Tensor
     world_to_voxel: Tensor
+    voxel_sizes: Optional[tuple] = None
 
 
-def make_field(sh_volume: Tensor, affine, precomputed: bool = True) -> FODField:
+def make_field(sh_volume: Tensor, affine, precomputed: bool = True, voxel_sizes=None) -> FODField:
     """Build an :class:`FODField` from SH coefficients (X, Y, Z, N) and their (4, 4) voxel->scanner affine.
 
     ``precomputed=True`` emulates tckgen's Legendre lookup table (its default) for parity; False uses the
-    exact pole-safe evaluation."""
+    exact pole-safe evaluation.  voxel_sizes: the header's (3,) mm (``io.Image.voxel_sizes``), used by the
+    native kernel to build tckgen's voxel transform exactly."""
     A = torch.as_tensor(affine, dtype=torch.float64, device=sh_volume.device)
     sh_volume = sh_volume.contiguous()   # sampling gathers rows of the flattened volume
     table = sh.LegendreTable(sh.lmax_for(sh_volume.shape[-1]), device=sh_volume.device,
                              dtype=sh_volume.dtype) if precomputed else None
-    return FODField(sh_volume, (sh_volume != 0).any(-1).contiguous(), torch.linalg.inv(A), table)
+    return FODField(sh_volume, (sh_volume != 0).any(-1).contiguous(), torch.linalg.inv(A), table,
+                    voxel_sizes=None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))
 
 
-def make_mask(mask_volume: Tensor, affine) -> MaskField:
+def make_mask(mask_volume: Tensor, affine, voxel_sizes=None) -> MaskField:
     """Mask (X, Y, Z) (non-zero = inside) with its (4, 4) affine -> :class:`MaskField`."""
     A = torch.as_tensor(affine, dtype=torch.float64, device=mask_volume.device)
-    return MaskField((mask_volume != 0).contiguous(), torch.linalg.inv(A))
+    return MaskField((mask_volume != 0).contiguous(), torch.linalg.inv(A),
+                     None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))

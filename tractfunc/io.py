@@ -9,7 +9,7 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from . import sh
+from .shsize import lmax_for
 
 
 class TractfuncError(ValueError):
@@ -38,22 +38,42 @@ def _load(path: str):
     return img, data, A
 
 
-def load_fod(path: str, dtype=np.float32) -> Image:
+def voxel_sizes(img, A: np.ndarray) -> tuple:
+    """Voxel sizes (3,) mm as MRtrix3 takes them: the header's pixdim, unless it disagrees with the
+    affine's column lengths by more than 1e-5 (relative), then those lengths."""
+    norms = np.sqrt((A[:3, :3] ** 2).sum(0))
+    try:
+        zooms = np.asarray(img.header.get_zooms()[:3], dtype=np.float64)
+    except Exception:
+        zooms = norms
+    if zooms.shape != (3,) or not np.all(np.abs(zooms / norms - 1.0) <= 1e-5):
+        zooms = norms
+    return tuple(float(v) for v in zooms)
+
+
+def nonfinite_error(path: str, n_voxels: int) -> "TractfuncError":
+    """The error for an FOD holding NaN/Inf coefficients in ``n_voxels`` voxels."""
+    return TractfuncError(f"{path}: {n_voxels} voxels hold NaN/Inf coefficients; "
+                          f"expected finite values (zero them first, e.g. mrcalc -finite)")
+
+
+def load_fod(path: str, dtype=np.float32, check_finite: bool = True) -> Image:
     """Load SH FOD coefficients (X, Y, Z, N) in the MRtrix3 basis.  N must be (l+1)(l+2)/2 for even l;
-    non-finite values are an error."""
+    non-finite values are an error (``check_finite=False`` leaves that check to the caller, e.g.
+    :func:`tractfunc.native.prepare_volume`, which counts them while repacking)."""
     img, data, A = _load(path)
     if data.ndim != 4:
         raise TractfuncError(f"{path}: FOD image has shape {data.shape}; expected 4-D (X, Y, Z, N SH coefficients)")
     try:
-        sh.lmax_for(data.shape[3])
+        lmax_for(data.shape[3])
     except ValueError as e:
         raise TractfuncError(f"{path}: {e}") from None
     data = data.astype(dtype, copy=False)
-    bad = ~np.isfinite(data)
-    if bad.any():
-        raise TractfuncError(f"{path}: {int(bad.any(-1).sum())} voxels hold NaN/Inf coefficients; "
-                             f"expected finite values (zero them first, e.g. mrcalc -finite)")
-    return Image(data, A, tuple(float(v) for v in np.sqrt((A[:3, :3] ** 2).sum(0))))
+    if check_finite:
+        bad = ~np.isfinite(data)
+        if bad.any():
+            raise nonfinite_error(path, int(bad.any(-1).sum()))
+    return Image(data, A, voxel_sizes(img, A))
 
 
 def load_mask(path: str) -> Image:
@@ -63,7 +83,7 @@ def load_mask(path: str) -> Image:
         data = data[..., 0]
     if data.ndim != 3:
         raise TractfuncError(f"{path}: mask has shape {data.shape}; expected a 3-D image")
-    return Image(data != 0, A, tuple(float(v) for v in np.sqrt((A[:3, :3] ** 2).sum(0))))
+    return Image(data != 0, A, voxel_sizes(img, A))
 
 
 def same_grid(a: Image, b: Image) -> bool:

@@ -9,7 +9,6 @@ import math
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
-import torch
 
 STEP_VOXELS = 0.1          # first order (Euler)
 STEP_VOXELS_RK4 = 0.25
@@ -47,10 +46,28 @@ class TrackParams(NamedTuple):
     state_dtype: Optional[torch.dtype] = None
 
 
+def _libm_f32(name: str, fallback):
+    """The C library's single-precision ``name`` (``cosf``, ``sinf``, ``asinf``): tckgen calls these, and
+    NumPy's float32 functions differ from them in the last bit for about one argument in five.  Falls
+    back to ``fallback`` (NumPy) where no C math library can be loaded."""
+    import ctypes
+    import ctypes.util
+    try:
+        fn = getattr(ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6"), name)
+    except (OSError, AttributeError):
+        return lambda x: f32(fallback(f32(x)))
+    fn.restype, fn.argtypes = ctypes.c_float, [ctypes.c_float]
+    return lambda x: f32(fn(float(x)))
+
+
+cosf, sinf, asinf = _libm_f32("cosf", np.cos), _libm_f32("sinf", np.sin), _libm_f32("asinf", np.arcsin)
+
+
 def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
-    """MRtrix3's ``vox()``: geometric mean of the three voxel sizes (mm), in float32."""
-    sx, sy, sz = (f32(v) for v in voxel_sizes[:3])
-    return float(f32(np.power(f32(sx * sy * sz), f32(1.0 / 3.0), dtype=f32)))
+    """MRtrix3's ``vox()``: the geometric mean of the three voxel sizes (mm) as tckgen computes it (double
+    product and power, rounded to float32)."""
+    sx, sy, sz = (float(v) for v in voxel_sizes[:3])
+    return float(f32(math.pow(sx * sy * sz, float(f32(1.0 / 3.0)))))
 
 
 def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[float] = None,
@@ -76,16 +93,18 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         raise ValueError(f"cutoff must be a non-negative FOD amplitude, got {cutoff}")
     if not (isinstance(peak_polish, int) and peak_polish >= 0):
         raise ValueError(f"peak_polish must be a non-negative integer, got {peak_polish!r}")
-    if state_dtype not in (None, torch.float32, torch.float64):
-        raise ValueError(f"state_dtype must be None, torch.float32 or torch.float64, got {state_dtype!r}")
+    if state_dtype is not None:
+        import torch   # only here: resolving parameters does not need torch otherwise
+        if state_dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"state_dtype must be None, torch.float32 or torch.float64, got {state_dtype!r}")
     if not (min_dist >= 0 and max_dist > 0):
         raise ValueError(f"lengths must be non-negative (max > 0), got min {min_dist}, max {max_dist}")
     angle_rad = f32(float(angle) * (math.pi / 180.0))
-    cos_angle = f32(np.cos(angle_rad))
-    min_radius = f32(step / (f32(2.0) * f32(np.sin(f32(f32(0.5) * angle_rad)))))
-    angle_minradius = f32(f32(2.0) * f32(np.arcsin(f32(step / (f32(2.0) * min_radius)))))
+    cos_angle = cosf(angle_rad)
+    min_radius = f32(step / (f32(2.0) * sinf(f32(f32(0.5) * angle_rad))))
+    angle_minradius = f32(f32(2.0) * asinf(f32(step / (f32(2.0) * min_radius))))
     min_step = f32(0.0) if angle_minradius > f32(2.0 * math.pi) else \
-        f32(f32(2.0) * min_radius * f32(np.sin(f32(f32(0.5) * angle_minradius))))
+        f32(f32(2.0) * min_radius * sinf(f32(f32(0.5) * angle_minradius)))
     max_points = (3 + int(math.ceil(f32(max_dist / min_step)))) if min_step else 2 ** 62
     min_points = 1 + int(math.ceil(f32(min_dist / step)))
     return TrackParams(

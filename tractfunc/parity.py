@@ -3,7 +3,19 @@
 Method: for each streamline ``tckgen`` accepted, take its seed vertex (exact, from the .tck) and the
 direction of its first step (forward half: seed -> previous vertex; if the forward half is empty, the
 negated backward direction), track with tractfunc from that seed and direction, and compare the two
-streamlines by symmetric Hausdorff distance (mm).
+streamlines by symmetric Hausdorff distance (mm), and for bit identity.
+
+The start direction: tckgen starts each seed's peak search from an unrecorded random direction, and its
+first step only tells that direction's peak to about 1e-5 rad (the vertex is rounded to float32), while
+SD_Stream flips termination decisions under perturbations far smaller than that.  Two ways around it:
+
+* ``tckgen -seed_direction`` fixes the start direction for every seed (:func:`run_tckgen`
+  ``seed_direction=``); then the start is known exactly and the native kernel must reproduce tckgen bit
+  for bit (:func:`compare` ``start=``).
+* For tckgen's usual random starts, :func:`reconstruct_native` searches for a start direction from which
+  tckgen's arithmetic (the native kernel) reproduces the recorded first vertex of both halves exactly,
+  and among those, one that reproduces the whole streamline exactly; where no such start is found, the
+  first-step direction is used as is.
 """
 from __future__ import annotations
 
@@ -116,16 +128,27 @@ def reconstruct_seed_dirs(fld, prm, msk, ref: Reference, dtype=torch.float32, n_
 
 
 def hausdorff(a: np.ndarray, b: np.ndarray) -> float:
-    """Symmetric Hausdorff distance between two polylines' vertex sets (n, 3), (m, 3) in mm."""
-    d = torch.cdist(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
-    return float(max(d.min(1).values.max(), d.min(0).values.max()))
+    """Symmetric Hausdorff distance between two polylines' vertex sets (n, 3), (m, 3) in mm (0 at once
+    for identical arrays; a k-d tree where SciPy is installed, else all pairwise distances)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape == b.shape and np.array_equal(a, b):
+        return 0.0
+    try:
+        from scipy.spatial import cKDTree
+    except ImportError:
+        d = torch.cdist(torch.as_tensor(a), torch.as_tensor(b))
+        return float(max(d.min(1).values.max(), d.min(0).values.max()))
+    return float(max(cKDTree(b).query(a)[0].max(), cKDTree(a).query(b)[0].max()))
 
 
 def run_tckgen(fod: str, out_tck: str, out_seeds: str, seed_image: str, mask: Optional[str], select: int,
-               rk4: bool = False, nthreads: int = 2, extra=(), rng_seed: Optional[int] = None) -> None:
+               rk4: bool = False, nthreads: int = 2, extra=(), rng_seed: Optional[int] = None,
+               seed_direction=None) -> None:
     """Run ``tckgen -algorithm SD_Stream`` (must be on PATH) with ``-output_seeds``.
 
-    With ``rng_seed`` set (MRTRIX_RNG_SEED) and ``nthreads=0`` the output is reproducible."""
+    With ``rng_seed`` set (MRTRIX_RNG_SEED) and ``nthreads=0`` the output is reproducible.
+    seed_direction: (3,) start direction of every seed's peak search (``-seed_direction``), or None for
+    tckgen's random ones."""
     exe = shutil.which("tckgen")
     if exe is None:
         raise FileNotFoundError("tckgen not found on PATH (install MRtrix3: apt-get install -y mrtrix3)")
@@ -135,10 +158,96 @@ def run_tckgen(fod: str, out_tck: str, out_seeds: str, seed_image: str, mask: Op
         cmd += ["-mask", mask]
     if rk4:
         cmd += ["-rk4"]
+    if seed_direction is not None:
+        cmd += ["-seed_direction", ",".join(repr(float(x)) for x in seed_direction)]
     env = dict(os.environ)
     if rng_seed is not None:
         env["MRTRIX_RNG_SEED"] = str(rng_seed)
     subprocess.run(cmd + list(extra), check=True, env=env)
+
+
+def _first_step_error(ref: Reference, fwd: np.ndarray, bwd: np.ndarray, rows) -> np.ndarray:
+    """Distance (mm) of candidate first vertices (n, 3) from tckgen's, both halves summed, for seeds
+    ``rows``; 0 means an exact match (a half that stops at once on one side only costs 1e3)."""
+    err = np.zeros(len(rows))
+    for mine, theirs in ((fwd, ref.first_fwd[rows]), (bwd, ref.first_bwd[rows])):
+        d = np.linalg.norm(mine.astype(np.float64) - theirs, axis=1)
+        both_stop = np.isnan(theirs[:, 0]) & np.isnan(mine[:, 0])
+        err += np.where(both_stop, 0.0, np.where(np.isnan(d), 1e3, d))
+    return err
+
+
+def _identical(kernel, ref: Reference, rows: np.ndarray, starts: np.ndarray) -> np.ndarray:
+    """Whether tracking seeds ``rows`` from ``starts`` (n, 3) reproduces tckgen's streamlines bit for bit."""
+    v, ln, ids, _, _, _ = kernel.track(ref.seeds[rows], starts)
+    same = np.zeros(len(rows), dtype=bool)
+    for j, line in zip(ids.tolist(), np.split(v, np.cumsum(ln)[:-1]) if len(ln) else []):
+        t = ref.streamlines[rows[j]]
+        same[j] = line.shape == t.shape and np.array_equal(line, t)
+    return same
+
+
+def reconstruct_native(kernel, ref: Reference, rounds: int = 12, per_round: int = 32, whole: bool = True,
+                       rng_seed: int = 0):
+    """Start directions that reproduce tckgen's unrecorded random ones, found with tckgen's own arithmetic
+    (a :class:`tractfunc.native.Kernel` built with tckgen's parameters).
+
+    Candidates are the first-step direction, the negated first backward step, then ``rounds`` x
+    ``per_round`` uniformly random directions per seed not yet reproduced (tckgen draws its start
+    uniformly).  Each seed keeps the candidate whose first vertices of both halves come closest to
+    tckgen's (an exact match for most seeds); with ``whole``, candidates matching exactly with distinct
+    seed peaks are also tracked in full, and one reproducing the whole streamline bit for bit is preferred.
+    Returns (dirs (S, 3) float32, first_steps_exact (S,) bool, identical (S,) bool: the whole streamline
+    is reproduced from the returned direction)."""
+    S = len(ref.seeds)
+    rows = np.arange(S)
+    back = ref.seeds.astype(np.float64) - ref.first_bwd
+    back = back / np.linalg.norm(back, axis=1, keepdims=True)
+    back = np.where(np.isnan(back), ref.dirs, back).astype(np.float32)
+    dirs = ref.dirs.astype(np.float32)
+    err = np.full(S, np.inf)
+    for cand in (ref.dirs.astype(np.float32), back):
+        _, f, b = kernel.seed_steps(ref.seeds, cand)
+        e = _first_step_error(ref, f, b, rows)
+        better = e < err
+        dirs[better], err[better] = cand[better], e[better]
+    identical = _identical(kernel, ref, rows, dirs) if whole else np.zeros(S, dtype=bool)
+    rng = np.random.default_rng(rng_seed)
+    for _ in range(rounds):
+        todo = rows[~identical & (err > 0)] if not whole else rows[~identical]
+        if not len(todo):
+            break
+        K = per_round
+        cand = rng.standard_normal((len(todo), K, 3)).astype(np.float32)
+        cand /= np.linalg.norm(cand, axis=2, keepdims=True)
+        pk, f, b = kernel.seed_steps(np.repeat(ref.seeds[todo], K, 0), cand.reshape(-1, 3))
+        e = _first_step_error(ref, f, b, np.repeat(todo, K)).reshape(len(todo), K)
+        j = e.argmin(1)
+        better = e[np.arange(len(todo)), j] < err[todo]
+        dirs[todo[better]] = cand[better, j[better]]
+        err[todo[better]] = e[better, j[better]]
+        if not whole:
+            continue
+        # one candidate per distinct seed peak (the start only matters through the peak it converges to)
+        hit = e == 0
+        pk = pk.reshape(len(todo), K, 3)
+        cr, cs = [], []
+        for i in np.nonzero(hit.any(1))[0]:
+            seen = set()
+            for jj in np.nonzero(hit[i])[0]:
+                key = pk[i, jj].tobytes()
+                if key not in seen:
+                    seen.add(key)
+                    cr.append(todo[i])
+                    cs.append(cand[i, jj])
+        if cr:
+            cr, cs = np.array(cr), np.array(cs)
+            ok = _identical(kernel, ref, cr, cs)
+            for r, st in zip(cr[ok], cs[ok]):
+                if not identical[r]:
+                    identical[r] = True
+                    dirs[r] = st
+    return dirs, err == 0, identical
 
 
 class ParityResult(NamedTuple):
@@ -148,28 +257,51 @@ class ParityResult(NamedTuple):
     within_01: float
     within_1: float
     seconds: float
+    identical: float = float("nan")   # fraction of streamlines equal to tckgen's bit for bit
+    backend: str = ""
 
 
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
             precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = torch.float32,
-            **param_overrides) -> ParityResult:
-    """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.  state_dtype: the
-    state's storage precision (tckgen: float32; None keeps the full ``dtype``)."""
+            start: Optional[np.ndarray] = None, backend: str = "auto", **param_overrides) -> ParityResult:
+    """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.
+
+    start: (3,) the start direction tckgen was given (``-seed_direction``) -- then no reconstruction; else
+    start directions are reconstructed (:func:`reconstruct_native` where the kernel is available, else
+    :func:`reconstruct_seed_dirs`) when ``reconstruct``, or the first-step directions are used.
+    backend: the tracker that re-tracks (:func:`tractfunc.tracking.track`; "auto": native for float32).
+    state_dtype: the PyTorch tracker's state precision (tckgen: float32; None keeps the full ``dtype``)."""
     import time
+    from . import native
     fod = io.load_fod(fod_path)
     prm = P.resolve(fod.voxel_sizes, rk4=rk4, precomputed=precomputed, state_dtype=state_dtype, **param_overrides)
-    fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype), fod.affine, precomputed=precomputed)
-    msk = None
+    fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype), fod.affine, precomputed=precomputed,
+                       voxel_sizes=fod.voxel_sizes)
+    msk = mimg = None
     if mask_path:
-        m = io.load_mask(mask_path)
-        msk = F.make_mask(torch.as_tensor(m.data), m.affine)
+        mimg = io.load_mask(mask_path)
+        msk = F.make_mask(torch.as_tensor(mimg.data), mimg.affine, mimg.voxel_sizes)
     t0 = time.time()
-    with torch.no_grad():
-        dirs = reconstruct_seed_dirs(fld, prm, msk, ref, dtype) if reconstruct else ref.dirs
-    out = track(fld, prm, torch.as_tensor(ref.seeds, dtype=dtype), torch.as_tensor(dirs, dtype=dtype), mask=msk)
+    if start is not None:
+        dirs = np.tile(np.asarray(start, dtype=np.float64), (len(ref.seeds), 1))
+    elif reconstruct and native.available()[0] and precomputed:
+        k = native.Kernel(fod.data, fod.affine, P.resolve(fod.voxel_sizes, rk4=rk4, **param_overrides), None,
+                          None if mimg is None else mimg.data, None if mimg is None else mimg.affine, 0,
+                          fod.voxel_sizes, None if mimg is None else mimg.voxel_sizes)
+        dirs = reconstruct_native(k, ref)[0]
+    elif reconstruct:
+        with torch.no_grad():
+            dirs = reconstruct_seed_dirs(fld, prm, msk, ref, dtype)
+    else:
+        dirs = ref.dirs
+    kernel_used = backend == "native" or (backend == "auto" and native.supported(fld, prm, False))
+    out = track(fld, prm, torch.as_tensor(ref.seeds, dtype=dtype), torch.as_tensor(np.asarray(dirs), dtype=dtype),
+                mask=msk, backend=backend)
     sec = time.time() - t0
     got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines)}
     H = np.array([hausdorff(got[i], t) if i in got else np.inf for i, t in enumerate(ref.streamlines)])
+    same = np.mean([i in got and got[i].shape == t.shape and np.array_equal(got[i].astype(np.float32), t)
+                    for i, t in enumerate(ref.streamlines)])
     seed_rejected = int((out.reasons[:, 0] == int(Reason.SEED_REJECTED)).sum())
     return ParityResult(H, seed_rejected, int(len(H) - len(got) - seed_rejected), float((H < 0.1).mean()),
-                        float((H < 1.0).mean()), sec)
+                        float((H < 1.0).mean()), sec, float(same), "native" if kernel_used else "torch")

@@ -317,7 +317,10 @@ def _pack(seeds: Tensor, fwd, bwd, min_points: int):
     return out, lengths[acc], fcnt[acc], acc
 
 
-def _track_chunk(field, params, mask, seeds, init_dirs, pipelined=True, compiled=False):
+def _track_chunk(field, params, mask, seeds, init_dirs, pipelined=True, compiled=False, kernel=None):
+    if kernel is not None:   # native tckgen-exact kernel (float32, CPU, no gradient)
+        out = kernel.track(seeds.numpy(), init_dirs.numpy())
+        return tuple(torch.from_numpy(x) for x in out)
     B = seeds.shape[0]
     sd = seed_peaks(field, params, mask, seeds, init_dirs, early_exit=True, polish=params.peak_polish)
     ok_idx = torch.nonzero(sd.ok).squeeze(1)
@@ -372,10 +375,31 @@ def seeds_ok(result):
     return (result.reasons[:, 0] != int(Reason.SEED_REJECTED)).cpu().numpy()
 
 
+BACKENDS = ("auto", "native", "torch")
+
+
+def _kernel(field, params, mask, seeds, backend: str, compiled: bool):
+    """The native kernel for this job, or None for the PyTorch tracker (see :func:`track`)."""
+    from . import native
+    from .io import TractfuncError
+    if backend not in BACKENDS:
+        raise TractfuncError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    grad = seeds.requires_grad or field.sh.requires_grad
+    if backend == "torch" or (backend == "auto" and compiled):
+        return None
+    if native.supported(field, params, grad):
+        return native.Kernel.from_field(field, params, mask)
+    if backend == "native":
+        ok, why = native.available()
+        raise TractfuncError("the native backend needs float32 tensors on the CPU, no gradient, tckgen's lookup-table "
+                             f"peaks and a numeric step{'' if ok else f' (and it is unavailable: {why})'}")
+    return None
+
+
 def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
                  mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
                  chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
-                 pipelined: bool = True, compiled: bool = False) -> PackedTracks:
+                 pipelined: bool = True, compiled: bool = False, backend: str = "auto") -> PackedTracks:
     """:func:`track` with the streamlines returned packed (:class:`PackedTracks`); same arguments, and
     compiled: fuse the pipelined driver's Newton move with ``torch.compile``
     (:func:`tractfunc.pipelined.compiled_move`: faster, esp. on a GPU; float32 results are no longer bit
@@ -384,13 +408,16 @@ def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
-    init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
+    kernel = _kernel(field, params, mask, seeds, backend, compiled)
+    if kernel is None:   # (the kernel normalises in single precision itself, as tckgen does)
+        init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     parts = []
     n_acc = 0
     with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else contextlib.nullcontext():
         for start in range(0, S, chunk_size):
             sl = slice(start, min(S, start + chunk_size))
-            v, ln, ids, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined, compiled)
+            v, ln, ids, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined, compiled,
+                                                kernel)
             parts.append((v, ln, ids + start, si, r, a))
             n_acc += ln.numel()
             if progress is not None:
@@ -404,7 +431,7 @@ def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
           mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
           chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
-          pipelined: bool = True, compiled: bool = False) -> Tractogram:
+          pipelined: bool = True, compiled: bool = False, backend: str = "auto") -> Tractogram:
     """Track from every seed (eager, fast path).
 
     seeds: (S, 3) scanner mm, dtype/device of the computation; init_dirs: (S, 3) start directions for the
@@ -412,6 +439,11 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     behaviour).  progress(done_seeds, total_seeds, accepted) is called after each chunk.
     pipelined: schedule Newton searches per streamline (:mod:`tractfunc.pipelined`; same output, faster);
     used for Euler without peak polishing when no gradient is requested.
+    backend: "native" runs :mod:`tractfunc.native`, a C kernel with tckgen's exact single-precision
+    arithmetic (bit-identical streamlines, several times faster; float32 on the CPU without gradients);
+    "torch" runs the PyTorch tracker (any dtype/device, differentiable); "auto" (default) takes the
+    kernel where it applies and builds, else PyTorch.
     For many streamlines (or on a GPU) :func:`track_packed` avoids one tensor per streamline."""
-    p = track_packed(field, params, seeds, init_dirs, mask, generator, chunk_size, progress, pipelined, compiled)
+    p = track_packed(field, params, seeds, init_dirs, mask, generator, chunk_size, progress, pipelined, compiled,
+                     backend)
     return Tractogram(p.split(), p.seed_ids, p.seed_index, p.reasons, p.accepted)

@@ -18,11 +18,12 @@ _STATE: dict = {}
 
 
 def _init(args, dtype_name: str, threads: int) -> None:
-    from .cli import _load_inputs
+    from .cli import _torch_inputs
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
-    _, prm, fld, msk = _load_inputs(args, dtype, torch.device("cpu"))
-    _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype, compiled=getattr(args, "compile", False))
+    _, prm, fld, msk = _torch_inputs(args, dtype, torch.device("cpu"))
+    _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype, compiled=getattr(args, "compile", False),
+                  backend=getattr(args, "backend", "auto"))
 
 
 def _work(job: Tuple[np.ndarray, np.ndarray]):
@@ -30,7 +31,8 @@ def _work(job: Tuple[np.ndarray, np.ndarray]):
     pts, dirs = job
     s = _STATE
     res = track_packed(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]),
-                       torch.as_tensor(dirs, dtype=s["dtype"]), mask=s["msk"], compiled=s["compiled"])
+                       torch.as_tensor(dirs, dtype=s["dtype"]), mask=s["msk"], compiled=s["compiled"],
+                       backend=s["backend"])
     return (*(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), seeds_ok(res))
 
 
