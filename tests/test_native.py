@@ -155,20 +155,23 @@ def test_prepare_volume_counts_nonfinite_and_keeps_values():
     assert np.array_equal(nz.astype(bool), (data != 0).any(-1))
 
 
+def _fixed_start(tmp_path, fod, seed_img, mask, n, rk4, rng_seed):
+    """tckgen run with -seed_direction START, re-tracked from the same seeds and START."""
+    require_tckgen()
+    _kernel_available()
+    tck, csv = str(tmp_path / "ref.tck"), str(tmp_path / "seeds.csv")
+    parity.run_tckgen(fod, tck, csv, seed_img, mask, n, rk4=rk4, nthreads=0, rng_seed=rng_seed, seed_direction=START)
+    r = parity.compare(parity.load_reference(tck, csv), fod, mask, rk4, start=START)
+    print(f"rk4={rk4}: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, lost {r.lost}")
+    assert r.backend == "native" and r.lost == 0
+    return r
+
+
 @pytest.mark.parametrize("rk4", [False, True])
 def test_bit_identical_to_tckgen_phantom(tmp_path, phantom_files, rk4):
     """tckgen with a fixed start direction on the oblique phantom: every streamline equal bit for bit."""
-    require_tckgen()
-    _kernel_available()
     ph, paths = phantom_files
-    tck, csv = str(tmp_path / "ref.tck"), str(tmp_path / "seeds.csv")
-    parity.run_tckgen(paths["fod"], tck, csv, paths["mask"], paths["mask"], 500, rk4=rk4, nthreads=0, rng_seed=3,
-                      seed_direction=START)
-    ref = parity.load_reference(tck, csv)
-    r = parity.compare(ref, paths["fod"], paths["mask"], rk4, start=START)
-    print(f"phantom rk4={rk4}: {r.identical:.4f} bit-identical, {r.within_1:.4f} within 1 mm")
-    assert r.backend == "native" and r.lost == 0
-    assert r.identical == 1.0
+    assert _fixed_start(tmp_path, paths["fod"], paths["mask"], paths["mask"], 500, rk4, 3).identical == 1.0
 
 
 @pytest.mark.parametrize("rk4", [False, True])
@@ -177,16 +180,8 @@ def test_bit_identical_to_tckgen_real_data(tmp_path, rk4):
     mask): the native kernel reproduces every streamline bit for bit (measured: 10 000 / 10 000 Euler and
     RK4).  At least 99.9 % is asserted, so a platform whose C library rounds one call differently fails
     loudly but one rare tie does not."""
-    require_tckgen()
-    _kernel_available()
     d = require_philips()
-    tck, csv = str(tmp_path / "ref.tck"), str(tmp_path / "seeds.csv")
-    parity.run_tckgen(d["fod"], tck, csv, d["seed"], d["mask"], 2000, rk4=rk4, nthreads=0, rng_seed=5,
-                      seed_direction=START)
-    ref = parity.load_reference(tck, csv)
-    r = parity.compare(ref, d["fod"], d["mask"], rk4, start=START)
-    print(f"philips rk4={rk4}: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, lost {r.lost}")
-    assert r.backend == "native" and r.lost == 0
+    r = _fixed_start(tmp_path, d["fod"], d["seed"], d["mask"], 2000, rk4, 5)
     assert r.identical >= 0.999 and r.within_01 >= 0.999
 
 

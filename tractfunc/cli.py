@@ -390,11 +390,12 @@ def cmd_parity(a) -> int:
         parity.run_tckgen(a.fod, tck, csv, a.seed_image, a.mask, a.select, rk4=a.rk4, nthreads=a.threads)
         ref = parity.load_reference(tck, csv)
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype))
-    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}): {len(r.distances)} streamlines, "
+        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype),
+                           backend=a.backend)
+    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} tracker): "
+          f"{len(r.distances)} streamlines, {100 * r.identical:.2f}% bit-identical, "
           f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
-          f"{r.too_short} shorter than the minimum length, "
-          f"tractfunc {r.seconds:.1f}s")
+          f"{r.too_short} shorter than the minimum length, tractfunc {r.seconds:.1f}s")
     return 0
 
 
@@ -473,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     q.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
     q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="tractfunc's tracker (default auto: the native kernel for float32)")
     q.set_defaults(func=cmd_parity)
     b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",
                        epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)

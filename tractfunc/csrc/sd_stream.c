@@ -335,6 +335,8 @@ static int mask_contains(const sd_config *c, const float *pos) {
     for (int i = 0; i < 3; i++) {
         const float *r = c->mask_s2v + 4 * i;
         float v = r[0] * pos[0] + (r[1] * pos[1] + r[2] * pos[2]) + r[3];
+        /* outside for sure (also NaN/Inf, whose integer conversion below would be undefined) */
+        if (!(v > -1.0f && v < (float)c->mask_dim[i])) return 0;
         int64_t idx = (int64_t)roundf(v);
         if (idx < 0 || idx >= c->mask_dim[i]) return 0;
         o += idx * c->mask_stride[i];
