@@ -331,3 +331,34 @@ def test_oblique_anisotropic_grid_equals_axis_aligned_resampling():
     assert torch.equal(r1.seed_ids, r2.seed_ids) and len(r1.streamlines) >= 10
     for x, y in zip(r1.streamlines, r2.streamlines):
         assert x.shape == y.shape and float((x - y).abs().max()) < 1e-6
+
+
+def test_float32_and_float64_agree_except_near_decision_boundaries():
+    """The same seeds on real data in float32 (the native kernel, tckgen's arithmetic) and float64 (the
+    PyTorch tracker, full precision): streamlines agree except where a termination decision sits at
+    rounding level (measured on 1000 seeds: the same 727 accepted, none beyond 1 mm, 99.86 % within
+    1e-3 mm; on the 10 000 tckgen seeds of tests/test_parity.py the two differ from tckgen on 0.07 % and
+    0.14 %)."""
+    from conftest import require_philips
+    from tractfunc import field as F, io, params as P, parity
+    from tractfunc.seeds import random_in_mask
+    from tractfunc.tracking import random_directions, track
+    d = require_philips()
+    fod, m, w = io.load_fod(d["fod"]), io.load_mask(d["mask"]), io.load_mask(d["seed"])
+    g = torch.Generator().manual_seed(12)
+    seeds = random_in_mask(w.data, w.affine, 1000, g)
+    dirs = random_directions(1000, g, torch.float64)
+    out = {}
+    for dt in (torch.float32, torch.float64):
+        fld = F.make_field(torch.as_tensor(fod.data, dtype=dt), fod.affine, voxel_sizes=fod.voxel_sizes)
+        msk = F.make_mask(torch.as_tensor(m.data), m.affine, m.voxel_sizes)
+        out[dt] = track(fld, P.resolve(fod.voxel_sizes), seeds.to(dt), dirs.to(dt), mask=msk)
+    a, b = out[torch.float32], out[torch.float64]
+    both = (a.accepted & b.accepted).numpy()
+    assert both.mean() >= 0.7 and (a.accepted == b.accepted).float().mean() >= 0.99
+    la = {int(i): s for i, s in zip(a.seed_ids, a.streamlines)}
+    lb = {int(i): s for i, s in zip(b.seed_ids, b.streamlines)}
+    H = np.array([parity.hausdorff(la[i].double().numpy(), lb[i].numpy()) for i in np.nonzero(both)[0]])
+    print(f"float32 vs float64: {len(H)} streamlines, {(H >= 1).mean():.4f} beyond 1 mm, "
+          f"{(H < 1e-3).mean():.4f} within 1e-3 mm, accepted differently {(a.accepted != b.accepted).float().mean():.4f}")
+    assert (H < 1.0).mean() >= 0.99 and np.median(H) < 1e-3
