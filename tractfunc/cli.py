@@ -367,11 +367,11 @@ def _render(lines, ph, png):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(12, 4))
+    pts = np.concatenate([l[1:] for l in lines]) if lines else np.zeros((0, 3))
+    seg = np.concatenate([np.abs(np.diff(l, axis=0)) for l in lines]) if lines else np.zeros((0, 3))
+    col = np.clip(seg / np.maximum(np.linalg.norm(seg, axis=1, keepdims=True), 1e-9), 0, 1)
     for ax, (i, j, name) in zip(axes, [(0, 1, "axial (x-y)"), (0, 2, "coronal (x-z)"), (1, 2, "sagittal (y-z)")]):
-        for l in lines:
-            seg = np.abs(np.diff(l, axis=0))
-            col = seg / np.maximum(np.linalg.norm(seg, axis=1, keepdims=True), 1e-9)
-            ax.scatter(l[1:, i], l[1:, j], c=np.clip(col, 0, 1), s=0.3, linewidths=0)
+        ax.scatter(pts[:, i], pts[:, j], c=col, s=0.3, linewidths=0)   # one call: colour = direction
         ax.set_title(name)
         ax.set_aspect("equal")
         ax.set_xlabel("mm")
