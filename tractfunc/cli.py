@@ -17,12 +17,13 @@ import numpy as np
 from . import distributed, io, params as P, seeds as S
 from .io import TractfuncError
 
-STATE_DTYPES = ("float32", "float64")   # --state-dtype choices: tckgen's float32 state, or full precision
-
 
 def _state_dtype(name: str):
+    """--state-dtype -> TrackParams.state_dtype: tckgen's float32 state, or None (full precision)."""
     import torch
     return torch.float32 if name == "float32" else None
+
+
 STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
               "operations (default float32, as tckgen keeps them; with --dtype float64 this keeps tckgen's "
               "rounding under float64 arithmetic; float64 keeps full precision)")
@@ -315,7 +316,8 @@ def cmd_track(a) -> int:
         if a.seed_points:
             n_seeds = _track_points(a, fod, run, gen, sink, report)
         else:
-            n_seeds = _track_image(a, run, gen, sink, report, *((1.02, 64) if native else ()))
+            batching = dict(overshoot=1.02, min_batch=64) if native else {}
+            n_seeds = _track_image(a, run, gen, sink, report, **batching)
     except BaseException:
         sink.abort()
         raise

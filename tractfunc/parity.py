@@ -29,7 +29,7 @@ import torch
 
 from . import field as F, io, params as P
 from .stop import Reason
-from .tracking import track
+from .tracking import track, uses_native
 
 
 class Reference(NamedTuple):
@@ -294,8 +294,9 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
             dirs = reconstruct_seed_dirs(fld, prm, msk, ref, dtype)
     else:
         dirs = ref.dirs
-    kernel_used = backend == "native" or (backend == "auto" and native.supported(fld, prm, False))
-    out = track(fld, prm, torch.as_tensor(ref.seeds, dtype=dtype), torch.as_tensor(np.asarray(dirs), dtype=dtype),
+    seeds = torch.as_tensor(ref.seeds, dtype=dtype)
+    kernel_used = uses_native(fld, prm, seeds, backend)
+    out = track(fld, prm, seeds, torch.as_tensor(np.asarray(dirs), dtype=dtype),
                 mask=msk, backend=backend)
     sec = time.time() - t0
     got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines)}

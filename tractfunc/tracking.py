@@ -29,7 +29,7 @@ from .field import FODField, MaskField
 from .params import TrackParams
 from .integrate import find_peak, iterate
 from .stop import CONTINUE, Reason
-from .tracing import is_tracing
+from .tracing import is_tracing, needs_grad
 
 Tensor = torch.Tensor
 
@@ -378,22 +378,26 @@ def seeds_ok(result):
 BACKENDS = ("auto", "native", "torch")
 
 
-def _kernel(field, params, mask, seeds, backend: str, compiled: bool):
-    """The native kernel for this job, or None for the PyTorch tracker (see :func:`track`)."""
+def uses_native(field: FODField, params: TrackParams, seeds: Tensor, backend: str = "auto",
+                compiled: bool = False) -> bool:
+    """Whether :func:`track` / :func:`track_packed` with these arguments run the native kernel
+    (:mod:`tractfunc.native`) rather than the PyTorch tracker.  Raises :class:`tractfunc.io.TractfuncError`
+    for an unknown backend, or for ``backend="native"`` where the kernel cannot run the job."""
     from . import native
     from .io import TractfuncError
     if backend not in BACKENDS:
         raise TractfuncError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    grad = seeds.requires_grad or field.sh.requires_grad
     if backend == "torch" or (backend == "auto" and compiled):
-        return None
+        return False
+    # a derivative through the tracker (autograd or a torch.func transform) needs the PyTorch tracker
+    grad = needs_grad(seeds, field.sh) or is_tracing(seeds, field.sh)
     if native.supported(field, params, grad):
-        return native.Kernel.from_field(field, params, mask)
+        return True
     if backend == "native":
         ok, why = native.available()
         raise TractfuncError("the native backend needs float32 tensors on the CPU, no gradient, tckgen's lookup-table "
                              f"peaks and a numeric step{'' if ok else f' (and it is unavailable: {why})'}")
-    return None
+    return False
 
 
 def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
@@ -408,7 +412,10 @@ def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
-    kernel = _kernel(field, params, mask, seeds, backend, compiled)
+    kernel = None
+    if uses_native(field, params, seeds, backend, compiled):
+        from . import native
+        kernel = native.Kernel.from_field(field, params, mask)
     if kernel is None:   # (the kernel normalises in single precision itself, as tckgen does)
         init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     parts = []
