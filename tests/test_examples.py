@@ -64,3 +64,16 @@ def test_seed_jacobians(tmp_path):
     assert len(r["fd_checks"]) >= 1
     assert r["fd_max_rel_error"] < 1e-4                                   # Jacobians match central FD
     assert 0 < r["endpoint_sensitivity_median"] <= r["endpoint_sensitivity_max"] < 1e3
+
+
+def test_probabilistic_gradients(tmp_path):
+    r = run_quick("probabilistic_gradients.py", tmp_path)      # synthetic SH: needs no data
+    assert r["fd_max_rel_error"] < 1e-7                                   # exact E[f]: autograd == central FD
+    for n in ("1", "2"):
+        est = r["steps"][n]["estimators"]
+        loo, nob = est["reinforce_loo"], est["reinforce_no_baseline"]
+        assert loo["rel_bias"] < 2 * loo["rel_bias_floor"]                # REINFORCE: unbiased (noise only)
+        assert loo["rel_std"] < nob["rel_std"]                            # the baseline reduces variance
+        hot, cold = est["gumbel_soft_T1"], est["gumbel_soft_T0.1"]
+        assert hot["rel_bias"] > 5 * hot["rel_bias_floor"]                # Gumbel-softmax at T=1: biased
+        assert hot["rel_std"] < cold["rel_std"]                           # ... with less variance

@@ -11,9 +11,22 @@ Layout (one concept per module):
   field        FOD and mask containers
   tracking     TrackState, the pure step, eager and fixed-shape bidirectional trackers
                (soft termination, checkpointed backward)
+  follow       recompute given streamlines in any dtype with their decisions held fixed (float64 and
+               gradients along tckgen's own streamlines)
   jacobian     per-streamline Jacobians of vertices wrt seeds / initial directions, batched
   seeds        seed generation with an explicit torch.Generator
-  io           NIfTI in, .tck/.trk out, seed files
+  peaks        DIPY-style peak extraction on a discrete sphere
+  getters      DIPY's closest-peak and deterministic-maximum direction getters (hard, soft, straight-through)
+  probabilistic  DIPY probabilistic and iFOD1-like sampling getters, Gumbel-softmax, REINFORCE
+  local        DIPY LocalTracking: fixed-step Euler, threshold/binary stopping, bidirectional assembly
+  shbasis      conversions between MRtrix3/tournier07 and descoteaux07 SH bases (legacy and not)
+  io           NIfTI and .mif images in, .tck/.trk/.trx out, seed files
+  mif          the MRtrix3 .mif/.mif.gz reader (NumPy only)
+  tractogram   .tck/.trk/.trx in memory; DIPY StatefulTractogram and nibabel Tractogram conversion
+  arrays       the DLPack/NumPy boundary (zero-copy inputs)
+  jax          JAX front end: custom_vjp wrappers whose gradients run through torch autograd
+  csd          FODs from a DWI with DIPY CSD, in the MRtrix3 basis (``tractfunc fod``)
+  render       direction-coloured tractogram figures (``tractfunc render``)
   phantom      built-in synthetic FOD phantom
   native       C kernel: SD_Stream with tckgen's exact float32 arithmetic (fast forward tracking)
   parity       re-tracking tckgen output and measuring agreement
@@ -37,6 +50,10 @@ _EXPORTS = {
     "Reason": "stop", "FixedTracks": "tracking", "Tractogram": "tracking", "TrackState": "tracking",
     "step": "tracking", "track": "tracking", "track_fixed": "tracking", "track_packed": "tracking",
     "PackedTracks": "tracking",
+    "Tracks": "tractogram", "load_tractogram": "tractogram", "save_tractogram": "tractogram",
+    "to_stateful_tractogram": "tractogram", "to_nibabel_tractogram": "tractogram",
+    "closest_peak": "getters", "deterministic_maximum": "getters", "local_tracking": "local",
+    "shbasis": None, "probabilistic": None,
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""Command line: ``tractfunc track | demo | parity | bench`` -- a thin layer over the Python API.
+"""Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render`` -- a thin layer
+over the Python API.
 
 ``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.native`) without importing torch;
 other settings (float64, CUDA, ``--backend torch``, ``--compile``, ``--workers``, torchrun) run the
@@ -58,7 +59,7 @@ def _progress(enabled: bool):
 def _load_inputs(a, native: bool = False):
     """FOD image, resolved parameters and the optional mask image, validated (one-line errors).
     native: the FOD stays in its file layout (the kernel repacks it) and its finiteness is checked there."""
-    fod = io.load_fod(a.fod, check_finite=not native)
+    fod = io.load_fod(a.fod, check_finite=not native, sh_basis=getattr(a, "sh_basis", "mrtrix"))
     prm = P.resolve(fod.voxel_sizes, rk4=a.rk4, step=a.step, angle=a.angle, cutoff=a.cutoff,
                     min_length=a.min_length, max_length=a.max_length, precomputed=not a.exact_sh,
                     state_dtype=None if native else _state_dtype(a.state_dtype))
@@ -161,12 +162,13 @@ class _Sink:
         if self.writer is None:
             io.write_tractogram(self.path, self.lines, self.fod, {**self.header, "total_count": n_seeds})
             return
+        self.writer.total_count = n_seeds
         self.writer.close()
         if self.shard is None:
             return
         parts = self.shard.all_gather(self.segments)
         if self.shard.rank == 0:   # interleave the parts' byte ranges: batch by batch, rank by rank
-            with io.TckWriter(self.path, self.header) as out:
+            with io.TckWriter(self.path, {**self.header, "total_count": n_seeds}) as out:
                 files = [open(self._part_name(r), "rb") for r in range(self.shard.world)]
                 try:
                     for j in range(len(self.segments)):
@@ -251,12 +253,17 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
 
 
 def cmd_track(a) -> int:
+    if a.threads is not None and a.threads < 1:
+        raise TractfuncError(f"--threads must be a positive number of threads, got {a.threads}")
+    if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local, docs/dipy_getters.md)
+        if a.chunk < 1:
+            raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
+        from . import local
+        return local.track_command(a)
     if a.workers < 1:
         raise TractfuncError(f"--workers must be a positive number of processes, got {a.workers}")
     if a.chunk < 1:
         raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
-    if a.threads is not None and a.threads < 1:
-        raise TractfuncError(f"--threads must be a positive number, got {a.threads}")
     gen = np.random.default_rng(a.rng_seed)
     pool = shard = None
     native = _use_native(a)
@@ -294,7 +301,7 @@ def cmd_track(a) -> int:
                 return pool.track(pts, dirs)
             res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
                                torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
-                               backend=a.backend)
+                               backend=a.backend, decisions=a.decisions)
             return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)),
                     seeds_ok(res))
 
@@ -357,30 +364,14 @@ def cmd_demo(a) -> int:
     out_tck = os.path.join(a.out, "phantom.tck")
     io.write_tractogram(out_tck, arrays, img, {"method": "SD_Stream (tractfunc)", "step_size": prm.step})
     png = os.path.join(a.out, "phantom.png")
-    _render(arrays, ph, png)
+    from .render import render
+    render(np.concatenate(arrays) if arrays else np.zeros((0, 3)), np.array([len(x) for x in arrays], dtype=np.int64),
+           png, background=(ph.fod[..., 0], ph.affine),
+           title="tractfunc SD_Stream on the built-in phantom (colour = direction, RGB = |x|,|y|,|z|; neurological)")
     n_vert = sum(len(x) for x in arrays)
     print(f"phantom demo: {len(arrays)} of {a.seeds} seeds accepted, {n_vert} vertices in {dt:.1f}s")
     print(f"wrote {paths['fod']}, {paths['mask']}, {out_tck}, {png}")
     return 0
-
-
-def _render(lines, ph, png):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(12, 4))
-    pts = np.concatenate([l[1:] for l in lines]) if lines else np.zeros((0, 3))
-    seg = np.concatenate([np.abs(np.diff(l, axis=0)) for l in lines]) if lines else np.zeros((0, 3))
-    col = np.clip(seg / np.maximum(np.linalg.norm(seg, axis=1, keepdims=True), 1e-9), 0, 1)
-    for ax, (i, j, name) in zip(axes, [(0, 1, "axial (x-y)"), (0, 2, "coronal (x-z)"), (1, 2, "sagittal (y-z)")]):
-        ax.scatter(pts[:, i], pts[:, j], c=col, s=0.3, linewidths=0)   # one call: colour = direction
-        ax.set_title(name)
-        ax.set_aspect("equal")
-        ax.set_xlabel("mm")
-    fig.suptitle("tractfunc SD_Stream on the built-in phantom (colour = direction, RGB = |xyz|)")
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
 
 
 def cmd_parity(a) -> int:
@@ -393,7 +384,7 @@ def cmd_parity(a) -> int:
         ref = parity.load_reference(tck, csv)
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
         r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype),
-                           backend=a.backend)
+                           backend=a.backend, decisions=a.decisions)
     print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} tracker): "
           f"{len(r.distances)} streamlines, {100 * r.identical:.2f}% bit-identical, "
           f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
@@ -418,13 +409,125 @@ EXAMPLES_BENCH = """examples:
 """
 
 
+def cmd_info(a) -> int:
+    import json
+    from . import tractogram as T
+    reports = []
+    for path in a.files:
+        s = T.summary(T.load_tractogram(path))
+        reports.append({"file": path, **s})
+        if a.json:
+            continue
+        print(path)
+        print(f"  count:            {s['count']}")
+        if s["total_count"] is not None:
+            print(f"  total_count:      {s['total_count']}")
+        print(f"  vertices:         {s['vertices']}")
+        if s["count"]:
+            print(f"  length (mm):      min {s['length_min_mm']:.4g}  mean {s['length_mean_mm']:.4g}  "
+                  f"max {s['length_max_mm']:.4g}")
+            print(f"  points:           min {s['points_min']}  max {s['points_max']}")
+        if "dims" in s:
+            print(f"  reference grid:   {' x '.join(map(str, s['dims']))}")
+            for row in s["voxel_to_rasmm"][:3]:
+                print("  voxel_to_rasmm:   " + "  ".join(f"{v:10.4f}" for v in row))
+        for k, v in s["header"].items():
+            print(f"  {k + ':':<17} {v}")
+    if a.json:
+        out = json.dumps(reports if len(reports) > 1 else reports[0], indent=2)
+        if a.json == "-":
+            print(out)
+        else:
+            with open(a.json, "w") as fh:
+                fh.write(out + "\n")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from . import tractogram as T
+    if os.path.splitext(a.output)[1].lower() not in T.FORMATS:
+        raise TractfuncError(f"{a.output}: unknown tractogram extension; expected .tck, .trk or .trx")
+    tracks = T.load_tractogram(a.input, reference=a.reference)
+    T.save_tractogram(tracks, a.output, reference=a.reference)
+    if not a.quiet:
+        print(f"{a.output}: {len(tracks.lengths)} streamlines from {a.input}")
+    return 0
+
+
+EXAMPLES_INFO = """examples:
+  tractfunc info out.tck
+  tractfunc info a.tck b.trk c.trx --json -
+  tractfunc info out.trx --json info.json
+"""
+
+EXAMPLES_CONVERT = """examples:
+  tractfunc convert out.tck out.trk --reference fod.nii.gz
+  tractfunc convert out.tck out.trx --reference fod.mif
+  tractfunc convert out.trk out.tck
+  tractfunc convert out.trx out.trk
+(.trk and .trx record a voxel grid: converting from .tck needs --reference; coordinates are kept in scanner mm)
+"""
+
+
+DECISIONS_HELP = ("where the PyTorch tracker runs (float64, CUDA): who decides each peak basin and where each half "
+                  "stops. native: the native kernel (tckgen's float32 arithmetic), every value then recomputed in "
+                  "--dtype; own: the PyTorch tracker itself (differs from tckgen on ~0.1%% of streamlines, at "
+                  "rounding-level ties); auto (default): native on the CPU when --backend is auto")
+
+
+EXAMPLES_DEMO = """examples:
+  tractfunc demo
+  tractfunc demo --out demo_dir --seeds 5000 --rng-seed 1
+"""
+
+EXAMPLES_PARITY = """examples:
+  tractfunc parity fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --select 10000
+  tractfunc parity fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --rk4 --dtype float64
+"""
+
+EXAMPLES_FOD = """examples:
+  tractfunc fod dwi.nii.gz dwi.bval dwi.bvec fod.nii.gz --mask brain.nii.gz
+  tractfunc fod dwi.nii.gz dwi.bval dwi.bvec fod.nii.gz --response dwi_response.txt --jobs 4
+  tractfunc track fod.nii.gz out.tck --seed-image brain.nii.gz --mask brain.nii.gz --select 5000
+"""
+
+EXAMPLES_RENDER = """examples:
+  tractfunc render out.tck out.png --background fod.nii.gz
+  tractfunc render out.tck out.png --background dwi.nii.gz --slab 10 --max-streamlines 20000
+
+orientation: neurological (subject's right on the right of the coronal and axial views); colour = segment
+direction in scanner axes, RGB = |x|, |y|, |z| (red left-right, green anterior-posterior, blue inferior-superior)
+"""
+
+
+def cmd_fod(a) -> int:
+    from . import csd
+    t0 = time.time()
+    res = csd.fod_from_files(a.dwi, a.bval, a.bvec, a.output, a.mask, a.lmax, a.response, a.fa_thr, a.roi_radii,
+                             a.jobs, a.tau)
+    resp = ("automatic, from " + f"{res.response_voxels} voxels" if res.response[0] == "auto"
+            else f"from {a.response}")
+    print(f"{a.output}: lmax {a.lmax} FODs (MRtrix3 basis) in {int(res.mask.sum())} voxels; response {resp}: "
+          + " ".join(f"{c:.6g}" for c in res.response[1]) + f"; {res.not_converged} voxels did not converge; "
+          f"fit {res.seconds:.1f}s, total {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_render(a) -> int:
+    from . import render
+    out = render.render_file(a.tractogram, a.output, a.background, a.max_streamlines, a.slab, a.rng_seed)
+    print(f"{a.output}: {out['streamlines']} of {out['total']} streamlines drawn, "
+          f"{out['pixels'][0]} x {out['pixels'][1]} pixels")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tractfunc", description="Differentiable SD_Stream tractography in PyTorch.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("track", help="track streamlines (tckgen -algorithm SD_Stream equivalent)",
                        epilog=EXAMPLES_TRACK, formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("fod", help="FOD image, SH coefficients in the MRtrix3 basis (NIfTI)")
-    t.add_argument("output", help="output tractogram (.tck or .trk)")
+    t.add_argument("fod", help="FOD image, SH coefficients in the MRtrix3 basis (NIfTI or MRtrix .mif/.mif.gz)")
+    t.add_argument("output", help="output tractogram (.tck, .trk or .trx)")
     g = t.add_mutually_exclusive_group(required=True)
     g.add_argument("--seed-image", help="seed uniformly within the non-zero voxels of this image")
     g.add_argument("--seed-points", help="seed points file: rows 'x y z' (scanner mm) or a tckgen -output_seeds CSV")
@@ -439,6 +542,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=float, help="maximum length in mm (default 100 x voxel)")
     t.add_argument("--rk4", action="store_true", help="fourth-order Runge-Kutta integration")
     t.add_argument("--exact-sh", action="store_true", help="exact SH evaluation in peak search instead of tckgen's lookup table")
+    t.add_argument("--sh-basis", default="mrtrix", choices=["mrtrix", "tournier07", "tournier07_legacy", "descoteaux07",
+                                                            "descoteaux07_legacy"],
+                   help="SH basis of the FOD file (default mrtrix == DIPY tournier07; DIPY's default is "
+                        "descoteaux07 legacy): converted to the MRtrix3 basis on loading (see docs/sh_bases.md)")
     t.add_argument("--outside", choices=["fail", "skip"], default="fail",
                    help="--seed-points outside the FOD image: stop with an error (default) or skip them with a "
                         "count on stderr (they count as rejected seeds in total_count)")
@@ -460,14 +567,40 @@ def build_parser() -> argparse.ArgumentParser:
                    help="native: the C kernel with tckgen's exact float32 arithmetic (bit-identical to tckgen, "
                         "fastest; float32 on the CPU); torch: the PyTorch tracker (any dtype/device); auto "
                         "(default): native where it applies")
+    t.add_argument("--decisions", default="auto", choices=["auto", "native", "own"], help=DECISIONS_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
+    dg = t.add_argument_group("DIPY-style deterministic tracking (--algorithm closest_peak | det_max; "
+                              "docs/dipy_getters.md)")
+    dg.add_argument("--algorithm", default="sd_stream",
+                    choices=["sd_stream", "closest_peak", "det_max", "prob", "ifod1"],
+                    help="sd_stream (default): tckgen SD_Stream; closest_peak / det_max: DIPY's ClosestPeak / "
+                         "DeterministicMaximum getters with LocalTracking (fixed step; --step default 0.2 mm, "
+                         "--angle default 20, as dipy.tracking.tracker); prob / ifod1: DIPY's Probabilistic getter / "
+                         "an iFOD1-like sampler (--cutoff, default 0.1) with the same loop, random draws from "
+                         "--rng-seed (docs/probabilistic.md)")
+    dg.add_argument("--fa-map", help="scalar map (FA, GFA): stop where its trilinear value <= --stop-threshold "
+                                     "(DIPY ThresholdStoppingCriterion); else --mask stops (BinaryStoppingCriterion)")
+    dg.add_argument("--stop-threshold", type=float, default=0.2, help="threshold on --fa-map (default 0.2)")
+    dg.add_argument("--sphere", default="default", help="DIPY sphere name (default: dipy.data.default_sphere)")
+    dg.add_argument("--pmf-threshold", type=float, default=0.1, help="DIPY pmf_threshold (default 0.1)")
+    dg.add_argument("--relative-peak-threshold", type=float, default=0.5, help="peak_directions (default 0.5)")
+    dg.add_argument("--min-separation-angle", type=float, default=25.0, help="peak_directions, degrees (default 25)")
+    dg.add_argument("--max-cross", type=int, help="at most this many peaks tracked per seed (default all)")
+    dg.add_argument("--maxlen", type=int, default=500, help="points per half streamline (DIPY maxlen, default 500)")
+    dg.add_argument("--valid-only", action="store_true",
+                    help="DIPY return_all=False: keep streamlines whose ends both reach ENDPOINT/OUTSIDEIMAGE")
+    dg.add_argument("--sh-frame", default="scanner", choices=["scanner", "voxel"],
+                    help="frame of the FOD's directions: scanner (default; MRtrix3 FODs) or voxel (as DIPY reads "
+                         "SH: the array axes)")
     t.set_defaults(func=cmd_track)
-    d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG")
+    d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG",
+                       epilog=EXAMPLES_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("--out", default="tractfunc_demo", help="output folder (default ./tractfunc_demo)")
     d.add_argument("--seeds", type=int, default=2000)
     d.add_argument("--rng-seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)
-    q = sub.add_parser("parity", help="run tckgen SD_Stream and re-track its streamlines; report agreement")
+    q = sub.add_parser("parity", help="run tckgen SD_Stream and re-track its streamlines; report agreement",
+                       epilog=EXAMPLES_PARITY, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("fod")
     q.add_argument("--seed-image", required=True)
     q.add_argument("--mask")
@@ -478,6 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--threads", type=int, default=2)
     q.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
                    help="tractfunc's tracker (default auto: the native kernel for float32)")
+    q.add_argument("--decisions", default="auto", choices=["auto", "native", "own"], help=DECISIONS_HELP)
     q.set_defaults(func=cmd_parity)
     b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",
                        epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -498,6 +632,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tractfunc's tracker (as for track; default auto: the native kernel for float32 on the CPU)")
     b.add_argument("--json", help="write all results to this JSON file")
     b.set_defaults(func=cmd_bench)
+    n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",
+                       epilog=EXAMPLES_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n.add_argument("files", nargs="+", help="tractograms (.tck, .trk or .trx)")
+    n.add_argument("--json", help="write the summary as JSON to this file ('-': stdout) instead of the text")
+    n.set_defaults(func=cmd_info)
+    c = sub.add_parser("convert", help="convert between .tck, .trk and .trx (coordinates kept in scanner mm)",
+                       epilog=EXAMPLES_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("input", help="input tractogram (.tck, .trk or .trx)")
+    c.add_argument("output", help="output tractogram (.tck, .trk or .trx)")
+    c.add_argument("--reference", help="reference image (NIfTI or .mif, or a .trk/.trx) giving the voxel grid "
+                                       "that .trk/.trx output records; needed when the input is a .tck")
+    c.add_argument("--quiet", action="store_true", help="no summary line")
+    c.set_defaults(func=cmd_convert)
+    f = sub.add_parser("fod", help="FODs from a single-shell DWI (DIPY CSD) in the MRtrix3 basis, for tracking "
+                                   "without MRtrix3",
+                       epilog=EXAMPLES_FOD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("dwi", help="diffusion-weighted image (4-D NIfTI)")
+    f.add_argument("bval", help="FSL bvals file")
+    f.add_argument("bvec", help="FSL bvecs file (image axes, as dcm2niix writes them)")
+    f.add_argument("output", help="output FOD image (.nii or .nii.gz): SH coefficients, MRtrix3 basis, float32")
+    f.add_argument("--mask", help="voxels to fit (default: a DIPY median_otsu brain mask from the b=0 volumes)")
+    f.add_argument("--lmax", type=int, default=8, help="maximum SH order (even; default 8)")
+    f.add_argument("--response", default="auto",
+                   help="'auto' (default: single-fibre voxels with FA > --fa-thr near the volume centre) or an "
+                        "MRtrix3 single-shell response file (dwi2response output: one row of zonal coefficients)")
+    f.add_argument("--fa-thr", type=float, default=0.7, help="FA threshold of the automatic response (default 0.7)")
+    f.add_argument("--roi-radii", type=int, default=10,
+                   help="radius in voxels of the central region the automatic response is taken from (default 10)")
+    f.add_argument("--tau", type=float, default=0.0,
+                   help="CSD non-negativity threshold, fraction of the mean FOD amplitude (default 0, as MRtrix3 "
+                        "dwi2fod; DIPY's default is 0.1)")
+    f.add_argument("--jobs", type=int, default=1, help="processes fitting voxels in parallel (default 1)")
+    f.set_defaults(func=cmd_fod)
+    r = sub.add_parser("render", help="PNG of a tractogram: direction-coloured streamlines on three orthogonal views",
+                       epilog=EXAMPLES_RENDER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("tractogram", help="input tractogram (.tck, .trk or .trx)")
+    r.add_argument("output", help="output figure (.png)")
+    r.add_argument("--background", help="image drawn underneath (NIfTI or .mif; a 4-D image gives its first volume, "
+                                        "e.g. the b=0 of a DWI or the l=0 term of an FOD)")
+    r.add_argument("--max-streamlines", type=int, help="draw a random subset of at most this many streamlines")
+    r.add_argument("--slab", type=float, help="show only a slab this thick (mm) around the centre of each view "
+                                              "(default: everything, projected)")
+    r.add_argument("--rng-seed", type=int, default=0, help="seed of the --max-streamlines subset (default 0)")
+    r.set_defaults(func=cmd_render)
     return p
 
 

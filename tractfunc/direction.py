@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import sh
+from .arrays import as_tensor
 from .tracing import is_tracing
 
 Tensor = torch.Tensor
@@ -136,6 +137,7 @@ def peak(coeffs: Tensor, u0: Tensor, table: Optional[sh.LegendreTable] = None,
     This function is differentiated by unrolling; trackers use :func:`tractfunc.implicit.attach_peak`
     instead (implicit function theorem, O(1) memory in the iteration count).
     """
+    coeffs, u0 = as_tensor(coeffs), as_tensor(u0)
     if early_exit and not is_tracing(coeffs, u0):
         p = _peak_active_set(coeffs, u0, table, max_iter, state_dtype)
         return polish(coeffs, p.dir, polish_iter) if polish_iter else p

@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import sh
+from .arrays import as_tensor
 from .interpolate import Sample, sample_fod, to_voxel
 
 Tensor = torch.Tensor
@@ -27,6 +28,7 @@ class FODField(NamedTuple):
 
     def sample(self, pos: Tensor) -> Sample:
         """FOD coefficients at scanner points (..., 3) mm -> Sample(values (..., N), inside (...,))."""
+        pos = as_tensor(pos)
         if self.grad_sink is None:
             return sample_fod(self.sh, self.nonzero, self.world_to_voxel, pos)
         from . import fodgrad
@@ -48,7 +50,8 @@ def make_field(sh_volume: Tensor, affine, precomputed: bool = True, voxel_sizes=
     ``precomputed=True`` emulates tckgen's Legendre lookup table (its default) for parity; False uses the
     exact pole-safe evaluation.  voxel_sizes: the header's (3,) mm (``io.Image.voxel_sizes``), used by the
     native kernel to build tckgen's voxel transform exactly."""
-    A = torch.as_tensor(affine, dtype=torch.float64, device=sh_volume.device)
+    sh_volume = as_tensor(sh_volume)
+    A = as_tensor(affine).to(dtype=torch.float64, device=sh_volume.device)
     sh_volume = sh_volume.contiguous()   # sampling gathers rows of the flattened volume
     table = sh.LegendreTable(sh.lmax_for(sh_volume.shape[-1]), device=sh_volume.device,
                              dtype=sh_volume.dtype) if precomputed else None
@@ -58,6 +61,7 @@ def make_field(sh_volume: Tensor, affine, precomputed: bool = True, voxel_sizes=
 
 def make_mask(mask_volume: Tensor, affine, voxel_sizes=None) -> MaskField:
     """Mask (X, Y, Z) (non-zero = inside) with its (4, 4) affine -> :class:`MaskField`."""
-    A = torch.as_tensor(affine, dtype=torch.float64, device=mask_volume.device)
+    mask_volume = as_tensor(mask_volume)
+    A = as_tensor(affine).to(dtype=torch.float64, device=mask_volume.device)
     return MaskField((mask_volume != 0).contiguous(), torch.linalg.inv(A),
                      None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))

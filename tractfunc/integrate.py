@@ -17,6 +17,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import stop
+from .arrays import as_tensor
 from .direction import peak, store
 from .implicit import attach_peak
 from .field import FODField, MaskField
@@ -73,6 +74,7 @@ def sd_next(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, earl
 
     soft: cutoff and angle no longer stop (their margins are reported for survival weights); only
     leaving the image and a failed peak search (non-finite amplitude) stop."""
+    pos, dir = as_tensor(pos), as_tensor(dir)
     new_dir, amp, inside = find_peak(field, pos, dir, early_exit, params.peak_polish, params.state_dtype)
     return sd_move(params, pos, dir, new_dir, amp, inside, soft)
 
@@ -134,6 +136,7 @@ def euler(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_
 def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_exit: bool = False,
         soft: bool = False) -> Move:
     """Fourth-order Runge-Kutta step exactly as tckgen ``-rk4`` composes SD_Stream's ``next``."""
+    pos, dir = as_tensor(pos), as_tensor(dir)
     h, sd = params.step, params.state_dtype
     m1 = sd_next(field, params, pos, dir, early_exit, soft)
     d1 = m1.dir

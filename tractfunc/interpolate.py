@@ -15,6 +15,8 @@ from typing import NamedTuple
 
 import torch
 
+from .arrays import as_tensor
+
 Tensor = torch.Tensor
 
 _EPS = 1e-6
@@ -53,6 +55,7 @@ def trilinear(volume: Tensor, vox: Tensor) -> Sample:
 
     Differentiable with respect to both (gather + weighted sum).  Out-of-bounds points get zeros and
     ``inside = False``.  Weights are computed in ``vox``'s dtype and cast to ``volume``'s."""
+    volume, vox = as_tensor(volume), as_tensor(vox)
     dims = volume.shape[:3]
     inside = inside_bounds(vox, dims)
     d = torch.as_tensor(dims, dtype=vox.dtype, device=vox.device)
@@ -101,6 +104,7 @@ def sample_fod(sh_volume: Tensor, nonzero: Tensor, world_to_voxel: Tensor, pos: 
     world_to_voxel: (4, 4); pos: (..., 3) scanner mm.  Voxel coordinates are computed in float64 (as
     MRtrix3 does), the weighted sum in ``sh_volume``'s dtype.  ``inside`` is False outside the image or
     where the nearest voxel is all-zero; ``values`` there are zeros."""
+    sh_volume, nonzero, world_to_voxel, pos = map(as_tensor, (sh_volume, nonzero, world_to_voxel, pos))
     vox = to_voxel(pos, world_to_voxel.to(torch.float64))
     s = trilinear(sh_volume, vox)
     inside = s.inside & nearest_value(nonzero, vox)

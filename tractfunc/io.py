@@ -1,4 +1,4 @@
-"""File boundary: NIfTI FOD/mask images in, .tck/.trk tractograms and seed CSVs out.
+"""File boundary: NIfTI or MRtrix .mif FOD/mask images in, .tck/.trk/.trx tractograms and seed CSVs out.
 
 Everything here validates and raises :class:`TractfuncError` with a one-line message naming the problem.
 """
@@ -38,6 +38,24 @@ def _load(path: str):
     return img, data, A
 
 
+def _read(path: str):
+    """(data, affine (4, 4), voxel sizes (3,)) of a NIfTI or MRtrix image (.mif, .mif.gz, .mih; read by
+    :mod:`tractfunc.mif` into the layout and affine convention of the NIfTI route)."""
+    from . import mif
+    if not mif.is_mif(path):
+        img, data, A = _load(path)
+        return data, A, voxel_sizes(img, A)
+    if not os.path.exists(path):
+        raise TractfuncError(f"{path}: no such file")
+    try:
+        data, A, vox, _ = mif.read(path)
+    except mif.MifError as e:
+        raise TractfuncError(f"{path}: cannot be read as an MRtrix image ({e})") from None
+    if not np.all(np.isfinite(A)) or abs(np.linalg.det(A[:3, :3])) < 1e-12:
+        raise TractfuncError(f"{path}: transform is not invertible; expected a valid voxel-to-scanner transform")
+    return data, A, vox
+
+
 def voxel_sizes(img, A: np.ndarray) -> tuple:
     """Voxel sizes (3,) mm as MRtrix3 takes them: the header's pixdim, unless it disagrees with the
     affine's column lengths by more than 1e-5 (relative), then those lengths."""
@@ -57,11 +75,18 @@ def nonfinite_error(path: str, n_voxels: int) -> "TractfuncError":
                           f"expected finite values (zero them first, e.g. mrcalc -finite)")
 
 
-def load_fod(path: str, dtype=np.float32, check_finite: bool = True) -> Image:
-    """Load SH FOD coefficients (X, Y, Z, N) in the MRtrix3 basis.  N must be (l+1)(l+2)/2 for even l;
-    non-finite values are an error (``check_finite=False`` leaves that check to the caller, e.g.
-    :func:`tractfunc.native.prepare_volume`, which counts them while repacking)."""
-    img, data, A = _load(path)
+def load_fod(path: str, dtype=np.float32, check_finite: bool = True, sh_basis: str = "mrtrix") -> Image:
+    """Load SH FOD coefficients (X, Y, Z, N), returned in the MRtrix3 basis.  N must be (l+1)(l+2)/2 for
+    even l; non-finite values are an error (``check_finite=False`` leaves that check to the caller, e.g.
+    :func:`tractfunc.native.prepare_volume`, which counts them while repacking).  ``sh_basis`` names the
+    file's basis (:data:`tractfunc.shbasis.BASES`, e.g. ``"descoteaux07"`` for DIPY's default); other
+    than ``"mrtrix"`` the coefficients are converted to the MRtrix3 basis here (NumPy, no torch)."""
+    from . import shbasis
+    try:
+        shbasis.check_basis(sh_basis)
+    except ValueError as e:
+        raise TractfuncError(str(e)) from None
+    data, A, vox = _read(path)   # NIfTI or MRtrix .mif
     if data.ndim != 4:
         raise TractfuncError(f"{path}: FOD image has shape {data.shape}; expected 4-D (X, Y, Z, N SH coefficients)")
     try:
@@ -69,21 +94,23 @@ def load_fod(path: str, dtype=np.float32, check_finite: bool = True) -> Image:
     except ValueError as e:
         raise TractfuncError(f"{path}: {e}") from None
     data = data.astype(dtype, copy=False)
+    if sh_basis not in ("mrtrix", "tournier07"):
+        data = shbasis.to_native(data, sh_basis)
     if check_finite:
         bad = ~np.isfinite(data)
         if bad.any():
             raise nonfinite_error(path, int(bad.any(-1).sum()))
-    return Image(data, A, voxel_sizes(img, A))
+    return Image(data, A, vox)
 
 
 def load_mask(path: str) -> Image:
     """Load a 3-D mask (non-zero = inside); a trailing singleton 4th axis is accepted."""
-    img, data, A = _load(path)
+    data, A, vox = _read(path)   # NIfTI or MRtrix .mif
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
         raise TractfuncError(f"{path}: mask has shape {data.shape}; expected a 3-D image")
-    return Image(data != 0, A, voxel_sizes(img, A))
+    return Image(data != 0, A, vox)
 
 
 def same_grid(a: Image, b: Image) -> bool:
@@ -152,10 +179,12 @@ def _rows3(rows, path, what):
 
 def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Image,
                      header: Optional[dict] = None) -> None:
-    """Write streamlines ((n_i, 3) scanner mm) to .tck or .trk (by extension) with nibabel.
+    """Write streamlines ((n_i, 3) scanner mm) to .tck or .trk (by extension) with nibabel, or to .trx with
+    trx-python.
 
-    ``reference`` supplies the voxel grid a .trk needs; ``header`` entries are stored as tckgen-like
-    key: value properties in a .tck."""
+    ``reference`` supplies the voxel grid a .trk or .trx records; ``header`` entries are stored as
+    tckgen-like key: value properties in a .tck and as extra string fields of a .trx's header.json (a
+    .trk has no place for them)."""
     import nibabel as nib
     from nibabel.streamlines import Tractogram
     ext = os.path.splitext(path)[1].lower()
@@ -164,6 +193,8 @@ def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Im
         f = nib.streamlines.TckFile(tg)
         for k, v in (header or {}).items():
             f.header[k] = str(v)
+    elif ext == ".trx":
+        return _write_trx(path, tg, reference, header or {})
     elif ext == ".trk":
         hdr = {nib.streamlines.Field.VOXEL_TO_RASMM: reference.affine,
                nib.streamlines.Field.VOXEL_SIZES: np.asarray(reference.voxel_sizes, dtype=np.float32),
@@ -171,8 +202,31 @@ def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Im
                nib.streamlines.Field.VOXEL_ORDER: "".join(nib.aff2axcodes(reference.affine))}
         f = nib.streamlines.TrkFile(tg, header=hdr)
     else:
-        raise TractfuncError(f"{path}: unknown tractogram extension {ext!r}; expected .tck or .trk")
+        raise TractfuncError(f"{path}: unknown tractogram extension {ext!r}; expected .tck, .trk or .trx")
     f.save(path)
+
+
+TRX_REQUIRED = ("DIMENSIONS", "VOXEL_TO_RASMM", "NB_VERTICES", "NB_STREAMLINES")
+
+
+def _write_trx(path: str, tg, reference: Image, header: dict) -> None:
+    """A nibabel Tractogram (scanner mm) -> .trx (float32 positions, uint32 offsets) with trx-python;
+    the reference's affine is kept in float64 and ``header`` entries become string fields."""
+    try:
+        from trx import trx_file_memmap as tmm
+    except ImportError:
+        raise TractfuncError(f"{path}: writing .trx needs trx-python (pip install 'tractfunc[formats]')") from None
+    A = np.asarray(reference.affine, dtype=np.float64)
+    dims = np.asarray(reference.data.shape[:3], dtype=np.uint16)
+    ref = {"NB_VERTICES": 0, "NB_STREAMLINES": 0, "VOXEL_TO_RASMM": A, "DIMENSIONS": dims}
+    trx = tmm.TrxFile.from_tractogram(tg, reference=ref)
+    try:
+        trx.header["VOXEL_TO_RASMM"] = A.tolist()
+        trx.header["DIMENSIONS"] = dims.tolist()
+        trx.header.update({str(k): str(v) for k, v in header.items() if k not in TRX_REQUIRED})
+        tmm.save(trx, path)
+    finally:
+        trx.close()
 
 
 class TckWriter:
@@ -192,8 +246,9 @@ class TckWriter:
         self.path, self.tmp = path, path + ".partial"
         self.count = 0
         lines = ["mrtrix tracks"] + [f"{k}: {v}" for k, v in (header or {}).items()
-                                      if k not in ("count", "datatype", "file")]
-        lines += ["datatype: Float32LE", "count: " + "0" * self._COUNT_WIDTH]
+                                      if k not in ("count", "total_count", "datatype", "file")]
+        lines += ["datatype: Float32LE", "count: " + "0" * self._COUNT_WIDTH,
+                  "total_count: " + "0" * self._COUNT_WIDTH]
         body = "\n".join(lines) + "\n"
         # the offset counts its own digits: grow until stable
         offset = len(body) + len("file: . \nEND\n") + 1
@@ -204,6 +259,8 @@ class TckWriter:
             offset += 1
         head = head.encode() + b"\0" * (offset - len(head.encode()))
         self._count_at = head.index(b"\ncount: ") + len("\ncount: ")
+        self._total_at = head.index(b"\ntotal_count: ") + len("\ntotal_count: ")
+        self.total_count = (header or {}).get("total_count")   # seeds tried (tckgen); None: written as count
         self.data_start = len(head)   # byte offset of the first vertex
         self._fh = open(self.tmp, "wb")
         self._fh.write(head)
@@ -233,10 +290,12 @@ class TckWriter:
         return self._fh.tell()
 
     def close(self) -> None:
-        """Write the end marker and the final count, then move the file into place."""
+        """Write the end marker, the final count and ``total_count``, then move the file into place."""
         self._fh.write(np.full(3, np.inf, dtype="<f4").tobytes())
-        self._fh.seek(self._count_at)
-        self._fh.write(str(self.count).zfill(self._COUNT_WIDTH).encode())
+        total = self.count if self.total_count is None else self.total_count
+        for at, value in ((self._count_at, self.count), (self._total_at, total)):
+            self._fh.seek(at)
+            self._fh.write(str(int(value)).zfill(self._COUNT_WIDTH).encode())
         self._fh.close()
         os.replace(self.tmp, self.path)
 

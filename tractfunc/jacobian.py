@@ -11,6 +11,7 @@ from typing import Optional
 
 import torch
 
+from .arrays import as_tensor
 from .field import FODField, MaskField
 from .params import TrackParams
 from .tracking import track_fixed
@@ -32,6 +33,7 @@ def seed_jacobian(field: FODField, params: TrackParams, seeds: Tensor, init_dirs
 
     seeds: (B, 3) scanner mm; init_dirs: (B, 3) unit; vertices as in :func:`track_fixed` (packed, mm).
     The seed vertex row is the identity.  Read rows only where ``track_fixed(...).valid``."""
+    seeds, init_dirs = as_tensor(seeds), as_tensor(init_dirs)
     return _columns(lambda s: track_fixed(field, params, s, init_dirs, n_steps, mask, temperature).vertices,
                     seeds)
 
@@ -41,4 +43,5 @@ def direction_jacobian(field: FODField, params: TrackParams, seeds: Tensor, init
     """d vertices / d initial direction: (B, 2T+1, 3, 3).  Tracking starts from the FOD peak reached from
     the initial direction, which does not move when the direction moves inside its basin of attraction
     (implicit function theorem), so this is zero except on basin boundaries, where it does not exist."""
+    seeds, init_dirs = as_tensor(seeds), as_tensor(init_dirs)
     return _columns(lambda d: track_fixed(field, params, seeds, d, n_steps, mask).vertices, init_dirs)

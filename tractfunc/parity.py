@@ -29,7 +29,7 @@ import torch
 
 from . import field as F, io, params as P
 from .stop import Reason
-from .tracking import track, uses_native
+from .tracking import follows_native, track, uses_native
 
 
 class Reference(NamedTuple):
@@ -263,13 +263,15 @@ class ParityResult(NamedTuple):
 
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
             precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = torch.float32,
-            start: Optional[np.ndarray] = None, backend: str = "auto", **param_overrides) -> ParityResult:
+            start: Optional[np.ndarray] = None, backend: str = "auto", decisions: str = "auto",
+            **param_overrides) -> ParityResult:
     """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.
 
     start: (3,) the start direction tckgen was given (``-seed_direction``) -- then no reconstruction; else
     start directions are reconstructed (:func:`reconstruct_native` where the kernel is available, else
     :func:`reconstruct_seed_dirs`) when ``reconstruct``, or the first-step directions are used.
     backend: the tracker that re-tracks (:func:`tractfunc.tracking.track`; "auto": native for float32).
+    decisions: who takes the PyTorch tracker's decisions (:func:`tractfunc.tracking.follows_native`).
     state_dtype: the PyTorch tracker's state precision (tckgen: float32; None keeps the full ``dtype``)."""
     import time
     from . import native
@@ -295,9 +297,10 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     else:
         dirs = ref.dirs
     seeds = torch.as_tensor(ref.seeds, dtype=dtype)
-    kernel_used = uses_native(fld, prm, seeds, backend)
+    used = ("native" if uses_native(fld, prm, seeds, backend) else
+            "torch, native decisions" if follows_native(fld, prm, seeds, backend, decisions=decisions) else "torch")
     out = track(fld, prm, seeds, torch.as_tensor(np.asarray(dirs), dtype=dtype),
-                mask=msk, backend=backend)
+                mask=msk, backend=backend, decisions=decisions)
     sec = time.time() - t0
     got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines)}
     H = np.array([hausdorff(got[i], t) if i in got else np.inf for i, t in enumerate(ref.streamlines)])
@@ -305,4 +308,4 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
                     for i, t in enumerate(ref.streamlines)])
     seed_rejected = int((out.reasons[:, 0] == int(Reason.SEED_REJECTED)).sum())
     return ParityResult(H, seed_rejected, int(len(H) - len(got) - seed_rejected), float((H < 0.1).mean()),
-                        float((H < 1.0).mean()), sec, float(same), "native" if kernel_used else "torch")
+                        float((H < 1.0).mean()), sec, float(same), used)

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .shsize import lmax_for, n_coeffs  # noqa: F401  (re-exported: part of this module's API)
+from .arrays import as_tensor
 from .tracing import is_tracing
 
 Tensor = torch.Tensor
@@ -94,11 +95,12 @@ def basis(dirs: Tensor, lmax: int) -> Tensor:
 
     dirs: (..., 3) unit vectors (scanner frame).  Returns (..., n_coeffs(lmax)), dtype/device of ``dirs``.
     """
-    return _jet(dirs, lmax, order=0)[0]
+    return _jet(as_tensor(dirs), lmax, order=0)[0]
 
 
 def amplitude(coeffs: Tensor, dirs: Tensor) -> Tensor:
     """FOD amplitude ``sum_k c_k Y_k(u)``.  coeffs: (..., N); dirs: (..., 3) unit -> (...,)."""
+    coeffs = as_tensor(coeffs)
     return (basis(dirs, lmax_for(coeffs.shape[-1])) * coeffs).sum(-1)
 
 
@@ -155,6 +157,7 @@ def sh_jet(coeffs: Tensor, u: Tensor) -> SphereJet:
 
     coeffs: (..., N) SH coefficients; u: (..., 3) unit directions (scanner frame).
     With F the polynomial extension, grad = P dF and hess = P d2F P - (u . dF) P, P = I - u u^T."""
+    coeffs, u = as_tensor(coeffs), as_tensor(u)
     B, dB, d2B = _jet(u, lmax_for(coeffs.shape[-1]), order=2)
     amp = (B * coeffs).sum(-1)
     g = torch.einsum("...k,...ki->...i", coeffs, dB)

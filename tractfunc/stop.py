@@ -9,6 +9,7 @@ from enum import IntEnum
 
 import torch
 
+from .arrays import as_tensor
 from .interpolate import inside_bounds, nearest_value, to_voxel
 
 Tensor = torch.Tensor
@@ -29,11 +30,13 @@ CONTINUE = int(Reason.CONTINUE)   # plain int for comparisons inside compiled co
 
 def below_cutoff(amp: Tensor, cutoff: float) -> Tensor:
     """(...,) amplitudes -> True where the FOD amplitude is below ``cutoff`` or not finite."""
+    amp = as_tensor(amp)
     return ~(torch.isfinite(amp) & (amp >= cutoff))
 
 
 def too_curved(prev_dir: Tensor, new_dir: Tensor, cos_max_angle: float) -> Tensor:
     """(..., 3) unit directions -> True where their dot product is below ``cos(max angle)``."""
+    prev_dir, new_dir = as_tensor(prev_dir), as_tensor(new_dir)
     return (prev_dir * new_dir).sum(-1) < cos_max_angle
 
 
@@ -41,6 +44,7 @@ def outside_mask(mask: Tensor, world_to_voxel: Tensor, pos: Tensor) -> Tensor:
     """Nearest-voxel mask test.  mask: (X, Y, Z) bool; pos: (..., 3) scanner mm -> (...,) True where the
     nearest voxel is outside the mask grid or zero.  The voxel transform runs in ``pos``'s dtype, as
     MRtrix3 applies its single-precision mask transform to single-precision positions."""
+    mask, world_to_voxel, pos = as_tensor(mask), as_tensor(world_to_voxel), as_tensor(pos)
     vox = to_voxel(pos, world_to_voxel.to(pos.dtype))
     return ~nearest_value(mask, vox)
 
@@ -49,10 +53,12 @@ def left_image(nonzero: Tensor, world_to_voxel: Tensor, pos: Tensor) -> Tensor:
     """True where ``pos`` (..., 3) scanner mm is outside the FOD image (voxel coordinate <= -0.5 or
     >= dim - 0.5) or its nearest voxel holds only zeros.  nonzero: (X, Y, Z) bool.  This is the
     complement of ``sample_fod(...).inside``, which the steps use directly."""
+    nonzero, world_to_voxel, pos = as_tensor(nonzero), as_tensor(world_to_voxel), as_tensor(pos)
     vox = to_voxel(pos, world_to_voxel.to(torch.float64))
     return ~(inside_bounds(vox, nonzero.shape) & nearest_value(nonzero, vox))
 
 
 def length_reached(n_vertices: Tensor, max_points: int) -> Tensor:
     """(...,) vertex counts over both halves -> True once ``max_points`` vertices exist."""
+    n_vertices = as_tensor(n_vertices)
     return n_vertices >= max_points

@@ -25,6 +25,7 @@ import torch.nn.functional as tnf
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from . import fodgrad, pipelined as _pipelined, stop
+from .arrays import as_tensor
 from .field import FODField, MaskField
 from .params import TrackParams
 from .integrate import find_peak, iterate
@@ -202,6 +203,7 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
     checkpoint: recompute chunks of this many steps during backward instead of storing their
     intermediates (plain autograd only; ignored under torch.func transforms and torch.compile).  The
     recomputation is bit-identical to the forward, so gradients do not change."""
+    seeds, init_dirs = as_tensor(seeds), as_tensor(init_dirs)
     if not is_tracing(seeds, init_dirs, field.sh):
         check_inputs(field, seeds, init_dirs)
     token, sink = fodgrad.attach(field.sh)
@@ -400,31 +402,91 @@ def uses_native(field: FODField, params: TrackParams, seeds: Tensor, backend: st
     return False
 
 
+DECISIONS = ("auto", "own", "native")
+
+
+def follows_native(field: FODField, params: TrackParams, seeds: Tensor, backend: str = "auto",
+                   compiled: bool = False, decisions: str = "auto") -> bool:
+    """Whether :func:`track` / :func:`track_packed` run the PyTorch tracker with its discrete decisions
+    (peak basins, where each half stops) taken from the native kernel, i.e. from tckgen's float32
+    arithmetic, and its values computed in the field's dtype (:mod:`tractfunc.follow`).
+
+    decisions: "own" -- the PyTorch tracker decides in its own arithmetic (at rounding-level ties, ~0.1 %
+    of streamlines, it then differs from tckgen; near the z pole, where tckgen's peak search is
+    ill-conditioned, it stays exact); "native" -- always from the kernel (tckgen's streamlines, tckgen's
+    pole behaviour included); "auto" -- from the kernel where ``backend="auto"`` resolves to the PyTorch
+    tracker (float64, or a gradient) on the CPU and the kernel is available (the command line's default).  Raises :class:`tractfunc.io.TractfuncError` for an unknown value,
+    or for "native" where the kernel cannot decide (exact-SH peaks, unavailable kernel)."""
+    from . import native
+    from .io import TractfuncError
+    if decisions not in DECISIONS:
+        raise TractfuncError(f"decisions must be one of {DECISIONS}, got {decisions!r}")
+    if decisions == "own" or uses_native(field, params, seeds, backend, compiled):
+        return False
+    ok = native.available()[0] and params.precomputed and field.table is not None and field.sh.shape[-1] <= 91
+    if decisions == "native" and not ok:
+        raise TractfuncError("decisions='native' needs the native kernel (available: "
+                             f"{native.available()[1] or 'yes'}) and tckgen's lookup-table peaks (precomputed=True)")
+    return ok and (decisions == "native" or (backend == "auto" and not compiled and field.sh.device.type == "cpu"))
+
+
+def _decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField]):
+    """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params``."""
+    from . import native
+    step = float(params.step.detach()) if torch.is_tensor(params.step) else params.step
+    return native.Kernel.from_field(field._replace(sh=field.sh.detach().to("cpu", torch.float32),
+                                                   nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
+                                    params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask)
+
+
+def _follow_chunk(field, params, kernel, seeds, init_dirs):
+    """Decisions from ``kernel`` (tckgen's arithmetic), values in ``field``'s dtype and device."""
+    from .follow import follow
+    s32, d32 = seeds.detach().float().cpu().numpy(), init_dirs.detach().float().cpu().numpy()
+    v, ln, ids, si, r, a = (torch.from_numpy(x) for x in kernel.track(s32, d32))
+    dev = seeds.device
+    ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
+    seed_peak = torch.from_numpy(kernel.seed_steps(s32[ids.cpu().numpy()], d32[ids.cpu().numpy()])[0]).to(dev)
+    fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
+    if not bool(fol.faithful.all()):
+        import warnings
+        warnings.warn(f"{int((~fol.faithful).sum())} streamline(s) could not take every step of the native "
+                      f"kernel's decisions in {seeds.dtype} (a peak search failed or a step left the image)")
+    return fol.vertices, ln, ids, si, r.to(dev), a.to(dev)
+
+
 def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
                  mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
                  chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
-                 pipelined: bool = True, compiled: bool = False, backend: str = "auto") -> PackedTracks:
+                 pipelined: bool = True, compiled: bool = False, backend: str = "auto",
+                 decisions: str = "own") -> PackedTracks:
     """:func:`track` with the streamlines returned packed (:class:`PackedTracks`); same arguments, and
     compiled: fuse the pipelined driver's Newton move with ``torch.compile``
     (:func:`tractfunc.pipelined.compiled_move`: faster, esp. on a GPU; float32 results are no longer bit
     for bit tckgen's arithmetic, see docs/benchmarks.md)."""
+    seeds, init_dirs = as_tensor(seeds), None if init_dirs is None else as_tensor(init_dirs)
     check_inputs(field, seeds, init_dirs)
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
-    kernel = None
+    kernel = decider = None
     if uses_native(field, params, seeds, backend, compiled):
         from . import native
         kernel = native.Kernel.from_field(field, params, mask)
-    if kernel is None:   # (the kernel normalises in single precision itself, as tckgen does)
+    elif follows_native(field, params, seeds, backend, compiled, decisions):
+        decider = _decision_kernel(field, params, mask)
+    if kernel is None and decider is None:   # (the kernel normalises in single precision, as tckgen does)
         init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     parts = []
     n_acc = 0
     with torch.no_grad() if not (seeds.requires_grad or field.sh.requires_grad) else contextlib.nullcontext():
         for start in range(0, S, chunk_size):
             sl = slice(start, min(S, start + chunk_size))
-            v, ln, ids, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined, compiled,
-                                                kernel)
+            if decider is not None:
+                v, ln, ids, si, r, a = _follow_chunk(field, params, decider, seeds[sl], init_dirs[sl])
+            else:
+                v, ln, ids, si, r, a = _track_chunk(field, params, mask, seeds[sl], init_dirs[sl], pipelined,
+                                                    compiled, kernel)
             parts.append((v, ln, ids + start, si, r, a))
             n_acc += ln.numel()
             if progress is not None:
@@ -438,7 +500,8 @@ def track_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
           mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None,
           chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
-          pipelined: bool = True, compiled: bool = False, backend: str = "auto") -> Tractogram:
+          pipelined: bool = True, compiled: bool = False, backend: str = "auto",
+          decisions: str = "own") -> Tractogram:
     """Track from every seed (eager, fast path).
 
     seeds: (S, 3) scanner mm, dtype/device of the computation; init_dirs: (S, 3) start directions for the
@@ -450,7 +513,13 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     arithmetic (bit-identical streamlines, several times faster; float32 on the CPU without gradients);
     "torch" runs the PyTorch tracker (any dtype/device, differentiable); "auto" (default) takes the
     kernel where it applies and builds, else PyTorch.
+    decisions: where the PyTorch tracker runs, who takes its discrete decisions (peak basins, where each
+    half stops): "own" (default: its own arithmetic; pole-safe, and equal to :func:`track_fixed`),
+    "native" (the kernel's, i.e. tckgen's -- tckgen's streamlines with every value recomputed in the
+    field's dtype, differentiable: :mod:`tractfunc.follow`; what the command line does for float64), or
+    "auto" (the kernel's where ``backend="auto"`` falls back to PyTorch on the CPU); see
+    :func:`follows_native`.
     For many streamlines (or on a GPU) :func:`track_packed` avoids one tensor per streamline."""
     p = track_packed(field, params, seeds, init_dirs, mask, generator, chunk_size, progress, pipelined, compiled,
-                     backend)
+                     backend, decisions)
     return Tractogram(p.split(), p.seed_ids, p.seed_index, p.reasons, p.accepted)

@@ -23,7 +23,7 @@ def _init(args, dtype_name: str, threads: int) -> None:
     dtype = getattr(torch, dtype_name)
     _, prm, fld, msk = _torch_inputs(args, dtype, torch.device("cpu"))
     _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype, compiled=getattr(args, "compile", False),
-                  backend=getattr(args, "backend", "auto"))
+                  backend=getattr(args, "backend", "auto"), decisions=getattr(args, "decisions", "auto"))
 
 
 def _work(job: Tuple[np.ndarray, np.ndarray]):
@@ -32,7 +32,7 @@ def _work(job: Tuple[np.ndarray, np.ndarray]):
     s = _STATE
     res = track_packed(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]),
                        torch.as_tensor(dirs, dtype=s["dtype"]), mask=s["msk"], compiled=s["compiled"],
-                       backend=s["backend"])
+                       backend=s["backend"], decisions=s["decisions"])
     return (*(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), seeds_ok(res))
 
 
