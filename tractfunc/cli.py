@@ -576,8 +576,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="sd_stream (default): tckgen SD_Stream; closest_peak / det_max: DIPY's ClosestPeak / "
                          "DeterministicMaximum getters with LocalTracking (fixed step; --step default 0.2 mm, "
                          "--angle default 20, as dipy.tracking.tracker); prob / ifod1: DIPY's Probabilistic getter / "
-                         "an iFOD1-like sampler (--cutoff, default 0.1) with the same loop, random draws from "
-                         "--rng-seed (docs/probabilistic.md)")
+                         "an iFOD1-like sampler (--cutoff, default 0.1; --angle 15 and a 2000-vertex Fibonacci "
+                         "sphere unless given) with the same loop, random draws from --rng-seed "
+                         "(docs/probabilistic.md)")
     dg.add_argument("--fa-map", help="scalar map (FA, GFA): stop where its trilinear value <= --stop-threshold "
                                      "(DIPY ThresholdStoppingCriterion); else --mask stops (BinaryStoppingCriterion)")
     dg.add_argument("--stop-threshold", type=float, default=0.2, help="threshold on --fa-map (default 0.2)")

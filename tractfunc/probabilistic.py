@@ -183,13 +183,20 @@ def ifod1(sh_volume: Tensor, max_angle: float = 15.0, cutoff: float = 0.1, power
 def cli_factory(a):
     """Getter factory for ``tractfunc track --algorithm prob | ifod1`` (called by :mod:`tractfunc.local` with
     the same keywords as the deterministic getters): ``prob`` is :func:`probabilistic`; ``ifod1`` is
-    :func:`ifod1` with ``--cutoff`` (default 0.1) and no relative threshold."""
+    :func:`ifod1` with ``--cutoff`` (default 0.1) and no relative threshold, and MRtrix3 iFOD1's defaults
+    where the command line leaves them: a 15 degree cone (``--angle``) on the 2000-vertex Fibonacci sphere
+    (``--sphere default``)."""
     if a.algorithm == "prob":
         return probabilistic
     cutoff = 0.1 if a.cutoff is None else a.cutoff
 
     def make(sh_volume, **kw):
-        return ifod1(sh_volume, **{**kw, "pmf_threshold": 0.0, "cutoff": cutoff})
+        kw = {**kw, "pmf_threshold": 0.0, "cutoff": cutoff}
+        if a.angle is None:
+            kw["max_angle"] = 15.0
+        if a.sphere == "default":
+            kw["sphere"] = "fibonacci"
+        return ifod1(sh_volume, **kw)
     return make
 
 
