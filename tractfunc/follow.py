@@ -89,8 +89,8 @@ def follow(field: FODField, params: TrackParams, seeds: Tensor, vertices: Tensor
     vertices, lengths, seed_index: the reference, packed as :class:`tractfunc.tracking.PackedTracks`
     (any float dtype; only its step directions, as starts for the peak searches, and its step counts are
     used); seed_dirs: (A, 3) the seed peak direction each forward half started from (tckgen's, e.g.
-    :meth:`tractfunc.native.Kernel.seed_steps`), used by RK4's first step; None takes the first step's
-    direction of each half instead.  ``params`` gives the step (may be a tensor) and the scheme; its stop
+    :meth:`tractfunc.native.Kernel.seed_steps`), used by RK4's first step only; None takes the first
+    step's direction of each half instead.  ``params`` gives the step (may be a tensor) and the scheme; its stop
     rules are not applied (the reference took them).  Plain autograd flows to ``seeds``, ``field.sh``
     and a tensor step.  Both halves of every streamline run in one batch."""
     _check_reference(seeds, vertices, lengths, seed_index, seed_dirs)

@@ -209,6 +209,13 @@ def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Im
 TRX_REQUIRED = ("DIMENSIONS", "VOXEL_TO_RASMM", "NB_VERTICES", "NB_STREAMLINES")
 
 
+def grid_header(affine: np.ndarray, dims) -> dict:
+    """A voxel grid as the TRX header dict that trx-python and DIPY take for a reference: affine (4, 4)
+    voxel -> scanner mm (float64) and dims (3,) voxels (uint16)."""
+    return {"NB_VERTICES": 0, "NB_STREAMLINES": 0, "VOXEL_TO_RASMM": np.asarray(affine, dtype=np.float64),
+            "DIMENSIONS": np.asarray(dims, dtype=np.uint16)}
+
+
 def _write_trx(path: str, tg, reference: Image, header: dict) -> None:
     """A nibabel Tractogram (scanner mm) -> .trx (float32 positions, uint32 offsets) with trx-python;
     the reference's affine is kept in float64 and ``header`` entries become string fields."""
@@ -216,13 +223,11 @@ def _write_trx(path: str, tg, reference: Image, header: dict) -> None:
         from trx import trx_file_memmap as tmm
     except ImportError:
         raise TractfuncError(f"{path}: writing .trx needs trx-python (pip install 'tractfunc[formats]')") from None
-    A = np.asarray(reference.affine, dtype=np.float64)
-    dims = np.asarray(reference.data.shape[:3], dtype=np.uint16)
-    ref = {"NB_VERTICES": 0, "NB_STREAMLINES": 0, "VOXEL_TO_RASMM": A, "DIMENSIONS": dims}
+    ref = grid_header(reference.affine, reference.data.shape[:3])
     trx = tmm.TrxFile.from_tractogram(tg, reference=ref)
     try:
-        trx.header["VOXEL_TO_RASMM"] = A.tolist()
-        trx.header["DIMENSIONS"] = dims.tolist()
+        trx.header["VOXEL_TO_RASMM"] = ref["VOXEL_TO_RASMM"].tolist()
+        trx.header["DIMENSIONS"] = ref["DIMENSIONS"].tolist()
         trx.header.update({str(k): str(v) for k, v in header.items() if k not in TRX_REQUIRED})
         tmm.save(trx, path)
     finally:

@@ -415,8 +415,9 @@ def follows_native(field: FODField, params: TrackParams, seeds: Tensor, backend:
     of streamlines, it then differs from tckgen; near the z pole, where tckgen's peak search is
     ill-conditioned, it stays exact); "native" -- always from the kernel (tckgen's streamlines, tckgen's
     pole behaviour included); "auto" -- from the kernel where ``backend="auto"`` resolves to the PyTorch
-    tracker (float64, or a gradient) on the CPU and the kernel is available (the command line's default).  Raises :class:`tractfunc.io.TractfuncError` for an unknown value,
-    or for "native" where the kernel cannot decide (exact-SH peaks, unavailable kernel)."""
+    tracker (float64, or a gradient) on the CPU and the kernel is available (the command line's default).
+    Raises :class:`tractfunc.io.TractfuncError` for an unknown value, or for "native" where the kernel
+    cannot decide (exact-SH peaks, unavailable kernel)."""
     from . import native
     from .io import TractfuncError
     if decisions not in DECISIONS:
@@ -445,8 +446,11 @@ def _follow_chunk(field, params, kernel, seeds, init_dirs):
     s32, d32 = seeds.detach().float().cpu().numpy(), init_dirs.detach().float().cpu().numpy()
     v, ln, ids, si, r, a = (torch.from_numpy(x) for x in kernel.track(s32, d32))
     dev = seeds.device
+    seed_peak = None
+    if params.rk4:   # RK4's first stages search from the seed peak (Euler searches from each step's own direction)
+        rows = ids.numpy()
+        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0]).to(dev)
     ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
-    seed_peak = torch.from_numpy(kernel.seed_steps(s32[ids.cpu().numpy()], d32[ids.cpu().numpy()])[0]).to(dev)
     fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
     if not bool(fol.faithful.all()):
         import warnings

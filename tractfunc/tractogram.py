@@ -18,7 +18,7 @@ from typing import Mapping, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from .io import Image, TractfuncError, TRX_REQUIRED
+from .io import Image, TractfuncError, TRX_REQUIRED, grid_header
 
 FORMATS = (".tck", ".trk", ".trx")
 # header fields a writer sets itself (nibabel's TckFile, the .trx layout): not carried over on conversion
@@ -218,9 +218,7 @@ def to_stateful_tractogram(result, reference=None):
             raise TractfuncError("a StatefulTractogram needs a reference image (its voxel grid)")
         reference = result
     if isinstance(reference, (Image, Tracks, str, os.PathLike)):
-        A, dims = reference_grid(reference)
-        reference = {"NB_VERTICES": 0, "NB_STREAMLINES": 0, "VOXEL_TO_RASMM": A,
-                     "DIMENSIONS": np.asarray(dims, dtype=np.uint16)}
+        reference = grid_header(*reference_grid(reference))
     return StatefulTractogram(_sequence(result), reference, Space.RASMM)
 
 
