@@ -19,7 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 
-from tractfunc import field, io, params as P, seeds as S, tracking  # noqa: E402
+from tractfunc.core import field, params as P, seeds as S
+from tractfunc import io
+from tractfunc.sdstream import tracking  # noqa: E402
 import prototype_compact_grad as pc  # noqa: E402
 from grad_memory import DEFAULT_DATA  # noqa: E402
 

@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from tractfunc import field as F, io, params as P, seeds as S  # noqa: E402
-from tractfunc.tracking import random_directions, track_fixed, track_packed  # noqa: E402
+from tractfunc.core import field as F, params as P, seeds as S
+from tractfunc import io  # noqa: E402
+from tractfunc.sdstream.tracking import random_directions, track_fixed, track_packed  # noqa: E402
 
 RESULTS: dict = {}
 

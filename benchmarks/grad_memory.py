@@ -83,7 +83,9 @@ def reset_peak() -> bool:
 
 def _setup(cfg):
     import torch
-    from tractfunc import io, field, params as P, seeds as S, tracking
+    from tractfunc import io
+    from tractfunc.core import field, params as P, seeds as S
+    from tractfunc.sdstream import tracking
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     if cfg.get("prototype"):

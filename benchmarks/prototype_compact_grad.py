@@ -24,15 +24,16 @@ from __future__ import annotations
 
 import torch
 
-from tractfunc import field as _field, integrate as _integrate, sh as _sh, tracking as _tracking
-from tractfunc.direction import Peak, tangent_basis, tangent_newton
-from tractfunc.fodgrad import GradSink, _Gate as _FodGate
-from tractfunc.interpolate import Sample, _EPS, _flat_index, inside_bounds, nearest_value, to_voxel, trilinear
+from tractfunc.core import field as _field, integrate as _integrate, sh as _sh
+from tractfunc.sdstream import tracking as _tracking
+from tractfunc.core.newton import Peak, tangent_basis, tangent_newton
+from tractfunc.core.fodgrad import GradSink, _Gate as _FodGate
+from tractfunc.core.interpolate import Sample, _EPS, _flat_index, inside_bounds, nearest_value, to_voxel, trilinear
 
 Tensor = torch.Tensor
 
 
-# the shared gradient buffer and its gate node are the library's (tractfunc.fodgrad, which adopted them)
+# the shared gradient buffer and its gate node are the library's (tractfunc.core.fodgrad, which adopted them)
 _Sink, _Gate = GradSink, _FodGate
 
 
@@ -101,7 +102,7 @@ def _sample(self, pos: Tensor) -> Sample:
 
 
 class _AttachPeak(torch.autograd.Function):
-    """Same values and IFT derivative as ``tractfunc.implicit.attach_peak``; compact saved state."""
+    """Same values and IFT derivative as ``tractfunc.core.implicit.attach_peak``; compact saved state."""
 
     @staticmethod
     def forward(ctx, coeffs, u_star, amp_star):

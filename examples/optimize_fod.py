@@ -33,8 +33,9 @@ import time
 import torch
 
 import tractfunc as tf
-from tractfunc import direction, sh as shm, tracking
-from tractfunc.integrate import find_peak
+from tractfunc.core import newton as direction, sh as shm
+from tractfunc.sdstream import tracking
+from tractfunc.core.integrate import find_peak
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``
 from _common import CROP_SIZE, base_parser, load_crop, parse_args, pyplot, save_figure

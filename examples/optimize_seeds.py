@@ -27,7 +27,8 @@ import time
 import torch
 
 import tractfunc as tf
-from tractfunc import direction, tracking
+from tractfunc.core import newton as direction
+from tractfunc.sdstream import tracking
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``
 from _common import CROP_SIZE, base_parser, load_crop, parse_args, pyplot, save_figure

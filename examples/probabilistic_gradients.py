@@ -2,7 +2,7 @@
 
 Problem: a 4 x 4 x 4 voxel SH volume (lmax 4, two crossing fibres plus noise; synthetic, no data needed), a
 one- or two-step path from a fixed seed, each step 0.5 voxel along a direction drawn by the iFOD1-like getter
-(:func:`tractfunc.probabilistic.ifod1` weights: FOD amplitude in a 40 degree cone, on a Fibonacci sphere),
+(:func:`tractfunc.local.probabilistic.ifod1` weights: FOD amplitude in a 40 degree cone, on a Fibonacci sphere),
 loss ``f = |p_2 - target|^2`` of the end point.  The expected loss ``E[f]`` is a smooth function of the SH
 coefficients and is computed *exactly* by enumerating every path on the grid (V or V^2 paths), so its
 gradient is known: by autograd through the enumeration, checked by central finite differences along
@@ -28,7 +28,8 @@ import time
 
 import torch
 
-from tractfunc import probabilistic as pr, sh
+from tractfunc.local.tracker import probabilistic as pr
+from tractfunc.core import sh
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``
 from _common import base_parser, parse_args, pyplot, save_figure

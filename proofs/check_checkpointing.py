@@ -3,12 +3,12 @@ same gradients as storing everything."""
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-import tractfunc.tracking as tracking
-from tractfunc.field import make_field, make_mask
-from tractfunc.params import resolve
-from tractfunc.phantom import make_phantom
-from tractfunc.seeds import random_in_mask
-from tractfunc.tracking import random_directions, track_fixed
+import tractfunc.sdstream.tracking as tracking
+from tractfunc.core.field import make_field, make_mask
+from tractfunc.core.params import resolve
+from tractfunc.tools.phantom import make_phantom
+from tractfunc.core.seeds import random_in_mask
+from tractfunc.sdstream.tracking import random_directions, track_fixed
 
 from _checklib import finish, report  # proofs/ is on sys.path (run as a script)
 

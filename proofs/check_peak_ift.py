@@ -2,9 +2,9 @@
 import torch
 from torch.func import jacfwd, jacrev, vmap
 
-from tractfunc import sh
-from tractfunc.direction import peak, tangent_newton
-from tractfunc.implicit import attach_peak
+from tractfunc.core import sh
+from tractfunc.core.newton import peak, tangent_newton
+from tractfunc.core.implicit import attach_peak
 
 from _checklib import failures, finish, report, unit  # proofs/ is on sys.path (run as a script)
 

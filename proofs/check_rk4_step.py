@@ -1,13 +1,13 @@
-"""Check proofs/rk4_step.md: derivative of one RK4 step (tractfunc.integrate.rk4) wrt position and FOD."""
+"""Check proofs/rk4_step.md: derivative of one RK4 step (tractfunc.core.integrate.rk4) wrt position and FOD."""
 import torch
 from torch.func import jacfwd
 
-from tractfunc.field import FODField, make_field
-from tractfunc.integrate import rk4
-from tractfunc.params import resolve
-from tractfunc.phantom import make_phantom
-from tractfunc.seeds import random_in_mask
-from tractfunc.tracking import random_directions, seed_peaks
+from tractfunc.core.field import FODField, make_field
+from tractfunc.core.integrate import rk4
+from tractfunc.core.params import resolve
+from tractfunc.tools.phantom import make_phantom
+from tractfunc.core.seeds import random_in_mask
+from tractfunc.sdstream.tracking import random_directions, seed_peaks
 
 from _checklib import failures, finish, report  # proofs/ is on sys.path (run as a script)
 

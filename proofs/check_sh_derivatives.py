@@ -3,7 +3,7 @@ at random directions and at / within 1e-9 of the z poles; symmetry, u in the ker
 import numpy as np
 import torch
 
-from tractfunc import sh
+from tractfunc.core import sh
 
 from _checklib import failures, finish, report, unit  # proofs/ is on sys.path (run as a script)
 

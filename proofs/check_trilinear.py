@@ -1,8 +1,8 @@
-"""Check proofs/trilinear.md: derivatives of tractfunc.interpolate.trilinear wrt volume and voxel position."""
+"""Check proofs/trilinear.md: derivatives of tractfunc.core.interpolate.trilinear wrt volume and voxel position."""
 import itertools
 import torch
 
-from tractfunc.interpolate import trilinear
+from tractfunc.core.interpolate import trilinear
 
 from _checklib import finish, report  # proofs/ is on sys.path (run as a script)
 

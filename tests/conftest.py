@@ -42,7 +42,7 @@ def require_philips():
 
 @pytest.fixture(scope="session")
 def phantom_files(tmp_path_factory):
-    from tractfunc.phantom import make_phantom, save_phantom
+    from tractfunc.tools.phantom import make_phantom, save_phantom
     d = tmp_path_factory.mktemp("phantom")
     ph = make_phantom()
     paths = save_phantom(ph, str(d / "ph"))
@@ -51,7 +51,8 @@ def phantom_files(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def phantom_field(phantom_files):
-    from tractfunc import field as F, params as P, io
+    from tractfunc.core import field as F, params as P
+    from tractfunc import io
     ph, paths = phantom_files
     img = io.load_fod(paths["fod"])
     return dict(ph=ph, img=img, params=P.resolve(img.voxel_sizes),
@@ -63,8 +64,8 @@ def phantom_field(phantom_files):
 def phantom_seeds(f, n, seed, dtype=torch.float32):
     """n seeds in the phantom's seed mask with random start directions, and the field of ``dtype``:
     (points (n, 3), directions (n, 3), field)."""
-    from tractfunc import seeds as S
-    from tractfunc.tracking import random_directions
+    from tractfunc.core import seeds as S
+    from tractfunc.sdstream.tracking import random_directions
     g = torch.Generator().manual_seed(seed)
     pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, n, g).to(dtype)
     return pts, random_directions(n, g, dtype), f["field32"] if dtype == torch.float32 else f["field64"]

@@ -53,7 +53,7 @@ def test_track_phantom_seed_image_tck_and_trk(tmp_path, phantom_files):
 def test_track_seed_points_and_directions_in_seed_order(tmp_path, phantom_files):
     ph, paths = phantom_files
     import torch
-    from tractfunc.seeds import random_in_mask
+    from tractfunc.core.seeds import random_in_mask
     pts = random_in_mask(torch.as_tensor(ph.mask), ph.affine, 30, torch.Generator().manual_seed(0)).numpy()
     np.savetxt(tmp_path / "pts.txt", pts)
     dirs = np.tile([0.7, -0.7, 0.1], (30, 1))
@@ -234,7 +234,7 @@ def test_torchrun_two_ranks_give_the_same_tractogram(tmp_path, phantom_files):
 
 def test_interrupted_output_leaves_no_file(tmp_path):
     """A .tck stream that fails midway is removed, never left truncated."""
-    from tractfunc.io import TckWriter
+    from tractfunc.io.images import TckWriter
     out = tmp_path / "x.tck"
     with pytest.raises(RuntimeError):
         with TckWriter(str(out), {"step_size": 0.2}) as w:

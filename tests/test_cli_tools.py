@@ -48,7 +48,7 @@ def philips_block(tmp_path_factory):
 
 
 def _peak_agreement(fod_path, block):
-    from tractfunc.csd import peak_angles
+    from tractfunc.tools.csd import peak_angles
     wm = np.asarray(nib.load(block["wm"]).dataobj) > 0
     ours = np.asarray(nib.load(fod_path).dataobj)[wm]
     ref = np.asarray(nib.load(block["ref"]).dataobj)[wm]
@@ -183,7 +183,7 @@ def test_render_orientation_is_neurological(tmp_path):
     """Streamlines at x = +40 mm (the subject's right) land right of the brain's centre in the coronal and
     axial views, and the sagittal view shows them with anterior (+y) to the right of posterior."""
     require_philips()
-    from tractfunc.render import load_background, render
+    from tractfunc.tools.render import load_background, render
     t = np.linspace(0, 1, 80)[:, None]
     line = np.array([40.0, -30.0, -30.0]) + t * [0.0, 60.0, 60.0]     # rising from posterior to anterior
     bg = load_background(os.path.join(PHILIPS, "dwi_FA.nii.gz"))

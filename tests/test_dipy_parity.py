@@ -1,4 +1,4 @@
-"""DIPY-family deterministic getters (tractfunc.peaks / getters / local) against DIPY 1.12 itself.
+"""DIPY-family deterministic getters (tractfunc.local.peaks / getters / local) against DIPY 1.12 itself.
 
 Unit level: peak extraction vs ``dipy.direction.peak_directions``, the trilinear rule vs DIPY's
 ``trilinear_interpolate4d``, stopping criteria vs ``check_point``, getter choices vs ``get_direction`` /
@@ -18,8 +18,8 @@ import torch
 
 from conftest import PHILIPS, SHARED, _missing, require_philips
 
-from tractfunc import getters as G, local as L, peaks as P
-from tractfunc.parity import hausdorff
+from tractfunc.local.tracker import getters as G, tracker as L, peaks as P
+from tractfunc.tools.parity import hausdorff
 
 FIBERCUP = os.path.join(SHARED, "fibercup_phantom_real")
 BAR = 99.5
@@ -62,7 +62,7 @@ def _random_sh(rng, shape, n=45):
 
 def test_mirror_signs_reflect_x():
     """The helper used to hand DIPY the Philips FOD in its voxel frame is an exact x mirror."""
-    from tractfunc import sh
+    from tractfunc.core import sh
     rng = np.random.default_rng(0)
     c = torch.as_tensor(_random_sh(rng, (4,)))
     u = torch.nn.functional.normalize(torch.randn(4, 3, dtype=torch.float64), dim=-1)
@@ -280,13 +280,13 @@ def _philips():
 
 @functools.lru_cache(maxsize=None)
 def _fibercup():
-    """CSD FOD (tractfunc.csd, lmax 8) of the FiberCup b=1500 DWI in its b0 > 300 mask, cached in tmp."""
+    """CSD FOD (tractfunc.tools.csd, lmax 8) of the FiberCup b=1500 DWI in its b0 > 300 mask, cached in tmp."""
     dwi = os.path.join(FIBERCUP, "dwi_b1500.nii.gz")
     if not os.path.exists(dwi):
         _missing(f"FiberCup data not found at {FIBERCUP}")
     _dipy()
     import nibabel as nib
-    from tractfunc import csd
+    from tractfunc.tools import csd
     img = nib.load(dwi)
     mask = np.asarray(nib.load(os.path.join(FIBERCUP, "mask_b0gt300.nii.gz")).dataobj) > 0
     cache = os.path.join(tempfile.gettempdir(), "tractfunc_fibercup_csd_lmax8_v1.npy")
@@ -306,7 +306,7 @@ DATASETS = {"philips": _philips, "fibercup": _fibercup}
 
 
 def _parity(dataset, kind, n_seeds, step=0.5, max_angle=30.0, seed=0, dtype=torch.float64):
-    """Track the same seeds with DIPY LocalTracking and tractfunc.local -> (hausdorff (M,), counts)."""
+    """Track the same seeds with DIPY LocalTracking and tractfunc.local.tracker -> (hausdorff (M,), counts)."""
     default_sphere = _dipy()
     from dipy.direction import ClosestPeakDirectionGetter, DeterministicMaximumDirectionGetter
     from dipy.tracking.local_tracking import LocalTracking
@@ -364,7 +364,7 @@ def test_local_tracking_parity_large(dataset, kind, dtype):
 def test_cli_det_max(tmp_path):
     """``tractfunc track --algorithm det_max | closest_peak`` writes what the API tracks from the same seeds."""
     import nibabel as nib
-    from tractfunc import cli
+    from tractfunc.cli import main as cli
     d = _fibercup()
     A = d["affine"]
     nib.save(nib.Nifti1Image(d["sh"].astype(np.float32), A), str(tmp_path / "fod.nii.gz"))

@@ -6,8 +6,8 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tractfunc import sh
-from tractfunc.direction import peak
+from tractfunc.core import sh
+from tractfunc.core.newton import peak
 
 from conftest import unit
 

@@ -1,13 +1,14 @@
-"""tractfunc.follow: the PyTorch tracker in float64 (or with gradients) taking its discrete decisions from the
+"""tractfunc.sdstream.follow: the PyTorch tracker in float64 (or with gradients) taking its discrete decisions from the
 native kernel -- tckgen's streamlines, every value recomputed in the field's dtype."""
 import numpy as np
 import pytest
 import torch
 
-from tractfunc import native, params as P
-from tractfunc.follow import follow
-from tractfunc.io import TractfuncError
-from tractfunc.tracking import follows_native, track_packed
+from tractfunc.sdstream import native
+from tractfunc.core import params as P
+from tractfunc.sdstream.follow import follow
+from tractfunc.errors import TractfuncError
+from tractfunc.sdstream.tracking import follows_native, track_packed
 
 from conftest import phantom_seeds
 
@@ -92,7 +93,7 @@ def test_float64_reproduces_tckgen_given_the_start(tmp_path, rk4, n):
     (arithmetic and state) by the parity harness's default route (the kernel's decisions): every streamline within 0.05 mm of tckgen's (float32 rounding
     drifts ~1e-2 mm over the longest ones), none lost."""
     from conftest import require_philips, require_tckgen
-    from tractfunc import parity
+    from tractfunc.tools import parity
     from test_native import START
     require_tckgen()
     d = require_philips()

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import require_philips, require_tckgen
-from tractfunc import io, mif, tractogram as T
-from tractfunc.io import TractfuncError
+from tractfunc import io
+from tractfunc.io import mif, tractogram as T
+from tractfunc.errors import TractfuncError
 
 TOL_MM = 1e-4
 
@@ -279,7 +280,7 @@ def test_converters_from_track_results(phantom_field):
     import torch
     from dipy.io.stateful_tractogram import StatefulTractogram
     from conftest import phantom_seeds
-    from tractfunc.tracking import track, track_packed
+    from tractfunc.sdstream.tracking import track, track_packed
     f = phantom_field
     pts, dirs, field = phantom_seeds(f, 40, 0)
     res = track(field, f["params"], pts, dirs, mask=f["mask"])
@@ -324,7 +325,8 @@ def test_mif_fod_bit_identical_to_tckgen_on_the_same_mif(philips_run, philips_mi
     NIfTI's), tckgen given the start direction: every streamline equal bit for bit, so the reader hands the
     kernel the image tckgen sees (layout, transform, voxel sizes, mask bits)."""
     require_tckgen("tckgen")
-    from tractfunc import native, parity
+    from tractfunc.sdstream import native
+    from tractfunc.tools import parity
     if not native.available()[0]:
         pytest.skip(f"native kernel unavailable: {native.available()[1]}")
     fod, mask = philips_mif, tmp_path / "mask.mif"

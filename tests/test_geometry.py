@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from conftest import require_tckgen, require_toshiba
-from tractfunc import field as F, io, params as P
-from tractfunc.tracking import random_directions, track
+from tractfunc.core import field as F, params as P
+from tractfunc import io
+from tractfunc.sdstream.tracking import random_directions, track
 
 SERIES = ["7006_DTI_ortho", "6006_DTI_SAG_30d", "8006_DTI_AX_30d", "9006_DTI_COR_20d", "10006_DTI_ALL_20d"]
 

@@ -22,13 +22,14 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from torch.autograd import gradcheck
 
-from tractfunc import field as F, io, params as P, seeds as S, sh
-from tractfunc.direction import peak, tangent_basis, tangent_newton
-from tractfunc.implicit import attach_peak
-from tractfunc.integrate import euler, rk4
-from tractfunc.interpolate import trilinear
-from tractfunc.jacobian import direction_jacobian, seed_jacobian
-from tractfunc.tracking import TrackState, random_directions, step, track, track_fixed
+from tractfunc.core import field as F, params as P, seeds as S, sh
+from tractfunc import io
+from tractfunc.core.newton import peak, tangent_basis, tangent_newton
+from tractfunc.core.implicit import attach_peak
+from tractfunc.core.integrate import euler, rk4
+from tractfunc.core.interpolate import trilinear
+from tractfunc.sdstream.jacobian import direction_jacobian, seed_jacobian
+from tractfunc.sdstream.tracking import TrackState, random_directions, step, track, track_fixed
 
 from conftest import require_philips, unit
 

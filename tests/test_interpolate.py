@@ -4,7 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tractfunc.interpolate import nearest_value, round_half_away, sample_fod, trilinear
+from tractfunc.core.interpolate import nearest_value, round_half_away, sample_fod, trilinear
 
 
 def _linear_volume(dims, coef, C=3):
@@ -80,7 +80,7 @@ def test_gradient_wrt_volume_and_points():
 
 
 def test_left_image_is_complement_of_sample_inside():
-    from tractfunc.stop import left_image
+    from tractfunc.core.stop import left_image
     torch.manual_seed(0)
     vol = torch.randn(5, 6, 4, 3, dtype=torch.float64)
     vol[2, 2, 2] = 0

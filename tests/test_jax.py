@@ -1,8 +1,8 @@
-"""DLPack inputs (NumPy, JAX) at the public boundary, and the JAX front end :mod:`tractfunc.jax`.
+"""DLPack inputs (NumPy, JAX) at the public boundary, and the JAX front end :mod:`tractfunc.interop.jax`.
 
 * NumPy and JAX arrays reach torch without a copy (same buffer address), the public functions accept
   them and give the tensor results, and tracking leaves its (read-only) inputs untouched;
-* every :mod:`tractfunc.jax` wrapper returns torch's values and its ``jax.grad`` equals torch autograd's
+* every :mod:`tractfunc.interop.jax` wrapper returns torch's values and its ``jax.grad`` equals torch autograd's
   gradient of the same loss (float64, rel 1e-10), eagerly and under ``jax.jit``, including a whole
   fixed-length tracking loss wrt seeds and the FOD coefficients.
 
@@ -15,9 +15,9 @@ import pytest
 import torch
 
 import tractfunc as tf
-from tractfunc import direction, integrate, interpolate, sh, stop
-from tractfunc.arrays import as_tensor
-from tractfunc.io import TractfuncError
+from tractfunc.core import newton as direction, integrate, interpolate, sh, stop
+from tractfunc.core.arrays import as_tensor
+from tractfunc.errors import TractfuncError
 
 from conftest import _missing, phantom_seeds
 
@@ -42,10 +42,10 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def tfj():
-    """tractfunc.jax with float64 enabled in JAX for this module (restored afterwards)."""
+    """tractfunc.interop.jax with float64 enabled in JAX for this module (restored afterwards)."""
     if jax is None:
         _missing("jax is not installed: pip install 'tractfunc[jax]'")
-    import tractfunc.jax as module
+    import tractfunc.interop.jax as module
     old = jax.config.jax_enable_x64
     jax.config.update("jax_enable_x64", True)
     yield module
@@ -138,7 +138,7 @@ def test_jax_arrays_reach_torch_without_a_copy(tfj, phantom_field):
 
 
 # --------------------------------------------------------------------------------------------------
-# tractfunc.jax: values and gradients against torch
+# tractfunc.interop.jax: values and gradients against torch
 
 
 def _grads_match(jax_loss, torch_loss, *arrays):

@@ -12,8 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from tractfunc import io, native, params as P, parity
-from tractfunc.tracking import track
+from tractfunc import io
+from tractfunc.sdstream import native
+from tractfunc.core import params as P
+from tractfunc.tools import parity
+from tractfunc.sdstream.tracking import track
 
 from conftest import IN_CI, phantom_seeds, require_philips, require_tckgen, unit
 
@@ -60,7 +63,7 @@ def test_frame_maps_scanner_points_to_realigned_voxels():
 def test_sampling_matches_pytorch(phantom_field):
     """FOD samples at random points (inside, near edges, outside) agree with tractfunc.sample_fod."""
     _kernel_available()
-    from tractfunc.interpolate import sample_fod
+    from tractfunc.core.interpolate import sample_fod
     f = phantom_field
     k = native.Kernel.from_field(f["field32"], f["params"])
     rng = np.random.default_rng(1)
@@ -78,7 +81,7 @@ def test_sampling_matches_pytorch(phantom_field):
 def test_peaks_match_pytorch(phantom_field):
     """Newton peak search: the kernel's peaks equal the PyTorch emulation's to float32 rounding."""
     _kernel_available()
-    from tractfunc.direction import peak
+    from tractfunc.core.newton import peak
     f = phantom_field
     k = native.Kernel.from_field(f["field32"], f["params"])
     sh = f["field32"].sh.reshape(-1, f["field32"].sh.shape[-1])
@@ -115,7 +118,7 @@ def test_kernel_tracks_like_pytorch(phantom_field, rk4):
 def test_backend_choice_and_errors(phantom_field):
     """auto takes the kernel for float32 CPU tracking without gradients; native refuses what it cannot do."""
     _kernel_available()
-    from tractfunc.io import TractfuncError
+    from tractfunc.errors import TractfuncError
     f = phantom_field
     pts, dirs, fld = phantom_seeds(f, 20, seed=6)
     auto = track(fld, f["params"], pts, dirs, mask=f["mask"])

@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from tractfunc.params import resolve
+from tractfunc.core.params import resolve
 
 
 def test_defaults_match_tckgen_header_for_philips_voxels():

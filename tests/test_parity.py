@@ -4,7 +4,7 @@ Acceptance bar (issue #3): >= 99.5% of streamlines within 0.1 mm and >= 99.9% wi
 Hausdorff), no seed lost.  tckgen does not record the random direction each seed's peak search starts
 from, and SD_Stream flips termination decisions under perturbations far below what the first step
 reveals (~1e-5 rad), so the start is reconstructed with tckgen's own arithmetic
-(:func:`tractfunc.parity.reconstruct_native`); tests/test_native.py covers the case where tckgen is given
+(:func:`tractfunc.tools.parity.reconstruct_native`); tests/test_native.py covers the case where tckgen is given
 the start (-seed_direction) and every streamline must be bit-identical.
 
 Measured on 10 000 streamlines (`pytest -m slow tests/test_parity.py -s`, MRTRIX_RNG_SEED 7 and 11):
@@ -14,14 +14,14 @@ the rest started from a reconstructed direction that is not tckgen's to the last
 (seed 11): float32 99.86 %, float64 arithmetic with tckgen's float32 state 99.90 % (RK4 99.93 %), float64
 arithmetic and state 99.86 %.
 On 2000 streamlines the 1 mm bar is asserted at 99.75 % (<= 5 flips) for the PyTorch tracker taking its own
-decisions.  Taking the kernel's decisions (:mod:`tractfunc.follow`; the parity harness's default for
+decisions.  Taking the kernel's decisions (:mod:`tractfunc.sdstream.follow`; the parity harness's default for
 float64), float64 -- arithmetic and state -- meets the bar itself: 10 000 streamlines, Euler 99.96 / 99.93 %,
 RK4 99.96 / 99.97 % within 1 mm (seeds 7 / 11).
 """
 import pytest
 import torch
 
-from tractfunc import parity
+from tractfunc.tools import parity
 
 from conftest import require_philips, require_tckgen
 
@@ -64,7 +64,7 @@ def test_parity_real_data_2000_native(tmp_path, rk4):
 @pytest.mark.parametrize("rk4", [False, True])
 def test_parity_real_data_2000_float64(tmp_path, rk4):
     """float64 (arithmetic and state), the default route: the PyTorch tracker with the native kernel's
-    decisions (:mod:`tractfunc.follow`): the acceptance bar itself."""
+    decisions (:mod:`tractfunc.sdstream.follow`): the acceptance bar itself."""
     require_tckgen()
     d = require_philips()
     r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 2000, rk4, torch.float64, state_dtype=None)

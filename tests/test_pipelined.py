@@ -4,9 +4,9 @@ import torch
 
 from conftest import phantom_seeds
 
-from tractfunc import seeds as S
-from tractfunc.params import resolve
-from tractfunc.tracking import random_directions, track
+from tractfunc.core import seeds as S
+from tractfunc.core.params import resolve
+from tractfunc.sdstream.tracking import random_directions, track
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -28,7 +28,7 @@ def test_pipelined_equals_plain(phantom_field, dtype):
 def test_pack_matches_a_loop_over_streamlines():
     """Vectorised assembly of accepted streamlines (reversed forward half, seed, backward half) equals
     the per-streamline construction, for random vertex rows in step order."""
-    from tractfunc.tracking import _pack
+    from tractfunc.sdstream.tracking import _pack
     g = torch.Generator().manual_seed(4)
     S_ = 9
     seeds = torch.randn(S_, 3, generator=g)

@@ -1,4 +1,4 @@
-"""Probabilistic getters (tractfunc.probabilistic): the sampled directions follow the FOD-derived PMF
+"""Probabilistic getters (tractfunc.local.probabilistic): the sampled directions follow the FOD-derived PMF
 (chi-square goodness of fit at significance 1e-3, with negative controls that the test rejects), DIPY's own
 ProbabilisticDirectionGetter draws from the same distribution, same seed -> same directions, the cone is
 respected, and both gradient estimators behave (REINFORCE unbiased within its standard error; Gumbel-softmax
@@ -10,7 +10,8 @@ import pytest
 import torch
 from scipy import stats
 
-from tractfunc import probabilistic as pr, sh
+from tractfunc.local.tracker import probabilistic as pr
+from tractfunc.core import sh
 
 ALPHA = 1e-3          # significance level of the goodness-of-fit tests
 
@@ -119,7 +120,7 @@ def test_same_dipy_distribution_as_dipy():
     random = pytest.importorskip("random")
     dipy_dir = pytest.importorskip("dipy.direction")
     from dipy.data import default_sphere
-    from tractfunc.peaks import make_sphere
+    from tractfunc.local.tracker.peaks import make_sphere
     c = crossing_fod()
     vol = volume(c).numpy()
     dg = dipy_dir.ProbabilisticDirectionGetter.from_shcoeff(vol, 30, default_sphere, pmf_threshold=0.1,
@@ -260,9 +261,9 @@ def test_gumbel_gradients_finite_and_aligned(hard):
 
 
 def test_plugs_into_local_tracking():
-    """The sampling getters drive tractfunc.local.local_tracking (DIPY's LocalTracking): same generator
+    """The sampling getters drive tractfunc.local.tracker.local_tracking (DIPY's LocalTracking): same generator
     seed -> same streamlines, consecutive segments within the angle, another seed -> other streamlines."""
-    local = pytest.importorskip("tractfunc.local")
+    local = pytest.importorskip("tractfunc.local.tracker")
     vol = crossing_fod().expand(12, 12, 6, -1).clone()
     crit = local.binary_criterion(torch.ones(12, 12, 6))
     seeds = torch.tensor([[5.0, 5.0, 2.5], [6.2, 4.1, 3.0], [4.4, 6.6, 2.2]], dtype=torch.float64)
@@ -284,7 +285,7 @@ def test_cli_prob_and_ifod1_reproducible(tmp_path, phantom_files):
     """``tractfunc track --algorithm prob | ifod1``: same --rng-seed -> the same streamlines, another seed ->
     other streamlines; ifod1 runs."""
     import nibabel as nib
-    from tractfunc.cli import main
+    from tractfunc.cli.main import main
     _, paths = phantom_files
 
     def run(alg, seed, name):   # in-process: torch is loaded already (the subprocess route is test_cli's)

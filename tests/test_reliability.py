@@ -14,9 +14,9 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from conftest import phantom_seeds
 from tractfunc import Reason, io
-from tractfunc.io import TractfuncError
-from tractfunc.params import resolve
-from tractfunc.tracking import track
+from tractfunc.errors import TractfuncError
+from tractfunc.core.params import resolve
+from tractfunc.sdstream.tracking import track
 
 
 def _small_fod_bytes(tmp_path_factory):
@@ -129,15 +129,15 @@ def test_sigint_leaves_no_output(tmp_path, phantom_files):
 # degenerate fields: no NaN, no hang, and the documented outcome
 
 def _field_of(coeffs, shape=(8, 8, 8), dtype=torch.float64):
-    from tractfunc import field as F
+    from tractfunc.core import field as F
     vol = torch.as_tensor(np.broadcast_to(coeffs, shape + (len(coeffs),)).copy(), dtype=dtype)
     return F.make_field(vol, np.diag([2.0, 2.0, 2.0, 1.0])), resolve((2.0, 2.0, 2.0), max_length=20.0)
 
 
 def _lobes(*dirs, lmax=8, kappa=8.0):
     """SH coefficients (MRtrix3 basis) of equal fibre lobes along unit ``dirs``."""
-    from tractfunc import sh
-    from tractfunc.phantom import _sphere
+    from tractfunc.core import sh
+    from tractfunc.tools.phantom import _sphere
     pts = _sphere()
     amp = sum(np.exp(-kappa * (1 - (pts @ (np.asarray(d) / np.linalg.norm(d))) ** 2)) for d in dirs)
     return np.linalg.pinv(sh.basis(torch.as_tensor(pts), lmax).numpy()) @ amp
@@ -191,7 +191,7 @@ def test_tie_between_two_equal_fibres():
     """Two equal crossing fibres and a start direction exactly on their bisector: the gradient vanishes
     there by symmetry, so the peak search stops on the saddle (as MRtrix's get_peak does); the FOD is
     below the cutoff there, so the seed is rejected.  Any other start direction picks the nearer fibre."""
-    from tractfunc.direction import peak
+    from tractfunc.core.newton import peak
     a, b = np.array([1.0, 0.3, 0.2]), np.array([-0.3, 1.0, 0.1])
     b = b - (a @ b) / (a @ a) * a          # exactly symmetric pair
     a, b = a / np.linalg.norm(a), b / np.linalg.norm(b)
@@ -236,7 +236,7 @@ def test_mismatched_dtype_or_device_is_a_clear_error(phantom_field):
 def test_left_right_flipped_storage_gives_the_same_world_streamlines(phantom_field):
     """The same image stored with its x axis reversed (data flipped, affine compensating) is the same
     field in scanner space, so the streamlines from the same world seeds coincide."""
-    from tractfunc import field as F
+    from tractfunc.core import field as F
     f = phantom_field
     img = f["img"]
     X = img.data.shape[0]
@@ -269,7 +269,7 @@ def test_fuzz_tracker_random_fields_affines_and_seeds(seed, vox, angles, flip, l
     every streamline is finite, starts its seed vertex at its seed, moves exactly one step per vertex,
     stays within the image (grown by one step), respects the vertex limits, and seeds outside the image
     are rejected.  (Minimum length is checked with tckgen's rule: at least ``min_points`` vertices.)"""
-    from tractfunc import field as F, sh
+    from tractfunc.core import field as F, sh
     rng = np.random.default_rng(seed)
     shape = (6, 7, 5)
     n = sh.n_coeffs(lmax)
@@ -306,7 +306,7 @@ def test_oblique_anisotropic_grid_equals_axis_aligned_resampling():
     """A field whose SH coefficients are linear in scanner space is reproduced exactly by trilinear
     interpolation on any grid, so an oblique, anisotropic image and an axis-aligned isotropic resampling
     of it are the same field: streamlines from the same world seeds must coincide (to rounding)."""
-    from tractfunc import field as F
+    from tractfunc.core import field as F
     a, b = np.array([0.8, 0.5, 0.33]), np.array([-0.2, 0.6, -0.77])
     base, tilt = _lobes(a), _lobes(b)
     g = np.array([0.01, -0.015, 0.02])   # per mm: the fibre blend rotates slowly across the volume
@@ -340,9 +340,11 @@ def test_float32_and_float64_agree_except_near_decision_boundaries():
     1e-3 mm; on the 10 000 tckgen seeds of tests/test_parity.py the two differ from tckgen on 0.07 % and
     0.14 %)."""
     from conftest import require_philips
-    from tractfunc import field as F, io, params as P, parity
-    from tractfunc.seeds import random_in_mask
-    from tractfunc.tracking import random_directions, track
+    from tractfunc.core import field as F, params as P
+    from tractfunc import io
+    from tractfunc.tools import parity
+    from tractfunc.core.seeds import random_in_mask
+    from tractfunc.sdstream.tracking import random_directions, track
     d = require_philips()
     fod, m, w = io.load_fod(d["fod"]), io.load_mask(d["mask"]), io.load_mask(d["seed"])
     g = torch.Generator().manual_seed(12)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from tractfunc import sh
+from tractfunc.core import sh
 
 from conftest import unit
 

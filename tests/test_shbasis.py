@@ -1,4 +1,4 @@
-"""SH basis conversions (tractfunc.shbasis): against DIPY's own basis functions, round trips, the loader's
+"""SH basis conversions (tractfunc.core.shbasis): against DIPY's own basis functions, round trips, the loader's
 ``sh_basis=`` and the command line's ``--sh-basis`` (a DIPY-basis volume tracks like the original)."""
 import subprocess
 import sys
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from conftest import require_philips
-from tractfunc import io, sh, shbasis
+from tractfunc import io
+from tractfunc.core import sh, shbasis
 
 dipy_shm = pytest.importorskip("dipy.reconst.shm")
 

@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from tractfunc import Reason, seeds as S
-from tractfunc.tracking import random_directions, track, track_fixed, step, TrackState
+from tractfunc import Reason
+from tractfunc.core import seeds as S
+from tractfunc.sdstream.tracking import random_directions, track, track_fixed, step, TrackState
 
 
 def _seeds(ph, n, dtype, seed=0):
     g = torch.Generator().manual_seed(seed)
     pts = S.random_in_mask(torch.as_tensor(ph.seed_mask), ph.affine, n, g).to(dtype)
-    from tractfunc.tracking import random_directions
+    from tractfunc.sdstream.tracking import random_directions
     return pts, random_directions(n, g, dtype)
 
 
@@ -32,7 +33,7 @@ def test_streamline_structure(phantom_field):
 
 
 def _short(f, **kw):
-    from tractfunc.params import resolve
+    from tractfunc.core.params import resolve
     return resolve(f["img"].voxel_sizes, max_length=12.0, min_length=4.0, **kw)   # 63 / 21 vertices
 
 
@@ -141,9 +142,9 @@ def test_float32_and_float64_agree_on_phantom(phantom_field):
 
 
 def test_torch_compile_primitives_fullgraph():
-    from tractfunc import sh
-    from tractfunc.direction import newton_move
-    from tractfunc.interpolate import trilinear
+    from tractfunc.core import sh
+    from tractfunc.core.newton import newton_move
+    from tractfunc.core.interpolate import trilinear
     torch.manual_seed(0)
     c, u = torch.randn(32, 45), torch.nn.functional.normalize(torch.randn(32, 3), dim=-1)
     tab = sh.LegendreTable(8)
@@ -174,8 +175,8 @@ def test_state_dtype_keeps_tckgen_float32_state(phantom_field):
     """float64 arithmetic with ``state_dtype=float32``: every vertex is a float32 number (tckgen stores
     positions as float), results stay within rounding of full float64 tracking, and gradients still flow
     (the rounding is a cast, whose derivative is the identity)."""
-    from tractfunc import params as P
-    from tractfunc.tracking import track_fixed
+    from tractfunc.core import params as P
+    from tractfunc.sdstream.tracking import track_fixed
     f = phantom_field
     g = torch.Generator().manual_seed(8)
     pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, 30, g).double()

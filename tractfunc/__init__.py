@@ -40,20 +40,29 @@ from __future__ import annotations
 import importlib
 
 _EXPORTS = {
-    "sh": None, "Peak": "direction", "peak": "direction", "attach_peak": "implicit",
-    "seed_jacobian": "jacobian", "direction_jacobian": "jacobian",
-    "FODField": "field", "MaskField": "field", "make_field": "field", "make_mask": "field",
-    "sample_fod": "interpolate", "trilinear": "interpolate",
-    "TractfuncError": "io", "load_fod": "io", "load_mask": "io", "write_tractogram": "io",
-    "TrackParams": "params", "resolve": "params", "random_in_mask": "seeds",
-    "euler": "integrate", "iterate": "integrate", "rk4": "integrate", "sd_next": "integrate",
-    "Reason": "stop", "FixedTracks": "tracking", "Tractogram": "tracking", "TrackState": "tracking",
-    "step": "tracking", "track": "tracking", "track_fixed": "tracking", "track_packed": "tracking",
-    "PackedTracks": "tracking",
-    "Tracks": "tractogram", "load_tractogram": "tractogram", "save_tractogram": "tractogram",
-    "to_stateful_tractogram": "tractogram", "to_nibabel_tractogram": "tractogram",
-    "closest_peak": "getters", "deterministic_maximum": "getters", "local_tracking": "local",
-    "shbasis": None, "probabilistic": None,
+    "sh": ("core.sh", None), "Peak": ("core.newton", 'Peak'), "peak": ("core.newton", 'peak'),
+    "attach_peak": ("core.implicit", 'attach_peak'), "seed_jacobian": ("sdstream.jacobian", 'seed_jacobian'),
+    "direction_jacobian": ("sdstream.jacobian", 'direction_jacobian'), "FODField": ("core.field", 'FODField'),
+    "MaskField": ("core.field", 'MaskField'), "make_field": ("core.field", 'make_field'),
+    "make_mask": ("core.field", 'make_mask'), "sample_fod": ("core.interpolate", 'sample_fod'),
+    "trilinear": ("core.interpolate", 'trilinear'), "TractfuncError": ("errors", 'TractfuncError'),
+    "load_fod": ("io", 'load_fod'), "load_mask": ("io", 'load_mask'), "write_tractogram": ("io", 'write_tractogram'),
+    "TrackParams": ("core.params", 'TrackParams'), "resolve": ("core.params", 'resolve'),
+    "random_in_mask": ("core.seeds", 'random_in_mask'), "euler": ("core.integrate", 'euler'),
+    "iterate": ("core.integrate", 'iterate'), "rk4": ("core.integrate", 'rk4'),
+    "sd_next": ("core.integrate", 'sd_next'), "Reason": ("core.stop", 'Reason'),
+    "FixedTracks": ("sdstream.tracking", 'FixedTracks'), "Tractogram": ("sdstream.tracking", 'Tractogram'),
+    "TrackState": ("sdstream.tracking", 'TrackState'), "step": ("sdstream.tracking", 'step'),
+    "track": ("sdstream.tracking", 'track'), "track_fixed": ("sdstream.tracking", 'track_fixed'),
+    "track_packed": ("sdstream.tracking", 'track_packed'), "PackedTracks": ("sdstream.tracking", 'PackedTracks'),
+    "Tracks": ("io.tractogram", 'Tracks'), "load_tractogram": ("io.tractogram", 'load_tractogram'),
+    "save_tractogram": ("io.tractogram", 'save_tractogram'),
+    "to_stateful_tractogram": ("io.tractogram", 'to_stateful_tractogram'),
+    "to_nibabel_tractogram": ("io.tractogram", 'to_nibabel_tractogram'),
+    "closest_peak": ("local.getters", 'closest_peak'),
+    "deterministic_maximum": ("local.getters", 'deterministic_maximum'),
+    "local_tracking": ("local.tracker", 'local_tracking'), "shbasis": ("core.shbasis", None),
+    "probabilistic": ("local.probabilistic", None),
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"
@@ -62,10 +71,10 @@ __version__ = "0.1.0"
 def __getattr__(name: str):
     if name not in _EXPORTS:
         raise AttributeError(f"module 'tractfunc' has no attribute {name!r}")
-    mod = _EXPORTS[name]
-    value = importlib.import_module(f".{name if mod is None else mod}", __name__)
-    if mod is not None:
-        value = getattr(value, name)
+    mod, attr = _EXPORTS[name]
+    value = importlib.import_module(f".{mod}", __name__)
+    if attr is not None:
+        value = getattr(value, attr)
     globals()[name] = value
     return value
 

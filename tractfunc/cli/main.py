@@ -1,0 +1,696 @@
+"""Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render`` -- a thin layer
+over the Python API.
+
+``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.sdstream.native`) without importing torch;
+other settings (float64, CUDA, ``--backend torch``, ``--compile``, ``--workers``, torchrun) run the
+PyTorch tracker.  Seeds and random start directions come from ``numpy.random.default_rng(--rng-seed)``
+on both routes, so the two draw the same seeds."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Optional
+
+import numpy as np
+
+from ..tools import distributed
+from .. import io
+from ..core import params as P, seeds as S
+from ..errors import TractfuncError
+
+
+def _state_dtype(name: str):
+    """--state-dtype -> TrackParams.state_dtype: tckgen's float32 state, or None (full precision)."""
+    import torch
+    return torch.float32 if name == "float32" else None
+
+
+STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
+              "operations (default float32, as tckgen keeps them; with --dtype float64 this keeps tckgen's "
+              "rounding under float64 arithmetic; float64 keeps full precision)")
+
+EXAMPLES_TRACK = """examples:
+  tractfunc track fod.nii.gz out.tck --seed-image wm.nii.gz --mask brain.nii.gz --select 5000
+  tractfunc track fod.nii.gz out.tck --seed-points seeds.csv --seed-directions dirs.txt --rk4
+  tractfunc track fod.nii.gz out.trk --seed-image wm.nii.gz --seeds 20000 --dtype float64
+"""
+
+
+def _progress(enabled: bool):
+    """Progress line on stderr: done/total (seeds, or streamlines with --select), accepted/attempted
+    seeds, streamlines per second and ETA."""
+    t0 = time.time()
+
+    def report(done, total, accepted, attempted=None):
+        if not enabled:
+            return
+        dt = max(time.time() - t0, 1e-9)
+        rate = done / dt
+        eta = (total - done) / rate if rate > 0 and total else 0.0
+        tried = f" / {attempted} seeds" if attempted is not None else ""
+        sys.stderr.write(f"\r{done:>9} of {total}  [{accepted} accepted{tried}]  {accepted / dt:,.0f} streamlines/s  "
+                         f"ETA {eta:5.0f}s ")
+        sys.stderr.flush()
+        if done >= total:
+            sys.stderr.write("\n")
+    return report
+
+
+def _load_inputs(a, native: bool = False):
+    """FOD image, resolved parameters and the optional mask image, validated (one-line errors).
+    native: the FOD stays in its file layout (the kernel repacks it) and its finiteness is checked there."""
+    fod = io.load_fod(a.fod, check_finite=not native, sh_basis=getattr(a, "sh_basis", "mrtrix"))
+    prm = P.resolve(fod.voxel_sizes, rk4=a.rk4, step=a.step, angle=a.angle, cutoff=a.cutoff,
+                    min_length=a.min_length, max_length=a.max_length, precomputed=not a.exact_sh,
+                    state_dtype=None if native else _state_dtype(a.state_dtype))
+    mask = None
+    if a.mask:
+        mask = io.load_mask(a.mask)
+        if not io.same_grid(mask, fod):
+            raise TractfuncError(f"{a.mask}: mask grid {mask.data.shape} does not match the FOD grid "
+                                 f"{fod.data.shape[:3]} (same dimensions and affine expected)")
+    return fod, prm, mask
+
+
+def _torch_inputs(a, dtype, device):
+    """(fod image, params, FODField, MaskField or None) for the PyTorch tracker."""
+    import torch
+    from ..core import field as F
+    fod, prm, mask = _load_inputs(a)
+    fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype, device=device), fod.affine, precomputed=not a.exact_sh,
+                       voxel_sizes=fod.voxel_sizes)
+    msk = (F.make_mask(torch.as_tensor(mask.data, device=device), mask.affine, mask.voxel_sizes)
+           if mask is not None else None)
+    return fod, prm, fld, msk
+
+
+def _native_kernel(a, threads: int):
+    """(fod image, params, :class:`tractfunc.sdstream.native.Kernel`) -- no torch import."""
+    from ..sdstream import native
+    fod, prm, mask = _load_inputs(a, native=True)
+    sh, nz, bad = native.prepare_volume(fod.data, threads)
+    if bad:
+        raise io.nonfinite_error(a.fod, bad)
+    k = native.Kernel(sh, fod.affine, prm, nz, None if mask is None else mask.data,
+                      None if mask is None else mask.affine, threads, fod.voxel_sizes,
+                      None if mask is None else mask.voxel_sizes)
+    # the kernel holds its own copy; keep only the grid of the file's array (for headers), not its memory
+    return fod._replace(data=np.broadcast_to(np.float32(0), fod.data.shape)), prm, k
+
+
+def _use_native(a) -> bool:
+    """Whether ``track`` runs the native kernel (see the module docstring); --backend native insists."""
+    from ..sdstream import native
+    fits = (a.dtype == "float32" and a.device == "cpu" and not a.exact_sh and not a.compile and a.workers == 1
+            and not distributed.launched() and a.state_dtype == "float32")
+    if a.backend == "torch" or (a.backend == "auto" and not fits):
+        return False
+    ok, why = native.available()
+    if a.backend == "native":
+        if not fits:
+            raise TractfuncError("--backend native runs float32 on the CPU (no --exact-sh, --compile, --workers, "
+                                 "torchrun or --state-dtype float64)")
+        if not ok:
+            raise TractfuncError(f"--backend native: the native kernel is unavailable ({why})")
+    return ok
+
+
+def _inside_image(fod: io.Image, pts: np.ndarray) -> np.ndarray:
+    A = np.linalg.inv(fod.affine)
+    v = pts @ A[:3, :3].T + A[:3, 3]
+    dims = np.array(fod.data.shape[:3])
+    return np.all((v > -0.5) & (v < dims - 0.5), axis=1)
+
+
+class _Sink:
+    """Where accepted streamlines go: streamed to disk chunk by chunk for .tck (bounded memory; the file
+    appears only when complete), collected then written for .trk.  Under a ``torchrun`` launch each rank
+    streams its own streamlines to a part file and rank 0 merges the parts (see
+    :mod:`tractfunc.tools.distributed`)."""
+
+    def __init__(self, path, fod, header, shard=None):
+        self.path, self.fod, self.header, self.shard = path, fod, header, shard
+        self.count = 0
+        self.rejected = 0   # seeds rejected at the seed point (outside the mask or image, no peak)
+        self.seed_pts, self.sidx = [], []
+        self.lines = []
+        self.segments = []   # per add(): (first byte, end byte, streamlines) of this rank's part
+        tck = path.lower().endswith(".tck")
+        if shard is not None and not tck:
+            raise TractfuncError(f"{path}: a torchrun launch writes .tck (ranks stream parts that are merged)")
+        self.part = self._part_name(shard.rank) if shard is not None else path
+        self.writer = io.TckWriter(self.part, header) if tck else None
+
+    def _part_name(self, rank: int) -> str:
+        return f"{self.path[:-4]}.rank{rank}.tck"
+
+    def add(self, batch, k: int, seed_pts):
+        """The first k streamlines of a tracked ``batch`` (:class:`tractfunc.tools.distributed.Batch`), with
+        their seed points (k, 3)."""
+        verts, lengths = batch.local_prefix(k)
+        if self.writer is not None:
+            start = self.writer.tell()
+            self.writer.write_packed(verts, lengths)
+            self.segments.append((start, self.writer.tell(), len(lengths)))
+        elif len(lengths):
+            self.lines += np.split(np.asarray(verts, dtype=np.float64), np.cumsum(lengths)[:-1])
+        self.seed_pts += list(seed_pts)
+        self.sidx += batch.seed_index[:k].tolist()
+        self.count += k
+
+    def close(self, n_seeds):
+        if self.writer is None:
+            io.write_tractogram(self.path, self.lines, self.fod, {**self.header, "total_count": n_seeds})
+            return
+        self.writer.total_count = n_seeds
+        self.writer.close()
+        if self.shard is None:
+            return
+        parts = self.shard.all_gather(self.segments)
+        if self.shard.rank == 0:   # interleave the parts' byte ranges: batch by batch, rank by rank
+            with io.TckWriter(self.path, {**self.header, "total_count": n_seeds}) as out:
+                files = [open(self._part_name(r), "rb") for r in range(self.shard.world)]
+                try:
+                    for j in range(len(self.segments)):
+                        for fh, segs in zip(files, parts):
+                            start, end, n = segs[j]
+                            fh.seek(start)
+                            out.write_raw(fh.read(end - start), n)
+                finally:
+                    for fh in files:
+                        fh.close()
+        self.shard.barrier()
+        os.remove(self.part)
+
+    def abort(self):
+        if self.writer is not None:
+            self.writer.abort()
+        if self.shard is not None and os.path.exists(self.part):
+            os.remove(self.part)
+
+
+def _track_points(a, fod, run, gen, sink, report):
+    pts = io.read_seed_points(a.seed_points)
+    n_all = len(pts)
+    outside = ~_inside_image(fod, pts)
+    dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
+    if dirs is None:   # tckgen draws a random start direction per seed
+        dirs = S.random_directions_np(len(pts), gen)
+    if outside.any():
+        what = (f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
+                f"(first: row {int(np.argmax(outside)) + 1})")
+        if a.outside == "fail":
+            raise TractfuncError(f"{what}; expected scanner-mm points inside it (or --outside skip)")
+        if not a.quiet:
+            sys.stderr.write(f"tractfunc track: {what}; skipped (--outside skip)\n")
+        pts, dirs = pts[~outside], dirs[~outside]
+        sink.rejected += int(outside.sum())
+    for start in range(0, len(pts), a.chunk):
+        if a.select and sink.count >= a.select:
+            break
+        sl = slice(start, start + a.chunk)
+        batch = run(pts[sl], dirs[sl])
+        sink.rejected += int((~batch.seed_ok).sum())
+        ids = batch.seed_ids
+        keep = len(ids) if not a.select else min(len(ids), a.select - sink.count)
+        sink.add(batch, keep, [pts[sl][i] for i in ids[:keep].tolist()])
+        report(min(sl.stop, len(pts)), len(pts), sink.count)
+    return n_all
+
+
+def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
+    if a.seed_directions:
+        raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
+    seed_img = io.load_mask(a.seed_image)
+    if not seed_img.data.any():
+        raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
+    select = a.select if a.select is not None else (0 if a.seeds else 5000)
+    max_seeds = a.seeds if a.seeds else 1000 * select
+    n_seeds = 0
+    while n_seeds < max_seeds and (not select or sink.count < select):
+        # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
+        # (first guess 0.7: typical white-matter seeding); the PyTorch tracker overshoots a little rather
+        # than run a tiny extra batch, whose per-tick overhead would dominate; the native kernel has no
+        # such overhead and tops up in small batches instead of tracking seeds for nothing
+        rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.7
+        want = overshoot * (select - sink.count) / rate if select else max_seeds
+        n = int(min(max(want, min_batch), a.chunk, max_seeds - n_seeds))
+        pts = S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
+        batch = run(pts, S.random_directions_np(n, gen))
+        keep = batch.seed_ids.tolist()
+        if select and sink.count + len(keep) >= select:
+            k = select - sink.count
+            # count seeds up to and including the one that produced the select-th streamline
+            used = keep[k - 1] + 1
+            keep = keep[:k]
+        else:
+            used = n
+        n_seeds += used
+        sink.rejected += int((~batch.seed_ok[:used]).sum())
+        sink.add(batch, len(keep), [pts[i] for i in keep])
+        report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
+    return n_seeds
+
+
+def cmd_track(a) -> int:
+    if a.threads is not None and a.threads < 1:
+        raise TractfuncError(f"--threads must be a positive number of threads, got {a.threads}")
+    if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
+        if a.chunk < 1:
+            raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
+        from ..local import tracker as local
+        return local.track_command(a)
+    if a.workers < 1:
+        raise TractfuncError(f"--workers must be a positive number of processes, got {a.workers}")
+    if a.chunk < 1:
+        raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
+    gen = np.random.default_rng(a.rng_seed)
+    pool = shard = None
+    native = _use_native(a)
+    if native:
+        from ..sdstream import native as native_mod
+        threads = a.threads or os.cpu_count() or 1
+        fod, prm, kernel = _native_kernel(a, threads)
+
+        def run_here(pts: np.ndarray, dirs: np.ndarray):
+            v, ln, ids, sidx, reasons, _ = kernel.track(pts, dirs, threads)
+            return v, ln, ids, sidx, reasons[:, 0] != int(native_mod.SEED_REJECTED)
+    else:
+        import torch
+        from ..sdstream.tracking import seeds_ok, track_packed
+        dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
+        device = torch.device(a.device)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        if distributed.launched():
+            if a.workers > 1:
+                raise TractfuncError("--workers and a torchrun launch both split seeds; use one of them")
+            shard = distributed.Shard(device)
+            device = shard.device(device)
+        fod, prm, fld, msk = _torch_inputs(a, dtype, device)
+        if a.workers > 1:
+            if device.type != "cpu":
+                raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
+            from ..tools.workers import Pool
+            pool = Pool(a, a.dtype, a.workers, threads_each=a.threads or 1)
+
+        def run_here(pts: np.ndarray, dirs: np.ndarray):
+            """Track seeds (S, 3) with start directions (S, 3) -> packed streamlines (vertices (V, 3),
+            lengths (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,); NumPy."""
+            if pool is not None:
+                return pool.track(pts, dirs)
+            res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
+                               torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
+                               backend=a.backend, decisions=a.decisions)
+            return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)),
+                    seeds_ok(res))
+
+    leader = shard is None or shard.rank == 0
+    report = _progress(leader and not a.quiet and sys.stderr.isatty())
+    header = {"method": "SD_Stream (tractfunc)", "step_size": prm.step, "max_angle": prm.angle,
+              "threshold": prm.cutoff, "min_dist": prm.min_length, "max_dist": prm.max_length,
+              "rk4": int(prm.rk4), "source": a.fod}
+    sink = _Sink(a.output, fod, header, shard)
+
+    def run(pts: np.ndarray, dirs: np.ndarray) -> distributed.Batch:
+        """Track a seed batch (here, or this rank's share of it)."""
+        if shard is not None:
+            return shard.track(run_here, pts, dirs)
+        v, ln, ids, sidx, ok = run_here(pts, dirs)
+        return distributed.Batch(v, ln, ids, sidx, seed_ok=ok)
+
+    try:
+        if a.seed_points:
+            n_seeds = _track_points(a, fod, run, gen, sink, report)
+        else:
+            batching = dict(overshoot=1.02, min_batch=64) if native else {}
+            n_seeds = _track_image(a, run, gen, sink, report, **batching)
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        if pool is not None:
+            pool.close()
+    sink.close(n_seeds)
+    if shard is not None:
+        shard.close()
+    if a.output_seeds and leader:
+        io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
+    if not a.quiet and leader:
+        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{n_seeds}; "
+              f"{sink.rejected} seeds rejected at the seed point: outside the mask or image, or no FOD peak "
+              "above the cutoff)")
+    return 0
+
+
+def cmd_demo(a) -> int:
+    import torch
+    from ..core import field as F
+    from ..tools.phantom import make_phantom, save_phantom
+    from ..sdstream.tracking import track
+    os.makedirs(a.out, exist_ok=True)
+    ph = make_phantom()
+    paths = save_phantom(ph, os.path.join(a.out, "phantom"))
+    img = io.load_fod(paths["fod"])
+    prm = P.resolve(img.voxel_sizes)
+    fld = F.make_field(torch.as_tensor(img.data), img.affine)
+    msk = F.make_mask(torch.as_tensor(ph.mask), ph.affine)
+    gen = torch.Generator().manual_seed(a.rng_seed)
+    pts = S.random_in_mask(torch.as_tensor(ph.seed_mask), ph.affine, a.seeds, gen).float()
+    t0 = time.time()
+    res = track(fld, prm, pts, None, mask=msk, generator=gen)
+    dt = time.time() - t0
+    arrays = [l.double().numpy() for l in res.streamlines]
+    out_tck = os.path.join(a.out, "phantom.tck")
+    io.write_tractogram(out_tck, arrays, img, {"method": "SD_Stream (tractfunc)", "step_size": prm.step})
+    png = os.path.join(a.out, "phantom.png")
+    from ..tools.render import render
+    render(np.concatenate(arrays) if arrays else np.zeros((0, 3)), np.array([len(x) for x in arrays], dtype=np.int64),
+           png, background=(ph.fod[..., 0], ph.affine),
+           title="tractfunc SD_Stream on the built-in phantom (colour = direction, RGB = |x|,|y|,|z|; neurological)")
+    n_vert = sum(len(x) for x in arrays)
+    print(f"phantom demo: {len(arrays)} of {a.seeds} seeds accepted, {n_vert} vertices in {dt:.1f}s")
+    print(f"wrote {paths['fod']}, {paths['mask']}, {out_tck}, {png}")
+    return 0
+
+
+def cmd_parity(a) -> int:
+    import torch
+    from ..tools import parity
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        tck, csv = os.path.join(tmp, "ref.tck"), os.path.join(tmp, "seeds.csv")
+        parity.run_tckgen(a.fod, tck, csv, a.seed_image, a.mask, a.select, rk4=a.rk4, nthreads=a.threads)
+        ref = parity.load_reference(tck, csv)
+        dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
+        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype),
+                           backend=a.backend, decisions=a.decisions)
+    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} tracker): "
+          f"{len(r.distances)} streamlines, {100 * r.identical:.2f}% bit-identical, "
+          f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
+          f"{r.too_short} shorter than the minimum length, tractfunc {r.seconds:.1f}s")
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from ..tools import benchmark
+    try:
+        res = benchmark.run(a.fod, a.seed_image, a.mask, a.select, a.threads, a.dtype, a.device, a.rk4,
+                            a.dipy, a.repeats, a.json, a.workers, a.compile, a.backend)
+    except RuntimeError as e:
+        raise TractfuncError(str(e)) from None
+    print(benchmark.format_table(res))
+    return 0
+
+
+EXAMPLES_BENCH = """examples:
+  tractfunc bench fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --select 10000 --threads 2
+  tractfunc bench fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --dipy --json bench.json
+"""
+
+
+def cmd_info(a) -> int:
+    import json
+    from ..io import tractogram as T
+    reports = []
+    for path in a.files:
+        s = T.summary(T.load_tractogram(path))
+        reports.append({"file": path, **s})
+        if a.json:
+            continue
+        print(path)
+        print(f"  count:            {s['count']}")
+        if s["total_count"] is not None:
+            print(f"  total_count:      {s['total_count']}")
+        print(f"  vertices:         {s['vertices']}")
+        if s["count"]:
+            print(f"  length (mm):      min {s['length_min_mm']:.4g}  mean {s['length_mean_mm']:.4g}  "
+                  f"max {s['length_max_mm']:.4g}")
+            print(f"  points:           min {s['points_min']}  max {s['points_max']}")
+        if "dims" in s:
+            print(f"  reference grid:   {' x '.join(map(str, s['dims']))}")
+            for row in s["voxel_to_rasmm"][:3]:
+                print("  voxel_to_rasmm:   " + "  ".join(f"{v:10.4f}" for v in row))
+        for k, v in s["header"].items():
+            print(f"  {k + ':':<17} {v}")
+    if a.json:
+        out = json.dumps(reports if len(reports) > 1 else reports[0], indent=2)
+        if a.json == "-":
+            print(out)
+        else:
+            with open(a.json, "w") as fh:
+                fh.write(out + "\n")
+    return 0
+
+
+def cmd_convert(a) -> int:
+    from ..io import tractogram as T
+    if os.path.splitext(a.output)[1].lower() not in T.FORMATS:
+        raise TractfuncError(f"{a.output}: unknown tractogram extension; expected .tck, .trk or .trx")
+    tracks = T.load_tractogram(a.input, reference=a.reference)
+    T.save_tractogram(tracks, a.output, reference=a.reference)
+    if not a.quiet:
+        print(f"{a.output}: {len(tracks.lengths)} streamlines from {a.input}")
+    return 0
+
+
+EXAMPLES_INFO = """examples:
+  tractfunc info out.tck
+  tractfunc info a.tck b.trk c.trx --json -
+  tractfunc info out.trx --json info.json
+"""
+
+EXAMPLES_CONVERT = """examples:
+  tractfunc convert out.tck out.trk --reference fod.nii.gz
+  tractfunc convert out.tck out.trx --reference fod.mif
+  tractfunc convert out.trk out.tck
+  tractfunc convert out.trx out.trk
+(.trk and .trx record a voxel grid: converting from .tck needs --reference; coordinates are kept in scanner mm)
+"""
+
+
+DECISIONS_HELP = ("where the PyTorch tracker runs (float64, CUDA): who decides each peak basin and where each half "
+                  "stops. native: the native kernel (tckgen's float32 arithmetic), every value then recomputed in "
+                  "--dtype; own: the PyTorch tracker itself (differs from tckgen on ~0.1%% of streamlines, at "
+                  "rounding-level ties); auto (default): native on the CPU when --backend is auto")
+
+
+EXAMPLES_DEMO = """examples:
+  tractfunc demo
+  tractfunc demo --out demo_dir --seeds 5000 --rng-seed 1
+"""
+
+EXAMPLES_PARITY = """examples:
+  tractfunc parity fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --select 10000
+  tractfunc parity fod.nii.gz --seed-image wm.nii.gz --mask brain.nii.gz --rk4 --dtype float64
+"""
+
+EXAMPLES_FOD = """examples:
+  tractfunc fod dwi.nii.gz dwi.bval dwi.bvec fod.nii.gz --mask brain.nii.gz
+  tractfunc fod dwi.nii.gz dwi.bval dwi.bvec fod.nii.gz --response dwi_response.txt --jobs 4
+  tractfunc track fod.nii.gz out.tck --seed-image brain.nii.gz --mask brain.nii.gz --select 5000
+"""
+
+EXAMPLES_RENDER = """examples:
+  tractfunc render out.tck out.png --background fod.nii.gz
+  tractfunc render out.tck out.png --background dwi.nii.gz --slab 10 --max-streamlines 20000
+
+orientation: neurological (subject's right on the right of the coronal and axial views); colour = segment
+direction in scanner axes, RGB = |x|, |y|, |z| (red left-right, green anterior-posterior, blue inferior-superior)
+"""
+
+
+def cmd_fod(a) -> int:
+    from ..tools import csd
+    t0 = time.time()
+    res = csd.fod_from_files(a.dwi, a.bval, a.bvec, a.output, a.mask, a.lmax, a.response, a.fa_thr, a.roi_radii,
+                             a.jobs, a.tau)
+    resp = ("automatic, from " + f"{res.response_voxels} voxels" if res.response[0] == "auto"
+            else f"from {a.response}")
+    print(f"{a.output}: lmax {a.lmax} FODs (MRtrix3 basis) in {int(res.mask.sum())} voxels; response {resp}: "
+          + " ".join(f"{c:.6g}" for c in res.response[1]) + f"; {res.not_converged} voxels did not converge; "
+          f"fit {res.seconds:.1f}s, total {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_render(a) -> int:
+    from ..tools import render
+    out = render.render_file(a.tractogram, a.output, a.background, a.max_streamlines, a.slab, a.rng_seed)
+    print(f"{a.output}: {out['streamlines']} of {out['total']} streamlines drawn, "
+          f"{out['pixels'][0]} x {out['pixels'][1]} pixels")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tractfunc", description="Differentiable SD_Stream tractography in PyTorch.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("track", help="track streamlines (tckgen -algorithm SD_Stream equivalent)",
+                       epilog=EXAMPLES_TRACK, formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("fod", help="FOD image, SH coefficients in the MRtrix3 basis (NIfTI or MRtrix .mif/.mif.gz)")
+    t.add_argument("output", help="output tractogram (.tck, .trk or .trx)")
+    g = t.add_mutually_exclusive_group(required=True)
+    g.add_argument("--seed-image", help="seed uniformly within the non-zero voxels of this image")
+    g.add_argument("--seed-points", help="seed points file: rows 'x y z' (scanner mm) or a tckgen -output_seeds CSV")
+    t.add_argument("--seed-directions", help="rows 'dx dy dz', one start direction per seed point")
+    t.add_argument("--select", type=int, help="number of streamlines to keep (default 5000 with --seed-image)")
+    t.add_argument("--seeds", type=int, help="number of seeds to draw (with --seed-image)")
+    t.add_argument("--mask", help="tracking mask: streamlines stop on leaving it")
+    t.add_argument("--step", type=float, help="step size in mm (default 0.1 x voxel, 0.25 x voxel with --rk4)")
+    t.add_argument("--angle", type=float, help="maximum angle between steps in degrees (default 60)")
+    t.add_argument("--cutoff", type=float, help="FOD amplitude cutoff (default 0.1)")
+    t.add_argument("--min-length", type=float, help="minimum length in mm (default 5 x voxel)")
+    t.add_argument("--max-length", type=float, help="maximum length in mm (default 100 x voxel)")
+    t.add_argument("--rk4", action="store_true", help="fourth-order Runge-Kutta integration")
+    t.add_argument("--exact-sh", action="store_true", help="exact SH evaluation in peak search instead of tckgen's lookup table")
+    t.add_argument("--sh-basis", default="mrtrix", choices=["mrtrix", "tournier07", "tournier07_legacy", "descoteaux07",
+                                                            "descoteaux07_legacy"],
+                   help="SH basis of the FOD file (default mrtrix == DIPY tournier07; DIPY's default is "
+                        "descoteaux07 legacy): converted to the MRtrix3 basis on loading (see docs/sh_bases.md)")
+    t.add_argument("--outside", choices=["fail", "skip"], default="fail",
+                   help="--seed-points outside the FOD image: stop with an error (default) or skip them with a "
+                        "count on stderr (they count as rejected seeds in total_count)")
+    t.add_argument("--output-seeds", help="write seeds as tckgen -output_seeds CSV")
+    t.add_argument("--rng-seed", type=int, default=0, help="seed of the random generator (default 0)")
+    t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
+    t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    t.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
+    t.add_argument("--threads", type=int, help="CPU threads (default: all; the native kernel's threads, else "
+                                                "torch.set_num_threads)")
+    t.add_argument("--workers", type=int, default=1,
+                   help="CPU processes tracking in parallel (seeds split across them; same output)")
+    t.add_argument("--chunk", type=int, default=20000, help="seeds tracked per batch; bounds memory (default 20000)")
+    t.add_argument("--compile", action="store_true",
+                   help="fuse the Newton move with torch.compile (compiles for tens of seconds first; float32 "
+                        "output then differs from tckgen's arithmetic in the last bits; measured slower than "
+                        "eager on the CPU: see docs/benchmarks.md)")
+    t.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="native: the C kernel with tckgen's exact float32 arithmetic (bit-identical to tckgen, "
+                        "fastest; float32 on the CPU); torch: the PyTorch tracker (any dtype/device); auto "
+                        "(default): native where it applies")
+    t.add_argument("--decisions", default="auto", choices=["auto", "native", "own"], help=DECISIONS_HELP)
+    t.add_argument("--quiet", action="store_true", help="no progress or summary")
+    dg = t.add_argument_group("DIPY-style deterministic tracking (--algorithm closest_peak | det_max; "
+                              "docs/dipy_getters.md)")
+    dg.add_argument("--algorithm", default="sd_stream",
+                    choices=["sd_stream", "closest_peak", "det_max", "prob", "ifod1"],
+                    help="sd_stream (default): tckgen SD_Stream; closest_peak / det_max: DIPY's ClosestPeak / "
+                         "DeterministicMaximum getters with LocalTracking (fixed step; --step default 0.2 mm, "
+                         "--angle default 20, as dipy.tracking.tracker); prob / ifod1: DIPY's Probabilistic getter / "
+                         "an iFOD1-like sampler (--cutoff, default 0.1; --angle 15 and a 2000-vertex Fibonacci "
+                         "sphere unless given) with the same loop, random draws from --rng-seed "
+                         "(docs/probabilistic.md)")
+    dg.add_argument("--fa-map", help="scalar map (FA, GFA): stop where its trilinear value <= --stop-threshold "
+                                     "(DIPY ThresholdStoppingCriterion); else --mask stops (BinaryStoppingCriterion)")
+    dg.add_argument("--stop-threshold", type=float, default=0.2, help="threshold on --fa-map (default 0.2)")
+    dg.add_argument("--sphere", default="default", help="DIPY sphere name (default: dipy.data.default_sphere)")
+    dg.add_argument("--pmf-threshold", type=float, default=0.1, help="DIPY pmf_threshold (default 0.1)")
+    dg.add_argument("--relative-peak-threshold", type=float, default=0.5, help="peak_directions (default 0.5)")
+    dg.add_argument("--min-separation-angle", type=float, default=25.0, help="peak_directions, degrees (default 25)")
+    dg.add_argument("--max-cross", type=int, help="at most this many peaks tracked per seed (default all)")
+    dg.add_argument("--maxlen", type=int, default=500, help="points per half streamline (DIPY maxlen, default 500)")
+    dg.add_argument("--valid-only", action="store_true",
+                    help="DIPY return_all=False: keep streamlines whose ends both reach ENDPOINT/OUTSIDEIMAGE")
+    dg.add_argument("--sh-frame", default="scanner", choices=["scanner", "voxel"],
+                    help="frame of the FOD's directions: scanner (default; MRtrix3 FODs) or voxel (as DIPY reads "
+                         "SH: the array axes)")
+    t.set_defaults(func=cmd_track)
+    d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG",
+                       epilog=EXAMPLES_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("--out", default="tractfunc_demo", help="output folder (default ./tractfunc_demo)")
+    d.add_argument("--seeds", type=int, default=2000)
+    d.add_argument("--rng-seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+    q = sub.add_parser("parity", help="run tckgen SD_Stream and re-track its streamlines; report agreement",
+                       epilog=EXAMPLES_PARITY, formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("fod")
+    q.add_argument("--seed-image", required=True)
+    q.add_argument("--mask")
+    q.add_argument("--select", type=int, default=2000)
+    q.add_argument("--rk4", action="store_true")
+    q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    q.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
+    q.add_argument("--threads", type=int, default=2)
+    q.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="tractfunc's tracker (default auto: the native kernel for float32)")
+    q.add_argument("--decisions", default="auto", choices=["auto", "native", "own"], help=DECISIONS_HELP)
+    q.set_defaults(func=cmd_parity)
+    b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",
+                       epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
+    b.add_argument("fod")
+    b.add_argument("--seed-image", required=True)
+    b.add_argument("--mask")
+    b.add_argument("--select", type=int, default=10000)
+    b.add_argument("--threads", type=int, default=2)
+    b.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    b.add_argument("--device", default="cpu")
+    b.add_argument("--compile", action="store_true", help="tractfunc with --compile (wall time includes compiling)")
+    b.add_argument("--rk4", action="store_true")
+    b.add_argument("--dipy", action="store_true", help="also time DIPY deterministic tracking (seeds = select)")
+    b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")
+    b.add_argument("--workers", type=int, default=1,
+                   help="tractfunc processes sharing the --threads cores (e.g. 2 workers x 1 thread)")
+    b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
+                   help="tractfunc's tracker (as for track; default auto: the native kernel for float32 on the CPU)")
+    b.add_argument("--json", help="write all results to this JSON file")
+    b.set_defaults(func=cmd_bench)
+    n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",
+                       epilog=EXAMPLES_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
+    n.add_argument("files", nargs="+", help="tractograms (.tck, .trk or .trx)")
+    n.add_argument("--json", help="write the summary as JSON to this file ('-': stdout) instead of the text")
+    n.set_defaults(func=cmd_info)
+    c = sub.add_parser("convert", help="convert between .tck, .trk and .trx (coordinates kept in scanner mm)",
+                       epilog=EXAMPLES_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("input", help="input tractogram (.tck, .trk or .trx)")
+    c.add_argument("output", help="output tractogram (.tck, .trk or .trx)")
+    c.add_argument("--reference", help="reference image (NIfTI or .mif, or a .trk/.trx) giving the voxel grid "
+                                       "that .trk/.trx output records; needed when the input is a .tck")
+    c.add_argument("--quiet", action="store_true", help="no summary line")
+    c.set_defaults(func=cmd_convert)
+    f = sub.add_parser("fod", help="FODs from a single-shell DWI (DIPY CSD) in the MRtrix3 basis, for tracking "
+                                   "without MRtrix3",
+                       epilog=EXAMPLES_FOD, formatter_class=argparse.RawDescriptionHelpFormatter)
+    f.add_argument("dwi", help="diffusion-weighted image (4-D NIfTI)")
+    f.add_argument("bval", help="FSL bvals file")
+    f.add_argument("bvec", help="FSL bvecs file (image axes, as dcm2niix writes them)")
+    f.add_argument("output", help="output FOD image (.nii or .nii.gz): SH coefficients, MRtrix3 basis, float32")
+    f.add_argument("--mask", help="voxels to fit (default: a DIPY median_otsu brain mask from the b=0 volumes)")
+    f.add_argument("--lmax", type=int, default=8, help="maximum SH order (even; default 8)")
+    f.add_argument("--response", default="auto",
+                   help="'auto' (default: single-fibre voxels with FA > --fa-thr near the volume centre) or an "
+                        "MRtrix3 single-shell response file (dwi2response output: one row of zonal coefficients)")
+    f.add_argument("--fa-thr", type=float, default=0.7, help="FA threshold of the automatic response (default 0.7)")
+    f.add_argument("--roi-radii", type=int, default=10,
+                   help="radius in voxels of the central region the automatic response is taken from (default 10)")
+    f.add_argument("--tau", type=float, default=0.0,
+                   help="CSD non-negativity threshold, fraction of the mean FOD amplitude (default 0, as MRtrix3 "
+                        "dwi2fod; DIPY's default is 0.1)")
+    f.add_argument("--jobs", type=int, default=1, help="processes fitting voxels in parallel (default 1)")
+    f.set_defaults(func=cmd_fod)
+    r = sub.add_parser("render", help="PNG of a tractogram: direction-coloured streamlines on three orthogonal views",
+                       epilog=EXAMPLES_RENDER, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("tractogram", help="input tractogram (.tck, .trk or .trx)")
+    r.add_argument("output", help="output figure (.png)")
+    r.add_argument("--background", help="image drawn underneath (NIfTI or .mif; a 4-D image gives its first volume, "
+                                        "e.g. the b=0 of a DWI or the l=0 term of an FOD)")
+    r.add_argument("--max-streamlines", type=int, help="draw a random subset of at most this many streamlines")
+    r.add_argument("--slab", type=float, help="show only a slab this thick (mm) around the centre of each view "
+                                              "(default: everything, projected)")
+    r.add_argument("--rng-seed", type=int, default=0, help="seed of the --max-streamlines subset (default 0)")
+    r.set_defaults(func=cmd_render)
+    return p
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = build_parser()
+    a = p.parse_args(argv)
+    try:
+        return a.func(a)
+    except (TractfuncError, ValueError, FileNotFoundError) as e:
+        sys.stderr.write(f"tractfunc {a.cmd}: error: {e}\n")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

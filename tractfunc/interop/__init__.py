@@ -1,0 +1,1 @@
+"""Bridges to other frameworks: :mod:`tractfunc.interop.jax` (JAX-callable primitives and tracking)."""

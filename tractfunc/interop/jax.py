@@ -1,0 +1,241 @@
+"""tractfunc from JAX: the primitives and the fixed-shape tracker as JAX functions with gradients.
+
+Each function here takes and returns JAX arrays, runs tractfunc's PyTorch implementation, and declares
+its derivative with ``jax.custom_vjp``, so ``jax.grad`` / ``jax.vjp`` of a loss on its outputs (e.g. on
+streamline vertices, wrt seeds and FOD coefficients) works:
+
+* forward: inputs go to torch by DLPack (zero-copy, same device), outputs come back the same way;
+* backward: the torch forward is run again with autograd on and ``torch.autograd.grad`` returns the
+  cotangents of the floating-point inputs (no torch graph is kept between the two calls, so the functions
+  stay pure; the backward costs one forward plus torch's backward).  The derivatives are exactly
+  tractfunc's (implicit-function-theorem peaks, soft termination, ...), see the README.
+
+Under ``jax.jit`` / ``jax.vmap`` (traced inputs) the torch calls go through ``jax.pure_callback``: they
+run on the host CPU on NumPy buffers, and ``vmap`` calls torch once per batch element (every function
+here already batches over leading dimensions: pass batches directly where you can).
+
+Dtypes follow the inputs.  JAX computes in float32 unless ``jax.config.update("jax_enable_x64", True)``
+is set before arrays are created; gradient checks want float64.  Integer outputs (reason codes, seed
+vertex index) are int32, masks are bool; they carry no gradient.
+
+Requires the ``jax`` extra: ``pip install 'tractfunc[jax]'``.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+try:
+    import jax
+    import jax.numpy as jnp
+except ImportError as e:  # the optional extra is missing
+    raise ImportError("tractfunc.interop.jax needs JAX: pip install 'tractfunc[jax]' (or pip install jax)") from e
+
+from ..core import newton as _direction, integrate as _integrate, interpolate as _interpolate, sh as _sh
+from ..sdstream import tracking as _tracking
+from ..core.arrays import as_tensor
+from ..core.field import FODField, MaskField, make_field
+from ..errors import TractfuncError
+from ..core.params import TrackParams
+
+__all__ = ["basis", "amplitude", "sh_jet", "trilinear", "peak", "euler", "rk4", "track_fixed"]
+
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
+                 np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
+
+
+def _floating(x) -> jax.Array:
+    """x as a JAX array; integer input becomes JAX's default float (float64 only with x64 enabled)."""
+    x = jnp.asarray(x)
+    return x if jnp.issubdtype(x.dtype, jnp.floating) else x.astype(float)
+
+
+def _spec(shape, dtype) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
+
+
+def _is_float(spec) -> bool:
+    return jnp.issubdtype(spec.dtype, jnp.floating)
+
+
+def _call(fn: Callable, specs: Sequence[jax.ShapeDtypeStruct], args: Sequence) -> tuple:
+    """Run ``fn`` (torch tensors -> sequence of tensors) on JAX arrays; results cast to ``specs``.
+
+    Concrete inputs: DLPack both ways (no copy, torch on the arrays' device).  Traced inputs (jit, vmap):
+    ``jax.pure_callback`` on the host, one call per vmapped element."""
+    def torch_side(*xs):
+        out = fn(*(as_tensor(x) for x in xs))
+        return tuple(t.detach().to(_TORCH_DTYPES[np.dtype(s.dtype)]) for t, s in zip(out, specs))
+
+    if any(isinstance(a, jax.core.Tracer) for a in args):
+        host = lambda *xs: tuple(t.cpu().numpy() for t in torch_side(*xs))  # noqa: E731
+        return tuple(jax.pure_callback(host, tuple(specs), *args, vmap_method="sequential"))
+    return tuple(jnp.from_dlpack(t.contiguous()) for t in torch_side(*args))
+
+
+def _torch_vjp(fn: Callable, specs, n_args: int):
+    """torch function of (*args, *float cotangents) -> cotangents of args (zeros where unused)."""
+    def vjp(*xs):
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_(True) for x in xs[:n_args]]
+            outs = [o for o, s in zip(fn(*leaves), specs) if _is_float(s)]
+            pairs = [(o, c) for o, c in zip(outs, xs[n_args:]) if o.requires_grad]
+            grads = [None] * n_args
+            if pairs:
+                grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c.to(o.dtype) for o, c in pairs],
+                                            allow_unused=True)
+        return tuple(torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads))
+    return vjp
+
+
+def _bridge(fn: Callable, specs: Sequence[jax.ShapeDtypeStruct], *args) -> tuple:
+    """``fn`` (torch, floating tensors -> tensors) applied to floating JAX ``args`` as a JAX function whose
+    derivative is torch autograd's (``jax.custom_vjp``).  specs: the outputs' shapes and dtypes."""
+    specs = tuple(specs)
+    arg_specs = tuple(_spec(a.shape, a.dtype) for a in args)
+
+    @jax.custom_vjp
+    def f(*xs):
+        return _call(fn, specs, xs)
+
+    def f_fwd(*xs):
+        return _call(fn, specs, xs), xs
+
+    def f_bwd(xs, cots):
+        float_cots = [c for c, s in zip(cots, specs) if _is_float(s)]
+        return _call(_torch_vjp(fn, specs, len(xs)), arg_specs, (*xs, *float_cots))
+
+    f.defvjp(f_fwd, f_bwd)
+    return f(*args)
+
+
+def _int32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# primitives
+
+
+def basis(dirs, lmax: int) -> jax.Array:
+    """SH basis (MRtrix3 convention) at unit directions: dirs (..., 3) scanner frame -> (..., N),
+    N = (lmax+1)(lmax+2)/2.  See :func:`tractfunc.core.sh.basis`."""
+    dirs = _floating(dirs)
+    spec = _spec(dirs.shape[:-1] + (_sh.n_coeffs(lmax),), dirs.dtype)
+    return _bridge(lambda d: (_sh.basis(d, lmax),), [spec], dirs)[0]
+
+
+def amplitude(coeffs, dirs) -> jax.Array:
+    """FOD amplitude: coeffs (..., N) SH, dirs (..., 3) unit (leading dims broadcast) -> (...,).
+    See :func:`tractfunc.core.sh.amplitude`."""
+    coeffs, dirs = _floating(coeffs), _floating(dirs)
+    spec = _spec(np.broadcast_shapes(coeffs.shape[:-1], dirs.shape[:-1]), jnp.result_type(coeffs, dirs))
+    return _bridge(lambda c, d: (_sh.amplitude(c, d),), [spec], coeffs, dirs)[0]
+
+
+def sh_jet(coeffs, u) -> _sh.SphereJet:
+    """Amplitude (...,), tangent gradient (..., 3) and tangent Hessian (..., 3, 3) on the sphere at unit
+    ``u`` (..., 3) of the SH series ``coeffs`` (..., N).  See :func:`tractfunc.core.sh.sh_jet`."""
+    coeffs, u = _floating(coeffs), _floating(u)
+    batch = np.broadcast_shapes(coeffs.shape[:-1], u.shape[:-1])
+    dt = jnp.result_type(coeffs, u)
+    specs = [_spec(batch, dt), _spec(batch + (3,), dt), _spec(batch + (3, 3), dt)]
+    return _sh.SphereJet(*_bridge(lambda c, v: tuple(_sh.sh_jet(c, v)), specs, coeffs, u))
+
+
+def trilinear(volume, vox) -> _interpolate.Sample:
+    """Trilinear sampling with MRtrix3's edge rules: volume (X, Y, Z, C), vox (..., 3) voxel coordinates
+    -> Sample(values (..., C) in volume's dtype, inside (...,) bool).  Differentiable wrt both.
+    See :func:`tractfunc.core.interpolate.trilinear`."""
+    volume, vox = _floating(volume), _floating(vox)
+    specs = [_spec(vox.shape[:-1] + volume.shape[-1:], volume.dtype), _spec(vox.shape[:-1], bool)]
+    return _interpolate.Sample(*_bridge(lambda v, x: tuple(_interpolate.trilinear(v, x)), specs, volume, vox))
+
+
+def peak(coeffs, u0, max_iter: int = _direction.MAX_ITER, polish_iter: int = 0) -> _direction.Peak:
+    """FOD peak reached by Newton iteration from unit ``u0`` (..., 3): coeffs (..., N) -> Peak(dir (..., 3),
+    amp (...,)), NaN where the search did not converge.  Exact SH evaluation (no lookup table); the
+    derivative is :func:`tractfunc.core.newton.peak`'s (through the iterations)."""
+    coeffs, u0 = _floating(coeffs), _floating(u0)
+    batch = np.broadcast_shapes(coeffs.shape[:-1], u0.shape[:-1])
+    dt = jnp.result_type(coeffs, u0)
+    fn = lambda c, u: tuple(_direction.peak(c, u, None, max_iter, polish_iter=polish_iter))  # noqa: E731
+    return _direction.Peak(*_bridge(fn, [_spec(batch + (3,), dt), _spec(batch, dt)], coeffs, u0))
+
+
+# --------------------------------------------------------------------------------------------------
+# steps and tracking on an FOD given as a JAX array
+
+
+def _field(sh: torch.Tensor, affine, precomputed: bool, voxel_sizes) -> FODField:
+    return make_field(sh, np.asarray(affine, dtype=np.float64), precomputed=precomputed, voxel_sizes=voxel_sizes)
+
+
+def _mask_on(mask: Optional[MaskField], device) -> Optional[MaskField]:
+    if mask is None:
+        return None
+    return mask._replace(mask=as_tensor(mask.mask).to(device), world_to_voxel=as_tensor(mask.world_to_voxel).to(device))
+
+
+def _move(integrator, sh, pos, dir, affine, params: TrackParams, precomputed: bool, voxel_sizes):
+    sh, pos, dir = _floating(sh), _floating(pos), _floating(dir)
+    B = pos.shape[:-1]
+    dt = jnp.result_type(sh, pos, dir)
+    specs = [_spec(B + (3,), dt), _spec(B + (3,), dt), _spec(B, np.int32), _spec(B, dt), _spec(B, dt), _spec(B, dt)]
+
+    def fn(s, p, d):
+        m = integrator(_field(s, affine, precomputed, voxel_sizes), params, p, d)
+        return m._replace(reason=_int32(m.reason))
+    return _integrate.Move(*_bridge(fn, specs, sh, pos, dir))
+
+
+def euler(sh, pos, dir, *, affine, params: TrackParams, precomputed: bool = False,
+          voxel_sizes=None) -> _integrate.Move:
+    """One SD_Stream Euler step (:func:`tractfunc.core.integrate.euler`) of B streamlines.
+
+    sh: (X, Y, Z, N) FOD SH coefficients; pos: (B, 3) scanner mm; dir: (B, 3) unit; affine: (4, 4) voxel ->
+    scanner (static, NumPy); params: :func:`tractfunc.resolve` output.  precomputed: tckgen's Legendre
+    lookup table for the peak search (False: exact SH, the right choice for gradients).
+    Returns Move(pos, dir, reason (int32), amp, amp_margin, cos_margin); differentiable wrt sh and pos."""
+    return _move(_integrate.euler, sh, pos, dir, affine, params, precomputed, voxel_sizes)
+
+
+def rk4(sh, pos, dir, *, affine, params: TrackParams, precomputed: bool = False,
+        voxel_sizes=None) -> _integrate.Move:
+    """One tckgen ``-rk4`` step (:func:`tractfunc.core.integrate.rk4`); arguments and result as :func:`euler`."""
+    return _move(_integrate.rk4, sh, pos, dir, affine, params, precomputed, voxel_sizes)
+
+
+def track_fixed(sh, seeds, init_dirs, *, affine, params: TrackParams, n_steps: int,
+                mask: Optional[MaskField] = None, temperature: Optional[float] = None,
+                precomputed: bool = False, checkpoint: int = 0, voxel_sizes=None) -> _tracking.FixedTracks:
+    """Fixed-shape bidirectional tracking (:func:`tractfunc.sdstream.tracking.track_fixed`) as a JAX function.
+
+    sh: (X, Y, Z, N) FOD SH coefficients; seeds: (B, 3) scanner mm; init_dirs: (B, 3) unit start directions
+    of the seed peak search; all three of one dtype.  affine: (4, 4) voxel -> scanner of the FOD (static);
+    params: :func:`tractfunc.resolve` output (``peak_polish=3`` for exact peaks); n_steps: steps per half;
+    mask: an optional :class:`tractfunc.MaskField` (torch, static); temperature: soft termination;
+    precomputed: tckgen's Legendre lookup table (False: exact SH, for gradients); checkpoint: recompute
+    chunks of this many steps in the backward (saves memory).
+
+    Returns FixedTracks of JAX arrays: vertices (B, 2T+1, 3) mm, valid (B, 2T+1) bool, seed_index (B,) int32,
+    accepted (B,) bool, reason_fwd / reason_bwd (B,) int32, weights (B, 2T+1).  ``jax.grad`` of a loss on
+    vertices / weights flows to sh and seeds (init_dirs: zero, the peak does not move within its basin)."""
+    sh, seeds, init_dirs = _floating(sh), _floating(seeds), _floating(init_dirs)
+    if seeds.ndim != 2 or seeds.shape[-1] != 3 or init_dirs.shape != seeds.shape:
+        raise TractfuncError(f"seeds {seeds.shape} and init_dirs {init_dirs.shape}: expected both (B, 3)")
+    if not sh.dtype == seeds.dtype == init_dirs.dtype:
+        raise TractfuncError(f"sh, seeds and init_dirs are {sh.dtype}, {seeds.dtype}, {init_dirs.dtype}; expected "
+                             "one dtype (float64 needs jax.config.update('jax_enable_x64', True))")
+    B, V, dt = seeds.shape[0], 2 * n_steps + 1, sh.dtype
+    specs = [_spec((B, V, 3), dt), _spec((B, V), bool), _spec((B,), np.int32), _spec((B,), bool),
+             _spec((B,), np.int32), _spec((B,), np.int32), _spec((B, V), dt)]
+
+    def fn(s, p, d):
+        r = _tracking.track_fixed(_field(s, affine, precomputed, voxel_sizes), params, p, d, n_steps,
+                                  _mask_on(mask, s.device), temperature, checkpoint)
+        return r._replace(seed_index=_int32(r.seed_index), reason_fwd=_int32(r.reason_fwd),
+                          reason_bwd=_int32(r.reason_bwd))
+    return _tracking.FixedTracks(*_bridge(fn, specs, sh, seeds, init_dirs))

@@ -1,0 +1,14 @@
+"""The file boundary: NIfTI / .mif images in, .tck / .trk / .trx tractograms and seed files in and out.
+
+  images      FOD and mask images, seed files, tractogram writing
+  mif         the MRtrix3 .mif/.mif.gz reader (NumPy only)
+  tractogram  .tck/.trk/.trx in memory; DIPY StatefulTractogram and nibabel Tractogram conversion
+
+io imports the core's SH helpers and :mod:`tractfunc.errors`, never a tracker.
+"""
+from ..errors import TractfuncError
+from .images import (Image, TckWriter, load_fod, load_mask, nonfinite_error, read_directions, read_seed_points,
+                     same_grid, write_seeds_csv, write_tractogram)
+
+__all__ = ["TractfuncError", "Image", "TckWriter", "load_fod", "load_mask", "nonfinite_error", "read_directions",
+           "read_seed_points", "same_grid", "write_seeds_csv", "write_tractogram"]

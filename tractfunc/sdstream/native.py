@@ -1,0 +1,388 @@
+"""Native CPU backend of the eager tracker: SD_Stream in single precision, tckgen's arithmetic bit for bit.
+
+:func:`tractfunc.sdstream.tracking.track` (and the CLI) use it for float32 tracking on the CPU without gradients.
+It is a small C kernel (``tractfunc/csrc/sd_stream.c``) compiled on first use with the system C compiler
+(``$CC``, else ``cc``) into a per-user cache (``$TRACTFUNC_CACHE``, else ``~/.cache/tractfunc``) and loaded
+with :mod:`ctypes`; seeds are spread over threads inside the kernel.  Where no compiler is available
+:func:`available` says why and the PyTorch tracker is used instead (same semantics, a few times slower,
+and not bit-identical to tckgen).
+
+Why a kernel: the PyTorch tracker evaluates the same formulas as tensors, which reorders floating-point
+sums; SD_Stream is chaotic at rounding level (a Newton search hovering at its 50-iteration limit ends a
+streamline or not depending on the last bit), so only tckgen's exact operation order reproduces tckgen's
+streamlines everywhere.  The kernel keeps that order and tckgen's single/double precision mix, and works
+in MRtrix3's realigned voxel frame (axes permuted and flipped towards RAS, which sets the order of the
+trilinear sum).  It is the forward pass only; gradients use :func:`tractfunc.sdstream.tracking.track_fixed`.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import platform
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional, Tuple
+
+import numpy as np
+
+from ..core.params import TrackParams
+
+if TYPE_CHECKING:   # torch is imported only by the functions that take tensors
+    from ..core.field import FODField, MaskField
+
+_SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
+# No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
+_CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
+_ABI = 1
+SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
+_lib = None
+_error: Optional[str] = None
+
+I64x3 = ctypes.c_int64 * 3
+
+
+class _Config(ctypes.Structure):
+    _fields_ = [
+        ("fod", ctypes.c_void_p), ("fod_stride", ctypes.c_int64 * 4), ("dim", I64x3),
+        ("ncoef", ctypes.c_int32), ("lmax", ctypes.c_int32),
+        ("nonzero", ctypes.c_void_p), ("nz_stride", I64x3),
+        ("s2v", ctypes.c_double * 12),
+        ("mask", ctypes.c_void_p), ("mask_dim", I64x3), ("mask_stride", I64x3), ("mask_s2v", ctypes.c_float * 12),
+        ("al", ctypes.c_void_p), ("al_ndir", ctypes.c_int32), ("al_n", ctypes.c_int32), ("al_inc", ctypes.c_float),
+        ("step", ctypes.c_float), ("threshold", ctypes.c_float), ("dot_threshold", ctypes.c_float),
+        ("cos_max_angle_ho", ctypes.c_float), ("rk4", ctypes.c_int32),
+        ("max_points", ctypes.c_int64), ("min_points", ctypes.c_int64),
+    ]
+
+
+def _lmax(n: int) -> int:
+    from ..core.shsize import lmax_for
+    lmax = lmax_for(n)
+    if lmax > 12:
+        raise ValueError(f"the native tracker supports lmax <= 12, got {lmax}")
+    return lmax
+
+
+def _default_threads() -> int:
+    """torch's intra-op thread count when torch is loaded (so torch.set_num_threads applies), else all CPUs."""
+    torch = sys.modules.get("torch")
+    return torch.get_num_threads() if torch is not None else (os.cpu_count() or 1)
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("TRACTFUNC_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "tractfunc")
+    return Path(root)
+
+
+def _compile(out: Path) -> None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise OSError("no C compiler found (set $CC or install gcc)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        r = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+        if r.returncode:
+            raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
+        os.replace(tmp, out)   # atomic: concurrent first uses (workers, ranks) never see a partial file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            return next((line for line in fh if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        return ""
+
+
+def _load():
+    global _lib, _error
+    if _lib is not None or _error is not None:
+        return _lib
+    if os.environ.get("TRACTFUNC_NATIVE", "1") == "0":
+        _error = "disabled by TRACTFUNC_NATIVE=0"
+        return None
+    try:
+        src = _SRC.read_bytes()
+        # -march=native: key on the CPU too, so a shared home directory never serves another CPU's build
+        key = hashlib.sha256(src + " ".join(_CFLAGS).encode() + sys.platform.encode() + platform.machine().encode()
+                             + _cpu_flags().encode()).hexdigest()[:16]
+        path = _cache_dir() / f"sd_stream-{key}.so"
+        if not path.exists():
+            _compile(path)
+        lib = ctypes.CDLL(str(path))
+        lib.sd_abi_version.restype = ctypes.c_int32
+        if lib.sd_abi_version() != _ABI:
+            raise OSError("stale native library (ABI mismatch)")
+        lib.sd_build_al.restype = ctypes.c_float
+        lib.sd_build_al.argtypes = [ctypes.c_int32, ctypes.c_int32, ctypes.c_void_p]
+        lib.sd_al_size.restype = ctypes.c_int32
+        lib.sd_track_batch.restype = ctypes.c_int32
+        lib.sd_track_batch.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_void_p, ctypes.c_int32]
+        lib.sd_peaks.restype = None
+        lib.sd_peaks.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                 ctypes.c_void_p]
+        lib.sd_seed_steps.restype = None
+        lib.sd_seed_steps.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64] + [ctypes.c_void_p] * 5
+        lib.sd_repack.restype = ctypes.c_int64
+        lib.sd_repack.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+        lib.sd_sample.restype = None
+        lib.sd_sample.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
+                                  ctypes.c_void_p]
+        _lib = lib
+    except OSError as e:
+        _error = str(e)
+    return _lib
+
+
+def available() -> Tuple[bool, str]:
+    """(True, "") when the kernel is built and loaded, else (False, the reason)."""
+    return (_load() is not None, _error or "")
+
+
+def supported(field: "FODField", params: TrackParams, needs_grad: bool) -> bool:
+    """Whether :class:`Kernel` can run this job: float32 on the CPU, no gradient, lmax <= 12,
+    tckgen's lookup-table peaks (``precomputed``), no peak polishing, float32 (or no) state rounding,
+    and a step size that is a number (not a tensor)."""
+    import torch
+    return (field.sh.dtype == torch.float32 and field.sh.device.type == "cpu" and not needs_grad
+            and field.sh.shape[-1] <= 91 and params.precomputed and field.table is not None
+            and params.peak_polish == 0 and params.state_dtype in (None, torch.float32)
+            and not torch.is_tensor(params.step) and available()[0])
+
+
+def prepare_volume(data: np.ndarray, threads: int = 0) -> Tuple[np.ndarray, np.ndarray, int]:
+    """An FOD array (X, Y, Z, N) of any memory layout (NIfTI loads it coefficient-slowest) -> its float32
+    copy with the coefficients contiguous (C order), the (X, Y, Z) uint8 map of voxels holding any
+    non-zero coefficient, and the number of voxels holding a NaN/Inf; in one threaded pass."""
+    lib = _require()
+    data = np.asarray(data, dtype=np.float32)
+    out = np.empty(data.shape, dtype=np.float32)
+    nz = np.empty(data.shape[:3], dtype=np.uint8)
+    st = np.array([s // 4 for s in data.strides], dtype=np.int64)
+    dims = np.array(data.shape, dtype=np.int64)
+    bad = lib.sd_repack(data.ctypes.data, st.ctypes.data, dims.ctypes.data, out.ctypes.data, nz.ctypes.data,
+                        int(threads or os.cpu_count() or 1))
+    return out, nz, int(bad)
+
+
+def _require():
+    lib = _load()
+    if lib is None:
+        raise RuntimeError(f"native tracker unavailable: {_error}")
+    return lib
+
+
+# --------------------------------------------------------------------------------------------------
+# MRtrix3's realigned voxel frame
+
+
+def realign(affine: np.ndarray) -> Tuple[list, list]:
+    """MRtrix3's axis permutation and flips that bring a voxel->scanner affine closest to RAS.
+
+    affine: (4, 4) voxel -> scanner.  Returns (perm, flip): new axis i is old axis perm[i], read backwards when
+    flip[perm[i]]."""
+    M = np.asarray(affine, dtype=np.float64)[:3, :3]
+    M = M / np.linalg.norm(M, axis=0)   # MRtrix3 decides on the direction cosines, not the voxel sizes
+    perm = [int(np.argmax(np.abs(M[i]))) for i in range(3)]
+
+    def other(a, b):
+        return next(i for i in range(3) if i not in (a, b))
+
+    if perm[0] == perm[1]:
+        perm[1] = other(perm[0], perm[2])
+    if perm[0] == perm[2]:
+        perm[2] = other(perm[0], perm[1])
+    if perm[1] == perm[2]:
+        perm[2] = other(perm[0], perm[1])
+    flip = [False] * 3
+    for i in range(3):
+        flip[perm[i]] = bool(M[i, perm[i]] < 0)
+    return perm, flip
+
+
+def _inverse_affine(B: np.ndarray) -> np.ndarray:
+    """Inverse of a (3, 4) affine as Eigen computes it (cofactors times the reciprocal determinant;
+    translation -L^-1 t), so the scanner->voxel transform matches tckgen's to the last bit."""
+    m = B[:, :3]
+
+    def cof(i, j):
+        i1, i2, j1, j2 = (i + 1) % 3, (i + 2) % 3, (j + 1) % 3, (j + 2) % 3
+        return m[i1, j1] * m[i2, j2] - m[i1, j2] * m[i2, j1]
+
+    c0 = [cof(0, 0), cof(1, 0), cof(2, 0)]
+    det = (c0[0] * m[0, 0] + c0[1] * m[1, 0]) + c0[2] * m[2, 0]
+    invdet = 1.0 / det
+    L = np.empty((3, 3))
+    L[0] = [c * invdet for c in c0]
+    for i in range(1, 3):
+        for j in range(3):
+            L[i, j] = cof(j, i) * invdet
+    out = np.empty((3, 4))
+    out[:, :3] = L
+    t = B[:, 3]
+    for i in range(3):
+        out[i, 3] = -((L[i, 0] * t[0] + L[i, 1] * t[1]) + L[i, 2] * t[2])
+    return out
+
+
+def frame(affine: np.ndarray, dims, strides, voxel_sizes=None) -> Tuple[np.ndarray, list, list, int]:
+    """Scanner->voxel transform (3, 4) in MRtrix3's realigned frame, as tckgen computes it from the
+    image's voxel->scanner affine (4, 4) and header voxel sizes (3,) (None: the affine's column lengths);
+    the element strides of the frame's axes in an array with ``strides`` along the original axes; the
+    frame's dims; and the element offset of its origin."""
+    A = np.asarray(affine, dtype=np.float64)
+    perm, flip = realign(A)
+    M = A[:3].copy()
+    norms = [float(np.sqrt((M[0, j] * M[0, j] + M[1, j] * M[1, j]) + M[2, j] * M[2, j])) for j in range(3)]
+    spacing = norms if voxel_sizes is None else [float(v) for v in voxel_sizes]
+    for j in range(3):
+        M[:, j] = M[:, j] / norms[j]   # direction cosines, then scaled by the header's voxel sizes
+    offset = 0
+    st = list(strides)
+    for a in range(3):
+        if flip[a]:
+            length = (dims[a] - 1) * spacing[a]
+            for n in range(3):
+                M[n, a] = -M[n, a]
+                M[n, 3] -= length * M[n, a]
+            offset += (dims[a] - 1) * st[a]
+            st[a] = -st[a]
+    M[:, :3] = M[:, perm]
+    sp = [spacing[p] for p in perm]
+    V = M.copy()
+    for j in range(3):
+        V[:, j] = M[:, j] * sp[j]
+    return _inverse_affine(V), [int(dims[p]) for p in perm], [int(st[p]) for p in perm], offset
+
+
+# --------------------------------------------------------------------------------------------------
+# Tracking
+
+
+class Kernel:
+    """A loaded configuration of the C kernel: the FOD, its non-zero map, the optional mask and the
+    parameters, with the arrays kept alive for the C side.  Build once, call :meth:`track` per batch.
+
+    sh: (X, Y, Z, N) float32 SH coefficients, C order (see :func:`prepare_volume`); affine: (4, 4)
+    voxel -> scanner mm; nonzero: (X, Y, Z) voxels with any non-zero coefficient (computed if None);
+    mask / mask_affine: tracking mask (X', Y', Z') and its own affine, or None; threads: kernel threads
+    (0: all CPUs); voxel_sizes / mask_voxel_sizes: the images' header voxel sizes (:func:`frame`).
+    :meth:`from_field` builds one from the PyTorch containers."""
+
+    def __init__(self, sh: np.ndarray, affine: np.ndarray, params: TrackParams, nonzero: Optional[np.ndarray] = None,
+                 mask: Optional[np.ndarray] = None, mask_affine: Optional[np.ndarray] = None, threads: int = 0,
+                 voxel_sizes=None, mask_voxel_sizes=None):
+        lib = _require()
+        self.lib = lib
+        if not (sh.dtype == np.float32 and sh.flags["C_CONTIGUOUS"]):
+            sh, nonzero, _ = prepare_volume(sh, threads)
+        if nonzero is None:
+            nonzero = (sh != 0).any(-1)
+        nz = np.ascontiguousarray(nonzero, dtype=np.uint8)
+        self._keep = [sh, nz]
+        c = _Config()
+        dims = list(sh.shape[:3])
+        s2v, fdims, fst, off = frame(affine, dims, [x // 4 for x in sh.strides[:3]], voxel_sizes)
+        _, _, nst, noff = frame(affine, dims, [x for x in nz.strides], voxel_sizes)
+        c.fod = sh.ctypes.data + 4 * off
+        c.fod_stride[:] = fst + [1]
+        c.dim[:] = fdims
+        c.ncoef = sh.shape[3]
+        c.lmax = _lmax(sh.shape[3])
+        c.nonzero = nz.ctypes.data + noff
+        c.nz_stride[:] = nst
+        c.s2v[:] = s2v.reshape(-1).tolist()
+        if mask is not None:
+            m = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
+            self._keep.append(m)
+            ms2v, mdims, mst, moff = frame(mask_affine, list(m.shape), list(m.strides), mask_voxel_sizes)
+            c.mask = m.ctypes.data + moff
+            c.mask_dim[:] = mdims
+            c.mask_stride[:] = mst
+            c.mask_s2v[:] = ms2v.astype(np.float32).reshape(-1).tolist()
+        ndir = 512
+        al = np.zeros(ndir * lib.sd_al_size(c.lmax), dtype=np.float32)
+        self._keep.append(al)
+        c.al_inc = lib.sd_build_al(c.lmax, ndir, al.ctypes.data)
+        c.al, c.al_ndir, c.al_n = al.ctypes.data, ndir, lib.sd_al_size(c.lmax)
+        c.step, c.threshold = params.step, params.cutoff
+        c.dot_threshold = params.cos_angle_step
+        c.cos_max_angle_ho = params.cos_angle_rk4
+        c.rk4 = int(params.rk4)
+        c.max_points, c.min_points = params.max_points, params.min_points
+        self.config = c
+        self.cap = params.max_points + 1
+        self.threads = threads
+
+    @classmethod
+    def from_field(cls, field: "FODField", params: TrackParams, mask: Optional["MaskField"] = None,
+                   threads: int = 0) -> "Kernel":
+        """From the PyTorch containers (:func:`tractfunc.make_field` / :func:`tractfunc.make_mask`);
+        the FOD tensor is used in place (no copy)."""
+        import torch
+        affine = torch.linalg.inv(field.world_to_voxel.double().cpu()).numpy()
+        m = ma = None
+        if mask is not None:
+            m = mask.mask.cpu().numpy()
+            ma = torch.linalg.inv(mask.world_to_voxel.double().cpu()).numpy()
+        sh = field.sh.detach().contiguous().numpy()
+        return cls(sh, affine, params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
+                   None if mask is None else mask.voxel_sizes)
+
+    def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0):
+        """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.
+
+        Returns (vertices (V, 3) float32 streamline after streamline in tckgen order, lengths (A,),
+        accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool)."""
+        seeds = np.ascontiguousarray(seeds, dtype=np.float32)
+        dirs = np.ascontiguousarray(dirs, dtype=np.float32)
+        S = len(seeds)
+        threads = threads or self.threads or _default_threads()
+        out = np.empty((S, self.cap, 3), dtype=np.float32)
+        lengths = np.zeros(S, dtype=np.int64)
+        sidx = np.zeros(S, dtype=np.int64)
+        reasons = np.zeros((S, 2), dtype=np.int32)
+        self.lib.sd_track_batch(ctypes.byref(self.config), S, seeds.ctypes.data, dirs.ctypes.data,
+                                out.ctypes.data, self.cap, lengths.ctypes.data, sidx.ctypes.data,
+                                reasons.ctypes.data, int(threads))
+        acc = lengths > 0
+        verts = out[np.arange(self.cap)[None, :] < lengths[:, None]]
+        return verts, lengths[acc], np.nonzero(acc)[0], sidx[acc], reasons.astype(np.int64), acc
+
+    def seed_steps(self, seeds: np.ndarray, dirs: np.ndarray):
+        """tckgen's seed peak and first vertex of each half from start directions: seeds, dirs (n, 3) ->
+        (peak (n, 3), fwd (n, 3), bwd (n, 3)) float32, NaN where rejected or stopped at the first step."""
+        seeds = np.ascontiguousarray(seeds, dtype=np.float32)
+        dirs = np.ascontiguousarray(dirs, dtype=np.float32)
+        pk, f, b = (np.empty((len(seeds), 3), dtype=np.float32) for _ in range(3))
+        self.lib.sd_seed_steps(ctypes.byref(self.config), len(seeds), seeds.ctypes.data, dirs.ctypes.data,
+                               pk.ctypes.data, f.ctypes.data, b.ctypes.data)
+        return pk, f, b
+
+    def peaks(self, sh_rows: np.ndarray, dirs: np.ndarray):
+        """Newton peak search alone: sh_rows (n, N) float32, dirs (n, 3) -> (peak dirs (n, 3), amps (n,))."""
+        sh_rows = np.ascontiguousarray(sh_rows, dtype=np.float32)
+        u = np.array(dirs, dtype=np.float32, order="C", copy=True)
+        amp = np.empty(len(u), dtype=np.float32)
+        self.lib.sd_peaks(ctypes.byref(self.config), len(u), sh_rows.ctypes.data, u.ctypes.data, amp.ctypes.data)
+        return u, amp
+
+    def sample(self, pos: np.ndarray):
+        """FOD sampling alone: pos (n, 3) scanner mm -> (values (n, N) float32, inside (n,) bool)."""
+        pos = np.ascontiguousarray(pos, dtype=np.float32)
+        vals = np.zeros((len(pos), self.config.ncoef), dtype=np.float32)
+        inside = np.zeros(len(pos), dtype=np.uint8)
+        self.lib.sd_sample(ctypes.byref(self.config), len(pos), pos.ctypes.data, vals.ctypes.data, inside.ctypes.data)
+        return vals, inside.astype(bool)
