@@ -24,7 +24,9 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from tractfunc.core import field as F, params as P, seeds as S
 from tractfunc import io  # noqa: E402
-from tractfunc.sdstream.tracking import random_directions, track_fixed, track_packed  # noqa: E402
+from tractfunc.core.seeds import random_directions
+from tractfunc.sdstream.fixed import track_fixed
+from tractfunc.sdstream.track import track  # noqa: E402
 
 RESULTS: dict = {}
 
@@ -63,7 +65,7 @@ def forward(prm, fld, msk, pts, dirs, compiled):
         torch.cuda.reset_peak_memory_stats(dev)
     sync(dev)
     t = time.perf_counter()
-    res = track_packed(fld, prm, pts, dirs, msk, chunk_size=pts.shape[0], compiled=compiled)
+    res = track(fld, prm, pts, dirs, mask=msk, chunk_size=pts.shape[0], compiled=compiled, engine="eager")
     sync(dev)
     dt = time.perf_counter() - t
     peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
@@ -75,9 +77,9 @@ def check_against_cpu(prm, fld, msk, wm, n, dev, a):
     pts, dirs = draw(wm, n, 11, dev, torch.float32)
     cprm, cfld, cmsk, _ = inputs(a.data, torch.device("cpu"), torch.float32)
     out = {}
-    ref = track_packed(cfld, cprm, pts.cpu(), dirs.cpu(), cmsk)
+    ref = track(cfld, cprm, pts.cpu(), dirs.cpu(), mask=cmsk)
     for compiled in (False, True):
-        res = track_packed(fld, prm, pts, dirs, msk, compiled=compiled)
+        res = track(fld, prm, pts, dirs, mask=msk, compiled=compiled, engine="eager")
         a_ids, b_ids = ref.seed_ids.tolist(), res.seed_ids.cpu().tolist()
         ra, rb = ref.split(), [x.cpu() for x in res.split()]
         la, lb = dict(zip(a_ids, ra)), dict(zip(b_ids, rb))

@@ -85,7 +85,7 @@ def _setup(cfg):
     import torch
     from tractfunc import io
     from tractfunc.core import field, params as P, seeds as S
-    from tractfunc.sdstream import tracking
+    from tractfunc.sdstream import fixed as tracking
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     if cfg.get("prototype"):

@@ -34,7 +34,7 @@ import torch
 
 import tractfunc as tf
 from tractfunc.core import newton as direction, sh as shm
-from tractfunc.sdstream import tracking
+from tractfunc.sdstream import fixed as tracking
 from tractfunc.core.integrate import find_peak
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``

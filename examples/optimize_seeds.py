@@ -28,7 +28,7 @@ import torch
 
 import tractfunc as tf
 from tractfunc.core import newton as direction
-from tractfunc.sdstream import tracking
+from tractfunc.sdstream import fixed as tracking
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``
 from _common import CROP_SIZE, base_parser, load_crop, parse_args, pyplot, save_figure

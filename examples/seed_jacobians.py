@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 import tractfunc as tf
-from tractfunc.sdstream import tracking
+from tractfunc.sdstream import fixed as tracking
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``
 from _common import CROP_SIZE, base_parser, load_crop, parse_args, pyplot, save_figure

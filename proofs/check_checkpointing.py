@@ -3,12 +3,13 @@ same gradients as storing everything."""
 import torch
 from torch.utils.checkpoint import set_checkpoint_early_stop
 
-import tractfunc.sdstream.tracking as tracking
+import tractfunc.sdstream.fixed as tracking
 from tractfunc.core.field import make_field, make_mask
 from tractfunc.core.params import resolve
 from tractfunc.tools.phantom import make_phantom
 from tractfunc.core.seeds import random_in_mask
-from tractfunc.sdstream.tracking import random_directions, track_fixed
+from tractfunc.core.seeds import random_directions
+from tractfunc.sdstream.fixed import track_fixed
 
 from _checklib import finish, report  # proofs/ is on sys.path (run as a script)
 
@@ -20,7 +21,7 @@ B, N_STEPS = 50, 40
 seeds64 = random_in_mask(torch.as_tensor(ph.seed_mask), ph.affine, B, gen)
 dirs64 = random_directions(B, gen, torch.float64)
 
-# record every call of tracking.step (the unit _run_steps repeats inside each checkpointed chunk)
+# record every call of the fixed engine's step (the unit _run_steps repeats inside each checkpointed chunk)
 records = []
 phase = ["forward"]
 _step = tracking.step

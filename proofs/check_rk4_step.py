@@ -7,7 +7,8 @@ from tractfunc.core.integrate import rk4
 from tractfunc.core.params import resolve
 from tractfunc.tools.phantom import make_phantom
 from tractfunc.core.seeds import random_in_mask
-from tractfunc.sdstream.tracking import random_directions, seed_peaks
+from tractfunc.core.seeds import random_directions
+from tractfunc.sdstream.step import seed_peaks
 
 from _checklib import failures, finish, report  # proofs/ is on sys.path (run as a script)
 

@@ -6,7 +6,9 @@ from tractfunc.core.field import FODField, make_field, make_mask
 from tractfunc.core.params import resolve
 from tractfunc.tools.phantom import make_phantom
 from tractfunc.core.seeds import random_in_mask
-from tractfunc.sdstream.tracking import random_directions, survival_increment, track_fixed
+from tractfunc.core.seeds import random_directions
+from tractfunc.sdstream.step import survival_increment
+from tractfunc.sdstream.fixed import track_fixed
 
 from _checklib import failures, finish, report  # proofs/ is on sys.path (run as a script)
 

@@ -65,7 +65,7 @@ def phantom_seeds(f, n, seed, dtype=torch.float32):
     """n seeds in the phantom's seed mask with random start directions, and the field of ``dtype``:
     (points (n, 3), directions (n, 3), field)."""
     from tractfunc.core import seeds as S
-    from tractfunc.sdstream.tracking import random_directions
+    from tractfunc.core.seeds import random_directions
     g = torch.Generator().manual_seed(seed)
     pts = S.random_in_mask(torch.as_tensor(f["ph"].seed_mask), f["ph"].affine, n, g).to(dtype)
     return pts, random_directions(n, g, dtype), f["field32"] if dtype == torch.float32 else f["field64"]

@@ -8,7 +8,7 @@ from tractfunc.sdstream import native
 from tractfunc.core import params as P
 from tractfunc.sdstream.follow import follow
 from tractfunc.errors import TractfuncError
-from tractfunc.sdstream.tracking import follows_native, track_packed
+from tractfunc.sdstream.track import track
 
 from conftest import phantom_seeds
 
@@ -18,14 +18,14 @@ pytestmark = pytest.mark.skipif(not native.available()[0], reason="native kernel
 def _native_and_float64(f, n=200, seed=3, rk4=False):
     prm = P.resolve(f["img"].voxel_sizes, rk4=rk4)
     pts, dirs, fld = phantom_seeds(f, n, seed)
-    ref = track_packed(fld, prm, pts, dirs, mask=f["mask"], backend="native")
-    got = track_packed(f["field64"], prm, pts.double(), dirs.double(), mask=f["mask"], decisions="native")
+    ref = track(fld, prm, pts, dirs, mask=f["mask"], engine="native")
+    got = track(f["field64"], prm, pts.double(), dirs.double(), mask=f["mask"], engine="follow")
     return prm, pts, dirs, ref, got
 
 
 @pytest.mark.parametrize("rk4", [False, True])
 def test_float64_takes_the_kernels_decisions(phantom_field, rk4):
-    """``decisions="native"``: same seeds accepted, same vertex counts and seed indices as the native kernel
+    """``engine="follow"``: same seeds accepted, same vertex counts and seed indices as the native kernel
     (= tckgen), every vertex within float32 rounding of the kernel's (the values are float64)."""
     prm, pts, dirs, ref, got = _native_and_float64(phantom_field, rk4=rk4)
     assert got.vertices.dtype == torch.float64
@@ -44,24 +44,29 @@ def test_follow_reproduces_own_float64_tracks(phantom_field):
     f = phantom_field
     prm = P.resolve(f["img"].voxel_sizes, peak_polish=3)
     pts, dirs, fld = phantom_seeds(f, 100, 5, torch.float64)
-    own = track_packed(fld, prm, pts, dirs, mask=f["mask"], decisions="own")
+    own = track(fld, prm, pts, dirs, mask=f["mask"], engine="eager")
     fol = follow(fld, prm, pts[own.seed_ids], own.vertices, own.lengths, own.seed_index)
     assert bool(fol.faithful.all())
     assert float((fol.vertices - own.vertices).norm(dim=-1).max()) < 1e-8
 
 
-def test_own_decisions_run_the_pytorch_tracker(phantom_field):
+def test_engine_rule_follows_the_kernel_for_float64(phantom_field):
+    """``engine="auto"`` follows the kernel's decisions for float64 on the CPU with tckgen's lookup-table peaks;
+    an explicit eager run decides itself; follow refuses exact-SH peaks (the kernel cannot decide them)."""
+    from tractfunc.sdstream import engine as E
     f = phantom_field
     prm = P.resolve(f["img"].voxel_sizes)
     pts, dirs, fld = phantom_seeds(f, 4, 1, torch.float64)
-    assert follows_native(fld, prm, pts) and not follows_native(fld, prm, pts, decisions="own")
-    assert not follows_native(fld, prm, pts, backend="torch")      # an explicit PyTorch run decides itself
-    assert follows_native(fld, prm, pts, backend="torch", decisions="native")
-    with pytest.raises(TractfuncError, match="decisions must be one of"):
-        follows_native(fld, prm, pts, decisions="tckgen")
-    exact = P.resolve(f["img"].voxel_sizes, precomputed=False)
+    job = E.describe(fld, prm, pts)
+    assert E.choose(job) == "follow" and E.choose(job, "eager") == "eager"
+    assert track(fld, prm, pts, dirs, mask=f["mask"]).engine == "follow"
+    assert track(fld, prm, pts, dirs, mask=f["mask"], engine="eager").engine == "eager"
+    with pytest.raises(TractfuncError, match="engine must be one of"):
+        E.choose(job, "tckgen")
+    exact = P.resolve(f["img"].voxel_sizes, exact=True)
+    assert E.choose(E.describe(fld._replace(table=None), exact, pts)) == "eager"
     with pytest.raises(TractfuncError, match="lookup-table peaks"):
-        follows_native(fld._replace(table=None), exact, pts, decisions="native")
+        track(fld, exact, pts, dirs, engine="follow")
 
 
 def test_gradient_along_fixed_decisions_matches_finite_differences(phantom_field):
@@ -69,7 +74,7 @@ def test_gradient_along_fixed_decisions_matches_finite_differences(phantom_field
     f = phantom_field
     prm = P.resolve(f["img"].voxel_sizes, peak_polish=3)
     pts, dirs, fld = phantom_seeds(f, 12, 9, torch.float64)
-    ref = track_packed(fld, prm, pts, dirs, mask=f["mask"], decisions="native")
+    ref = track(fld, prm, pts, dirs, mask=f["mask"], engine="follow")
     pick = int(torch.argmax(ref.lengths))                     # the longest streamline
     n = int(ref.lengths[pick])
     off = int(ref.lengths[:pick].sum())

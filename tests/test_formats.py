@@ -40,7 +40,7 @@ def world_index_map(A, A_ref, shape):
     return (P @ idx + t[:, None]).astype(int)
 
 
-def assert_same_lines(a: T.Tracks, b: T.Tracks, tol=TOL_MM):
+def assert_same_lines(a: T.TrackFile, b: T.TrackFile, tol=TOL_MM):
     assert np.array_equal(a.lengths, b.lengths)
     assert np.abs(a.vertices.astype(np.float64) - b.vertices).max() <= tol
 
@@ -151,7 +151,7 @@ def test_lengths_and_header_only_grid(tmp_path):
     v = np.array([[0, 0, 0], [1, 0, 0], [1, 1, 0]], dtype=np.float32)
     assert np.array_equal(T.streamline_lengths(v, np.array([2, 0, 1, 0])), [1.0, 0.0, 0.0, 0.0])
     A = np.array([[-2, 0, 0, 90], [0, 2, 0, -126], [0, 0, 2.5, -72], [0, 0, 0, 1.0]])
-    t = T.Tracks(v, np.array([2, 1]), A, (40, 50, 30), {})
+    t = T.TrackFile(v, np.array([2, 1]), A, (40, 50, 30), {})
     for ext in (".trk", ".trx"):
         path = str(tmp_path / ("x" + ext))
         T.save_tractogram(t, path)
@@ -224,7 +224,7 @@ def test_dipy_load_tractogram_agrees(philips_run, tmp_path):
     for path, reference in ((philips_run["tck"], ref), (tmp_path / "a.trk", "same"), (philips_run["trx"], "same")):
         sft = load_tractogram(str(path), reference)
         sft.to_rasmm()
-        got = T.Tracks(np.asarray(sft.streamlines.get_data()), np.array([len(s) for s in sft.streamlines]))
+        got = T.TrackFile(np.asarray(sft.streamlines.get_data()), np.array([len(s) for s in sft.streamlines]))
         assert_same_lines(orig, got)
         assert np.allclose(sft.affine, nib.load(ref).affine, atol=1e-5)
 
@@ -280,12 +280,12 @@ def test_converters_from_track_results(phantom_field):
     import torch
     from dipy.io.stateful_tractogram import StatefulTractogram
     from conftest import phantom_seeds
-    from tractfunc.sdstream.tracking import track, track_packed
+    from tractfunc.sdstream.track import track
     f = phantom_field
     pts, dirs, field = phantom_seeds(f, 40, 0)
     res = track(field, f["params"], pts, dirs, mask=f["mask"])
-    packed = track_packed(field, f["params"], pts, dirs, mask=f["mask"])
-    lines = [s.numpy() for s in res.streamlines]
+    packed = track(field, f["params"], pts, dirs, mask=f["mask"])
+    lines = [s.numpy() for s in res.streamlines()]
     assert len(lines) > 10
     for r in (res, packed):
         nt = T.to_nibabel_tractogram(r)
@@ -300,7 +300,7 @@ def test_converters_from_track_results(phantom_field):
         assert np.allclose(sft.streamlines[0][0], v0[:3], atol=1e-4)
     with pytest.raises(TractfuncError, match="reference"):
         T.to_stateful_tractogram(res)
-    assert torch.is_tensor(res.streamlines[0])
+    assert torch.is_tensor(res.streamlines()[0])
 
 
 def test_stateful_roundtrip_through_dipy_save(phantom_files, tmp_path):
@@ -308,7 +308,7 @@ def test_stateful_roundtrip_through_dipy_save(phantom_files, tmp_path):
     ph, paths = phantom_files
     rng = np.random.default_rng(0)
     lines = [np.cumsum(rng.normal(size=(n, 3)), 0).astype(np.float32) + 10 for n in (2, 5, 17)]
-    tracks = T.Tracks(np.concatenate(lines), np.array([2, 5, 17]))
+    tracks = T.TrackFile(np.concatenate(lines), np.array([2, 5, 17]))
     sft = T.to_stateful_tractogram(tracks, paths["fod"])
     save_tractogram(sft, str(tmp_path / "d.trk"), bbox_valid_check=False)
     save_tractogram(sft, str(tmp_path / "d.trx"), bbox_valid_check=False)

@@ -16,7 +16,7 @@ from tractfunc import io
 from tractfunc.sdstream import native
 from tractfunc.core import params as P
 from tractfunc.tools import parity
-from tractfunc.sdstream.tracking import track
+from tractfunc.sdstream.track import track
 
 from conftest import IN_CI, phantom_seeds, require_philips, require_tckgen, unit
 
@@ -107,28 +107,31 @@ def test_kernel_tracks_like_pytorch(phantom_field, rk4):
     f = phantom_field
     prm = P.resolve(f["img"].voxel_sizes, rk4=rk4, max_length=40.0)
     pts, dirs, fld = phantom_seeds(f, 120, seed=5)
-    a = track(fld, prm, pts, dirs, mask=f["mask"], backend="native")
-    b = track(fld, prm, pts, dirs, mask=f["mask"], backend="torch")
+    a = track(fld, prm, pts, dirs, mask=f["mask"], engine="native")
+    b = track(fld, prm, pts, dirs, mask=f["mask"], engine="eager")
     assert torch.equal(a.accepted, b.accepted) and a.accepted.sum() > 80
-    H = np.array([parity.hausdorff(x.double().numpy(), y.double().numpy()) for x, y in zip(a.streamlines, b.streamlines)])
+    H = np.array([parity.hausdorff(x.double().numpy(), y.double().numpy()) for x, y in zip(a.streamlines(), b.streamlines())])
     assert (H < 1e-3).mean() >= 0.99
     assert torch.equal(a.seed_index, b.seed_index) or (H < 1e-3).mean() < 1
 
 
-def test_backend_choice_and_errors(phantom_field):
+def test_engine_choice_and_errors(phantom_field):
     """auto takes the kernel for float32 CPU tracking without gradients; native refuses what it cannot do."""
     _kernel_available()
     from tractfunc.errors import TractfuncError
     f = phantom_field
     pts, dirs, fld = phantom_seeds(f, 20, seed=6)
     auto = track(fld, f["params"], pts, dirs, mask=f["mask"])
-    nat = track(fld, f["params"], pts, dirs, mask=f["mask"], backend="native")
-    assert all(torch.equal(x, y) for x, y in zip(auto.streamlines, nat.streamlines))
+    nat = track(fld, f["params"], pts, dirs, mask=f["mask"], engine="native")
+    assert auto.engine == nat.engine == "native"
+    assert all(torch.equal(x, y) for x, y in zip(auto.streamlines(), nat.streamlines()))
     pts64, dirs64, fld64 = phantom_seeds(f, 20, seed=6, dtype=torch.float64)
-    with pytest.raises(TractfuncError, match="native backend"):
-        track(fld64, f["params"], pts64, dirs64, backend="native")
-    with pytest.raises(TractfuncError, match="backend must be one of"):
-        track(fld, f["params"], pts, dirs, backend="fast")
+    with pytest.raises(TractfuncError, match="runs float32 on the CPU"):
+        track(fld64, f["params"], pts64, dirs64, engine="native")
+    with pytest.raises(TractfuncError, match="engine must be one of"):
+        track(fld, f["params"], pts, dirs, engine="fast")
+    with pytest.raises(TractfuncError, match="no gradients"):
+        track(fld._replace(sh=fld.sh.clone().requires_grad_(True)), f["params"], pts, dirs, engine="native")
 
 
 def test_threads_and_batches_give_identical_output(phantom_field):

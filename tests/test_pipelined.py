@@ -6,7 +6,10 @@ from conftest import phantom_seeds
 
 from tractfunc.core import seeds as S
 from tractfunc.core.params import resolve
-from tractfunc.sdstream.tracking import random_directions, track
+from tractfunc.core.seeds import random_directions
+from tractfunc.core.tracks import Tracks
+from tractfunc.sdstream.eager import track_chunk
+from tractfunc.sdstream.track import track
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -15,12 +18,12 @@ def test_pipelined_equals_plain(phantom_field, dtype):
     pts, dirs, fld = phantom_seeds(f, 60, 21, dtype)
     for prm in (resolve(f["img"].voxel_sizes, max_length=30.0),
                 resolve(f["img"].voxel_sizes, max_length=15.0, cutoff=1.2)):   # mask, budget and cutoff stops
-        a = track(fld, prm, pts, dirs, mask=f["mask"], pipelined=True)
-        b = track(fld, prm, pts, dirs, mask=f["mask"], pipelined=False)
+        a = Tracks(*track_chunk(fld, prm, f["mask"], pts, dirs, pipelined=True))
+        b = Tracks(*track_chunk(fld, prm, f["mask"], pts, dirs, pipelined=False))
         assert torch.equal(a.reasons, b.reasons) and torch.equal(a.seed_ids, b.seed_ids)
         assert torch.equal(a.seed_index, b.seed_index)
-        assert len(a.streamlines) == len(b.streamlines) > 10
-        assert all(torch.equal(x, y) for x, y in zip(a.streamlines, b.streamlines))
+        assert len(a.streamlines()) == len(b.streamlines()) > 10
+        assert all(torch.equal(x, y) for x, y in zip(a.streamlines(), b.streamlines()))
     # the stop reasons exercised include cutoff and length, not only the mask
     assert len(set(a.reasons.flatten().tolist())) >= 3, "expected several stop reasons"
 
@@ -28,7 +31,7 @@ def test_pipelined_equals_plain(phantom_field, dtype):
 def test_pack_matches_a_loop_over_streamlines():
     """Vectorised assembly of accepted streamlines (reversed forward half, seed, backward half) equals
     the per-streamline construction, for random vertex rows in step order."""
-    from tractfunc.sdstream.tracking import _pack
+    from tractfunc.sdstream.eager import _pack
     g = torch.Generator().manual_seed(4)
     S_ = 9
     seeds = torch.randn(S_, 3, generator=g)
@@ -60,5 +63,6 @@ def test_compiled_move_tracks_like_eager(phantom_field):
     prm = resolve(f["img"].voxel_sizes, max_length=30.0)
     a = track(f["field32"], prm, pts, dirs, mask=f["mask"])
     b = track(f["field32"], prm, pts, dirs, mask=f["mask"], compiled=True)
-    assert torch.equal(a.seed_ids, b.seed_ids) and len(a.streamlines) > 10
-    assert all(x.shape == y.shape and float((x - y).abs().max()) < 1e-3 for x, y in zip(a.streamlines, b.streamlines))
+    assert a.engine == "native" and b.engine == "eager"
+    assert torch.equal(a.seed_ids, b.seed_ids) and len(a.streamlines()) > 10
+    assert all(x.shape == y.shape and float((x - y).abs().max()) < 1e-3 for x, y in zip(a.streamlines(), b.streamlines()))

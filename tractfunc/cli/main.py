@@ -2,8 +2,9 @@
 over the Python API.
 
 ``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.sdstream.native`) without importing torch;
-other settings (float64, CUDA, ``--backend torch``, ``--compile``, ``--workers``, torchrun) run the
-PyTorch tracker.  Seeds and random start directions come from ``numpy.random.default_rng(--rng-seed)``
+other settings (float64, CUDA, ``--engine eager``, ``--compile``, ``--workers``, torchrun) run a
+PyTorch engine.  The engine is chosen by :func:`tractfunc.sdstream.engine.choose`, the rule the Python API's
+:func:`tractfunc.track` applies, with the same defaults.  Seeds and random start directions come from ``numpy.random.default_rng(--rng-seed)``
 on both routes, so the two draw the same seeds."""
 from __future__ import annotations
 
@@ -21,15 +22,15 @@ from ..core import params as P, seeds as S
 from ..errors import TractfuncError
 
 
-def _state_dtype(name: str):
-    """--state-dtype -> TrackParams.state_dtype: tckgen's float32 state, or None (full precision)."""
+def _state_dtype(name: Optional[str]):
+    """--state-dtype -> TrackParams.state_dtype: tckgen's float32 state, or None (the --dtype's precision)."""
     import torch
     return torch.float32 if name == "float32" else None
 
 
 STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
-              "operations (default float32, as tckgen keeps them; with --dtype float64 this keeps tckgen's "
-              "rounding under float64 arithmetic; float64 keeps full precision)")
+              "operations (default: the --dtype's, as in the Python API; float32 with --dtype float64 keeps "
+              "tckgen's float32 rounding under float64 arithmetic)")
 
 EXAMPLES_TRACK = """examples:
   tractfunc track fod.nii.gz out.tck --seed-image wm.nii.gz --mask brain.nii.gz --select 5000
@@ -100,21 +101,24 @@ def _native_kernel(a, threads: int):
     return fod._replace(data=np.broadcast_to(np.float32(0), fod.data.shape)), prm, k
 
 
-def _use_native(a) -> bool:
-    """Whether ``track`` runs the native kernel (see the module docstring); --backend native insists."""
-    from ..sdstream import native
-    fits = (a.dtype == "float32" and a.device == "cpu" and not a.exact_sh and not a.compile and a.workers == 1
-            and not distributed.launched() and a.state_dtype == "float32")
-    if a.backend == "torch" or (a.backend == "auto" and not fits):
-        return False
-    ok, why = native.available()
-    if a.backend == "native":
-        if not fits:
-            raise TractfuncError("--backend native runs float32 on the CPU (no --exact-sh, --compile, --workers, "
-                                 "torchrun or --state-dtype float64)")
-        if not ok:
-            raise TractfuncError(f"--backend native: the native kernel is unavailable ({why})")
-    return ok
+def _engine(a) -> str:
+    """The engine ``track`` runs (:func:`tractfunc.sdstream.engine.choose`, as the Python API decides; no torch
+    import).  --workers and torchrun split seeds across PyTorch processes, so they exclude the native kernel."""
+    from ..sdstream import engine as E, native
+    device = a.device.split(":")[0]
+    processes = a.workers > 1 or distributed.launched()
+    job = E.Job(dtype=a.dtype, device=device, grad=False, lut=not a.exact_sh, polish=0,
+                state32=a.state_dtype != "float64",
+                numeric_step=True, lmax_ok=True, compiled=a.compile, kernel=native.available()[0])
+    if processes:
+        if a.engine == "native":
+            raise TractfuncError("--engine native runs in this process; --workers and torchrun split seeds across "
+                                 "PyTorch processes (use --engine eager or follow with them)")
+        job = job._replace(kernel=job.kernel and a.engine == "follow")   # the follow engine decides per process
+    try:
+        return E.choose(job, a.engine)
+    except TractfuncError as e:
+        raise TractfuncError(f"--engine {a.engine}: {str(e).split(': ', 1)[-1]}") from None
 
 
 def _inside_image(fod: io.Image, pts: np.ndarray) -> np.ndarray:
@@ -268,7 +272,7 @@ def cmd_track(a) -> int:
         raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
     gen = np.random.default_rng(a.rng_seed)
     pool = shard = None
-    native = _use_native(a)
+    native = _engine(a) == "native"
     if native:
         from ..sdstream import native as native_mod
         threads = a.threads or os.cpu_count() or 1
@@ -279,7 +283,7 @@ def cmd_track(a) -> int:
             return v, ln, ids, sidx, reasons[:, 0] != int(native_mod.SEED_REJECTED)
     else:
         import torch
-        from ..sdstream.tracking import seeds_ok, track_packed
+        from ..sdstream.track import track
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
         device = torch.device(a.device)
         if a.threads:
@@ -301,11 +305,11 @@ def cmd_track(a) -> int:
             lengths (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,); NumPy."""
             if pool is not None:
                 return pool.track(pts, dirs)
-            res = track_packed(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
-                               torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
-                               backend=a.backend, decisions=a.decisions)
+            res = track(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
+                        torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
+                        engine=a.engine)
             return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)),
-                    seeds_ok(res))
+                    res.seeds_ok().cpu().numpy())
 
     leader = shard is None or shard.rank == 0
     report = _progress(leader and not a.quiet and sys.stderr.isatty())
@@ -349,7 +353,7 @@ def cmd_demo(a) -> int:
     import torch
     from ..core import field as F
     from ..tools.phantom import make_phantom, save_phantom
-    from ..sdstream.tracking import track
+    from ..sdstream.track import track
     os.makedirs(a.out, exist_ok=True)
     ph = make_phantom()
     paths = save_phantom(ph, os.path.join(a.out, "phantom"))
@@ -362,7 +366,7 @@ def cmd_demo(a) -> int:
     t0 = time.time()
     res = track(fld, prm, pts, None, mask=msk, generator=gen)
     dt = time.time() - t0
-    arrays = [l.double().numpy() for l in res.streamlines]
+    arrays = [l.double().numpy() for l in res.streamlines()]
     out_tck = os.path.join(a.out, "phantom.tck")
     io.write_tractogram(out_tck, arrays, img, {"method": "SD_Stream (tractfunc)", "step_size": prm.step})
     png = os.path.join(a.out, "phantom.png")
@@ -386,8 +390,8 @@ def cmd_parity(a) -> int:
         ref = parity.load_reference(tck, csv)
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
         r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype),
-                           backend=a.backend, decisions=a.decisions)
-    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} tracker): "
+                           engine=a.engine)
+    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} engine): "
           f"{len(r.distances)} streamlines, {100 * r.identical:.2f}% bit-identical, "
           f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
           f"{r.too_short} shorter than the minimum length, tractfunc {r.seconds:.1f}s")
@@ -398,7 +402,7 @@ def cmd_bench(a) -> int:
     from ..tools import benchmark
     try:
         res = benchmark.run(a.fod, a.seed_image, a.mask, a.select, a.threads, a.dtype, a.device, a.rk4,
-                            a.dipy, a.repeats, a.json, a.workers, a.compile, a.backend)
+                            a.dipy, a.repeats, a.json, a.workers, a.compile, a.engine)
     except RuntimeError as e:
         raise TractfuncError(str(e)) from None
     print(benchmark.format_table(res))
@@ -471,10 +475,11 @@ EXAMPLES_CONVERT = """examples:
 """
 
 
-DECISIONS_HELP = ("where the PyTorch tracker runs (float64, CUDA): who decides each peak basin and where each half "
-                  "stops. native: the native kernel (tckgen's float32 arithmetic), every value then recomputed in "
-                  "--dtype; own: the PyTorch tracker itself (differs from tckgen on ~0.1%% of streamlines, at "
-                  "rounding-level ties); auto (default): native on the CPU when --backend is auto")
+ENGINE_HELP = ("native: the C kernel with tckgen's exact float32 arithmetic (bit-identical to tckgen, fastest; float32 "
+               "on the CPU); follow: PyTorch in --dtype along the kernel's discrete decisions (tckgen's streamlines "
+               "in float64); eager: PyTorch deciding in its own arithmetic (any dtype/device; differs from tckgen on "
+               "~0.1%% of streamlines, at rounding-level ties); fixed: the fixed-shape reference; auto (default, as "
+               "tractfunc.track): native, else follow on the CPU, else eager (docs/api.md)")
 
 
 EXAMPLES_DEMO = """examples:
@@ -555,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rng-seed", type=int, default=0, help="seed of the random generator (default 0)")
     t.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, ...)")
     t.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    t.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
+    t.add_argument("--state-dtype", choices=["float32", "float64"], help=STATE_HELP)
     t.add_argument("--threads", type=int, help="CPU threads (default: all; the native kernel's threads, else "
                                                 "torch.set_num_threads)")
     t.add_argument("--workers", type=int, default=1,
@@ -565,11 +570,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse the Newton move with torch.compile (compiles for tens of seconds first; float32 "
                         "output then differs from tckgen's arithmetic in the last bits; measured slower than "
                         "eager on the CPU: see docs/benchmarks.md)")
-    t.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
-                   help="native: the C kernel with tckgen's exact float32 arithmetic (bit-identical to tckgen, "
-                        "fastest; float32 on the CPU); torch: the PyTorch tracker (any dtype/device); auto "
-                        "(default): native where it applies")
-    t.add_argument("--decisions", default="auto", choices=["auto", "native", "own"], help=DECISIONS_HELP)
+    t.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager", "fixed"],
+                   help=ENGINE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     dg = t.add_argument_group("DIPY-style deterministic tracking (--algorithm closest_peak | det_max; "
                               "docs/dipy_getters.md)")
@@ -610,11 +612,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--select", type=int, default=2000)
     q.add_argument("--rk4", action="store_true")
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    q.add_argument("--state-dtype", default="float32", choices=["float32", "float64"], help=STATE_HELP)
+    q.add_argument("--state-dtype", choices=["float32", "float64"], help=STATE_HELP)
     q.add_argument("--threads", type=int, default=2)
-    q.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
-                   help="tractfunc's tracker (default auto: the native kernel for float32)")
-    q.add_argument("--decisions", default="auto", choices=["auto", "native", "own"], help=DECISIONS_HELP)
+    q.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager", "fixed"],
+                   help=ENGINE_HELP)
     q.set_defaults(func=cmd_parity)
     b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",
                        epilog=EXAMPLES_BENCH, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -631,8 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")
     b.add_argument("--workers", type=int, default=1,
                    help="tractfunc processes sharing the --threads cores (e.g. 2 workers x 1 thread)")
-    b.add_argument("--backend", default="auto", choices=["auto", "native", "torch"],
-                   help="tractfunc's tracker (as for track; default auto: the native kernel for float32 on the CPU)")
+    b.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager", "fixed"],
+                   help="tractfunc's engine (as for track; default auto: the native kernel for float32 on the CPU)")
     b.add_argument("--json", help="write all results to this JSON file")
     b.set_defaults(func=cmd_bench)
     n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",

@@ -11,7 +11,7 @@ made the FOD gradient's backward cost several forwards.  Here:
   gate node (:class:`_Gate`) between the FOD tensor and a scalar token that every sampler consumes runs
   after all of them in backward and hands the buffer to the FOD tensor once.
 
-Used by :func:`tractfunc.sdstream.tracking.track_fixed` under plain autograd when the FOD needs a gradient; under
+Used by :func:`tractfunc.track_fixed` under plain autograd when the FOD needs a gradient; under
 torch.func transforms and torch.compile the pure path runs instead (:func:`attach`).
 """
 from __future__ import annotations

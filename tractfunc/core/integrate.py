@@ -12,6 +12,7 @@ termination (``soft=True``) turns into survival weights instead of hard stops.
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -62,6 +63,34 @@ def find_peak(field: FODField, pos: Tensor, dir: Tensor, early_exit: bool = Fals
         p = peak(c, dir, field.table, early_exit=early_exit, polish_iter=polish, state_dtype=state_dtype)
     amp = torch.where(s.inside, store(p.amp, state_dtype), torch.full_like(p.amp, float("nan")))
     return p.dir, amp, s.inside
+
+
+def strongest_peak(field: FODField, seeds: Tensor, n_starts: int = 64, polish: int = 0) -> Tensor:
+    """The strongest FOD peak at each seed: Newton searches from ``n_starts`` directions spread evenly over the
+    sphere (a Fibonacci lattice, so the result is deterministic), keeping the highest amplitude.
+
+    Args:
+        field: the FOD; seeds: (S, 3) scanner mm; n_starts: searches per seed; polish: exact Newton iterations
+            appended to each search (:func:`tractfunc.core.newton.polish`).
+    Returns:
+        (S, 3) unit directions in the seeds' dtype (detached: use them as ``init_dirs``, the tracker's own seed
+        peak search then differentiates the start); a seed outside the image or without a converged peak gets
+        the first lattice direction.
+    """
+    k = torch.arange(n_starts, dtype=torch.float64, device=seeds.device) + 0.5
+    z = 1 - 2 * k / n_starts
+    phi = k * math.pi * (3 - math.sqrt(5))
+    r = torch.sqrt(1 - z * z)
+    starts = torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1).to(seeds.dtype)   # (n, 3)
+    with torch.no_grad():
+        c = field.sample(seeds.detach()).values                                             # (S, N)
+        S = c.shape[0]
+        cs = c.unsqueeze(1).expand(S, n_starts, c.shape[-1]).reshape(-1, c.shape[-1])
+        p = peak(cs, starts.repeat(S, 1), field.table, early_exit=True, polish_iter=polish)
+        amp = p.amp.reshape(S, n_starts).nan_to_num(float("-inf"))
+        best = amp.argmax(1)
+        d = p.dir.reshape(S, n_starts, 3)[torch.arange(S, device=seeds.device), best]
+    return torch.where(torch.isfinite(d).all(-1, keepdim=True), d, starts[:1].expand_as(d))
 
 
 def _finite_or_zero(x: Tensor) -> Tensor:

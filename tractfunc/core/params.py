@@ -29,8 +29,9 @@ class TrackParams(NamedTuple):
     vertex limits over both halves of a streamline; rk4: integration scheme; precomputed: emulate
     MRtrix3's Legendre lookup table in peak finding; max_length / min_length / angle: for headers;
     peak_polish: exact Newton iterations appended to each peak search (0 = tckgen; 3 gives the exact
-    peak, for gradient checks against finite differences).  ``step`` may be replaced by a 0-d tensor
-    (``params._replace(step=t)``) to differentiate with respect to it; the vertex limits stay fixed."""
+    peak, for gradient checks against finite differences); state_dtype: see :func:`resolve`.  ``step`` is a
+    number, or a 0-d tensor (``resolve(..., step=tensor)``) to differentiate with respect to it; the vertex
+    limits stay fixed."""
     step: float
     cutoff: float
     cos_angle_step: float
@@ -73,12 +74,36 @@ def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
 def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[float] = None,
             angle: Optional[float] = None, cutoff: Optional[float] = None,
             min_length: Optional[float] = None, max_length: Optional[float] = None,
-            precomputed: bool = True, peak_polish: int = 0,
-            state_dtype: Optional[torch.dtype] = None) -> TrackParams:
+            precomputed: Optional[bool] = None, peak_polish: Optional[int] = None,
+            state_dtype: Optional[torch.dtype] = None, exact: bool = False) -> TrackParams:
     """Fill unspecified parameters with tckgen SD_Stream defaults for an FOD of the given voxel sizes.
 
-    voxel_sizes: (3,) mm.  step/min_length/max_length in mm, angle in degrees, cutoff in FOD amplitude.
-    Raises ValueError for non-positive step, angle outside (0, 180], negative lengths or cutoff."""
+    Args:
+        voxel_sizes: (3,) mm.
+        rk4: tckgen's ``-rk4`` scheme.
+        step, min_length, max_length: mm; None for tckgen's defaults from the voxel size.  ``step`` may be a
+            0-d tensor, to differentiate with respect to it (the vertex limits are computed from its value and
+            stay fixed).
+        angle: degrees; cutoff: FOD amplitude.
+        precomputed: tckgen's Legendre lookup table in the peak search (default True, unless ``exact``).
+        peak_polish: exact Newton iterations appended to each peak search (default 0, unless ``exact``).
+        state_dtype: round the PyTorch engines' state to this dtype between operations (torch.float32 keeps
+            tckgen's float32 rounding under float64 arithmetic); None keeps the computation's dtype.
+        exact: the settings for gradients: exact SH (``precomputed=False``) and exact peaks
+            (``peak_polish=3``), so that the forward is the exact maximum and autograd matches finite
+            differences. tckgen's settings (False) are the default.
+    Returns:
+        :class:`TrackParams`.
+    Raises:
+        ValueError: non-positive step, angle outside (0, 180], negative lengths or cutoff.
+    """
+    precomputed = (not exact) if precomputed is None else precomputed
+    peak_polish = (3 if exact else 0) if peak_polish is None else peak_polish
+    step_tensor = None
+    if step is not None and not isinstance(step, (int, float, np.floating, np.integer)):
+        import torch
+        if torch.is_tensor(step):
+            step_tensor, step = step, float(step.detach())
     vox = mean_voxel_size(voxel_sizes)
     step = f32(step) if step is not None else f32(f32(STEP_VOXELS_RK4 if rk4 else STEP_VOXELS) * f32(vox))
     angle = f32(ANGLE_DEG if angle is None else angle)
@@ -108,7 +133,7 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
     max_points = (3 + int(math.ceil(f32(max_dist / min_step)))) if min_step else 2 ** 62
     min_points = 1 + int(math.ceil(f32(min_dist / step)))
     return TrackParams(
-        step=float(step), cutoff=float(cutoff),
+        step=float(step) if step_tensor is None else step_tensor, cutoff=float(cutoff),
         cos_angle_step=-1.0 if rk4 else float(cos_angle),
         cos_angle_rk4=float(cos_angle) if rk4 else -1.0,
         max_points=max_points, min_points=min_points, rk4=bool(rk4), precomputed=bool(precomputed),

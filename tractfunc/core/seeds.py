@@ -2,7 +2,7 @@
 chosen non-zero voxel plus a uniform offset within it) and uniform start directions.
 
 Randomness comes only from an explicit generator: a ``torch.Generator`` for the tensor API
-(:func:`random_in_mask`, :func:`tractfunc.sdstream.tracking.random_directions`), a ``numpy.random.Generator`` for
+(:func:`random_in_mask`, :func:`random_directions`), a ``numpy.random.Generator`` for
 the command line, which does not import torch on its native path (:func:`random_in_mask_np`,
 :func:`random_directions_np`).  Both draw the same kinds of numbers and share :func:`voxel_points`.
 """
@@ -60,3 +60,13 @@ def unit_rows(v: np.ndarray) -> np.ndarray:
 def random_directions_np(n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 3) float64 unit vectors uniform on the sphere (normalised Gaussian draws)."""
     return unit_rows(rng.standard_normal((n, 3)))
+
+
+def random_directions(n: int, generator: Optional["torch.Generator"] = None, dtype=None, device=None) -> "torch.Tensor":
+    """(n, 3) unit vectors uniform on the sphere (normalised Gaussian draws, as :func:`random_directions_np`),
+    drawn on the CPU from ``generator`` in float64, then cast to ``dtype`` (default float32) and moved to
+    ``device``: the same generator state gives the same directions on every device."""
+    import torch
+    v = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v.to(dtype=dtype or torch.float32, device=device)

@@ -34,7 +34,7 @@ except ImportError as e:  # the optional extra is missing
     raise ImportError("tractfunc.interop.jax needs JAX: pip install 'tractfunc[jax]' (or pip install jax)") from e
 
 from ..core import newton as _direction, integrate as _integrate, interpolate as _interpolate, sh as _sh
-from ..sdstream import tracking as _tracking
+from ..sdstream import fixed as _fixed
 from ..core.arrays import as_tensor
 from ..core.field import FODField, MaskField, make_field
 from ..errors import TractfuncError
@@ -179,46 +179,45 @@ def _mask_on(mask: Optional[MaskField], device) -> Optional[MaskField]:
     return mask._replace(mask=as_tensor(mask.mask).to(device), world_to_voxel=as_tensor(mask.world_to_voxel).to(device))
 
 
-def _move(integrator, sh, pos, dir, affine, params: TrackParams, precomputed: bool, voxel_sizes):
+def _move(integrator, sh, params: TrackParams, pos, dir, affine, voxel_sizes):
     sh, pos, dir = _floating(sh), _floating(pos), _floating(dir)
     B = pos.shape[:-1]
     dt = jnp.result_type(sh, pos, dir)
     specs = [_spec(B + (3,), dt), _spec(B + (3,), dt), _spec(B, np.int32), _spec(B, dt), _spec(B, dt), _spec(B, dt)]
 
     def fn(s, p, d):
-        m = integrator(_field(s, affine, precomputed, voxel_sizes), params, p, d)
+        m = integrator(_field(s, affine, params.precomputed, voxel_sizes), params, p, d)
         return m._replace(reason=_int32(m.reason))
     return _integrate.Move(*_bridge(fn, specs, sh, pos, dir))
 
 
-def euler(sh, pos, dir, *, affine, params: TrackParams, precomputed: bool = False,
-          voxel_sizes=None) -> _integrate.Move:
+def euler(sh, params: TrackParams, pos, dir, *, affine, voxel_sizes=None) -> _integrate.Move:
     """One SD_Stream Euler step (:func:`tractfunc.core.integrate.euler`) of B streamlines.
 
-    sh: (X, Y, Z, N) FOD SH coefficients; pos: (B, 3) scanner mm; dir: (B, 3) unit; affine: (4, 4) voxel ->
-    scanner (static, NumPy); params: :func:`tractfunc.resolve` output.  precomputed: tckgen's Legendre
-    lookup table for the peak search (False: exact SH, the right choice for gradients).
+    Arguments in the order of the torch function. sh: (X, Y, Z, N) FOD SH coefficients; params:
+    :func:`tractfunc.resolve` output (``params.precomputed`` selects tckgen's Legendre lookup table, as in the
+    torch trackers; ``resolve(..., exact=True)`` for gradients); pos: (B, 3) scanner mm; dir: (B, 3) unit;
+    affine: (4, 4) voxel -> scanner (static, NumPy).
     Returns Move(pos, dir, reason (int32), amp, amp_margin, cos_margin); differentiable wrt sh and pos."""
-    return _move(_integrate.euler, sh, pos, dir, affine, params, precomputed, voxel_sizes)
+    return _move(_integrate.euler, sh, params, pos, dir, affine, voxel_sizes)
 
 
-def rk4(sh, pos, dir, *, affine, params: TrackParams, precomputed: bool = False,
-        voxel_sizes=None) -> _integrate.Move:
+def rk4(sh, params: TrackParams, pos, dir, *, affine, voxel_sizes=None) -> _integrate.Move:
     """One tckgen ``-rk4`` step (:func:`tractfunc.core.integrate.rk4`); arguments and result as :func:`euler`."""
-    return _move(_integrate.rk4, sh, pos, dir, affine, params, precomputed, voxel_sizes)
+    return _move(_integrate.rk4, sh, params, pos, dir, affine, voxel_sizes)
 
 
-def track_fixed(sh, seeds, init_dirs, *, affine, params: TrackParams, n_steps: int,
+def track_fixed(sh, params: TrackParams, seeds, init_dirs, n_steps: int, *, affine,
                 mask: Optional[MaskField] = None, temperature: Optional[float] = None,
-                precomputed: bool = False, checkpoint: int = 0, voxel_sizes=None) -> _tracking.FixedTracks:
-    """Fixed-shape bidirectional tracking (:func:`tractfunc.sdstream.tracking.track_fixed`) as a JAX function.
+                checkpoint: int = 0, voxel_sizes=None) -> _fixed.FixedTracks:
+    """Fixed-shape bidirectional tracking (:func:`tractfunc.track_fixed`) as a JAX function.
 
-    sh: (X, Y, Z, N) FOD SH coefficients; seeds: (B, 3) scanner mm; init_dirs: (B, 3) unit start directions
-    of the seed peak search; all three of one dtype.  affine: (4, 4) voxel -> scanner of the FOD (static);
-    params: :func:`tractfunc.resolve` output (``peak_polish=3`` for exact peaks); n_steps: steps per half;
+    Arguments in the order of the torch function. sh: (X, Y, Z, N) FOD SH coefficients; params:
+    :func:`tractfunc.resolve` output (``exact=True`` for exact SH and peaks, the setting for gradients);
+    seeds: (B, 3) scanner mm; init_dirs: (B, 3) unit start directions of the seed peak search (sh, seeds and
+    init_dirs of one dtype); n_steps: steps per half; affine: (4, 4) voxel -> scanner of the FOD (static);
     mask: an optional :class:`tractfunc.MaskField` (torch, static); temperature: soft termination;
-    precomputed: tckgen's Legendre lookup table (False: exact SH, for gradients); checkpoint: recompute
-    chunks of this many steps in the backward (saves memory).
+    checkpoint: recompute chunks of this many steps in the backward (saves memory).
 
     Returns FixedTracks of JAX arrays: vertices (B, 2T+1, 3) mm, valid (B, 2T+1) bool, seed_index (B,) int32,
     accepted (B,) bool, reason_fwd / reason_bwd (B,) int32, weights (B, 2T+1).  ``jax.grad`` of a loss on
@@ -234,8 +233,8 @@ def track_fixed(sh, seeds, init_dirs, *, affine, params: TrackParams, n_steps: i
              _spec((B,), np.int32), _spec((B,), np.int32), _spec((B, V), dt)]
 
     def fn(s, p, d):
-        r = _tracking.track_fixed(_field(s, affine, precomputed, voxel_sizes), params, p, d, n_steps,
+        r = _fixed.track_fixed(_field(s, affine, params.precomputed, voxel_sizes), params, p, d, n_steps,
                                   _mask_on(mask, s.device), temperature, checkpoint)
         return r._replace(seed_index=_int32(r.seed_index), reason_fwd=_int32(r.reason_fwd),
                           reason_bwd=_int32(r.reason_bwd))
-    return _tracking.FixedTracks(*_bridge(fn, specs, sh, seeds, init_dirs))
+    return _fixed.FixedTracks(*_bridge(fn, specs, sh, seeds, init_dirs))

@@ -1,14 +1,13 @@
 """Tractograms in memory and on disk: .tck, .trk and .trx in one representation, and one-call converters to
 DIPY's ``StatefulTractogram`` and nibabel's ``Tractogram``.
 
-:class:`Tracks` holds streamlines packed (vertices (V, 3) float32 scanner mm, RAS+, and a vertex count per
+:class:`TrackFile` holds streamlines packed (vertices (V, 3) float32 scanner mm, RAS+, and a vertex count per
 streamline) with the reference grid when the file has one (.trk, .trx) or one is given (``reference=`` an
 image: NIfTI or MRtrix .mif, or a .trk/.trx) and the header's text fields (tckgen's ``count``,
 ``total_count``, ``step_size``, ...).  Coordinates are never moved: .tck and .trx store scanner mm, a .trk
 stores voxel mm that nibabel maps back with the file's own affine.
 
-``result`` arguments accept any of: :class:`Tracks`, :class:`tractfunc.sdstream.tracking.Tractogram` (``track()``),
-:class:`tractfunc.sdstream.tracking.PackedTracks` (``track_packed()``), or a list of (n_i, 3) arrays / tensors.
+``result`` arguments accept any of: :class:`TrackFile`, :class:`tractfunc.Tracks` (``track()``), or a list of (n_i, 3) arrays / tensors.
 """
 from __future__ import annotations
 
@@ -26,7 +25,7 @@ FORMATS = (".tck", ".trk", ".trx")
 _OWN_FIELDS = {"count", "datatype", "file", "magic_number", "endianness", "nb_streamlines", "voxel_to_rasmm"}
 
 
-class Tracks(NamedTuple):
+class TrackFile(NamedTuple):
     """Streamlines in memory.
 
     vertices: (V, 3) float32 scanner mm (RAS+), one streamline after another; lengths: (N,) int64 vertex
@@ -57,10 +56,10 @@ def _ext(path: str) -> str:
 
 def reference_grid(reference) -> Tuple[np.ndarray, Tuple[int, int, int]]:
     """(affine (4, 4) voxel -> scanner mm, dims (3,)) of a reference: an :class:`tractfunc.io.Image`, a
-    :class:`Tracks` with a grid, or a file (NIfTI, MRtrix .mif/.mif.gz/.mih, .trk, .trx; headers only)."""
+    :class:`TrackFile` with a grid, or a file (NIfTI, MRtrix .mif/.mif.gz/.mih, .trk, .trx; headers only)."""
     if isinstance(reference, Image):
         return np.asarray(reference.affine, dtype=np.float64), tuple(int(d) for d in reference.data.shape[:3])
-    if isinstance(reference, Tracks):
+    if isinstance(reference, TrackFile):
         if reference.affine is None:
             raise TractfuncError("the tractogram given as reference has no grid (a .tck)")
         return reference.affine, reference.dims
@@ -119,7 +118,7 @@ def _from_sequence(seq) -> Tuple[np.ndarray, np.ndarray]:
     return np.array(data, dtype=np.float32, copy=True).reshape(-1, 3), lengths
 
 
-def load_tractogram(path: str, reference=None) -> Tracks:
+def load_tractogram(path: str, reference=None) -> TrackFile:
     """Read a .tck, .trk or .trx file.  ``reference`` (see :func:`reference_grid`) supplies the grid of a
     .tck (which has none); a .trk/.trx keeps its own."""
     path = os.fspath(path)
@@ -157,11 +156,11 @@ def load_tractogram(path: str, reference=None) -> Tracks:
         raise TractfuncError(f"{path}: cannot be read as {ext} ({type(e).__name__}: {e})") from None
     if affine is None and reference is not None:
         affine, dims = reference_grid(reference)
-    return Tracks(verts, lengths, affine, dims, header)
+    return TrackFile(verts, lengths, affine, dims, header)
 
 
-def save_tractogram(tracks: Tracks, path: str, reference=None) -> None:
-    """Write :class:`Tracks` to .tck, .trk or .trx (by extension); ``reference`` (see
+def save_tractogram(tracks: TrackFile, path: str, reference=None) -> None:
+    """Write :class:`TrackFile` to .tck, .trk or .trx (by extension); ``reference`` (see
     :func:`reference_grid`) replaces the tracks' own grid.  Header fields carry over to .tck/.trx."""
     from .. import io
     if reference is not None:
@@ -176,11 +175,11 @@ def save_tractogram(tracks: Tracks, path: str, reference=None) -> None:
 
 def packed(result) -> Tuple[np.ndarray, np.ndarray]:
     """(vertices (V, 3), lengths (N,) int64) NumPy, scanner mm, of any ``result`` (module docstring)."""
-    if isinstance(result, Tracks):
+    if isinstance(result, TrackFile):
         return result.vertices, result.lengths
-    if hasattr(result, "vertices") and hasattr(result, "lengths"):   # PackedTracks
+    if hasattr(result, "vertices") and hasattr(result, "lengths"):   # tractfunc.Tracks
         return _numpy(result.vertices).reshape(-1, 3), _numpy(result.lengths).astype(np.int64)
-    lines = result.streamlines if hasattr(result, "streamlines") else result   # tracking.Tractogram or a list
+    lines = result   # a sequence of (n_i, 3) arrays / tensors
     arrays = [_numpy(s).reshape(-1, 3) for s in lines]
     if not arrays:
         return np.zeros((0, 3), np.float32), np.zeros(0, np.int64)
@@ -212,13 +211,13 @@ def to_stateful_tractogram(result, reference=None):
     """A DIPY ``StatefulTractogram`` (RASMM space) of ``result``.
 
     reference: an :class:`tractfunc.io.Image`, a NIfTI/.mif/.trk/.trx path, or anything DIPY accepts
-    (``Nifti1Image``, an sft, ...); None takes the grid of a :class:`Tracks` that has one."""
+    (``Nifti1Image``, an sft, ...); None takes the grid of a :class:`TrackFile` that has one."""
     from dipy.io.stateful_tractogram import Space, StatefulTractogram
     if reference is None:
-        if not (isinstance(result, Tracks) and result.affine is not None):
+        if not (isinstance(result, TrackFile) and result.affine is not None):
             raise TractfuncError("a StatefulTractogram needs a reference image (its voxel grid)")
         reference = result
-    if isinstance(reference, (Image, Tracks, str, os.PathLike)):
+    if isinstance(reference, (Image, TrackFile, str, os.PathLike)):
         reference = grid_header(*reference_grid(reference))
     return StatefulTractogram(_sequence(result), reference, Space.RASMM)
 
@@ -236,7 +235,7 @@ def streamline_lengths(vertices: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return out
 
 
-def summary(tracks: Tracks) -> dict:
+def summary(tracks: TrackFile) -> dict:
     """What ``tractfunc info`` prints: count, total_count (if recorded), vertices, length statistics (mm),
     the grid and the header fields."""
     arc = streamline_lengths(tracks.vertices, tracks.lengths)

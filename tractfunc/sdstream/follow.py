@@ -86,7 +86,7 @@ def follow(field: FODField, params: TrackParams, seeds: Tensor, vertices: Tensor
     """Recompute reference streamlines in ``field``'s dtype with their decisions held fixed.
 
     seeds: (A, 3) scanner mm, each streamline's seed, in the computation's dtype (may require grad);
-    vertices, lengths, seed_index: the reference, packed as :class:`tractfunc.sdstream.tracking.PackedTracks`
+    vertices, lengths, seed_index: the reference, packed as :class:`tractfunc.Tracks`
     (any float dtype; only its step directions, as starts for the peak searches, and its step counts are
     used); seed_dirs: (A, 3) the seed peak direction each forward half started from (tckgen's, e.g.
     :meth:`tractfunc.sdstream.native.Kernel.seed_steps`), used by RK4's first step only; None takes the first

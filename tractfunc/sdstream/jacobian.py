@@ -14,7 +14,7 @@ import torch
 from ..core.arrays import as_tensor
 from ..core.field import FODField, MaskField
 from ..core.params import TrackParams
-from .tracking import track_fixed
+from .fixed import track_fixed
 
 Tensor = torch.Tensor
 

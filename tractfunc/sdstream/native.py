@@ -1,6 +1,6 @@
 """Native CPU backend of the eager tracker: SD_Stream in single precision, tckgen's arithmetic bit for bit.
 
-:func:`tractfunc.sdstream.tracking.track` (and the CLI) use it for float32 tracking on the CPU without gradients.
+:func:`tractfunc.track` (and the CLI) use it for float32 tracking on the CPU without gradients.
 It is a small C kernel (``tractfunc/csrc/sd_stream.c``) compiled on first use with the system C compiler
 (``$CC``, else ``cc``) into a per-user cache (``$TRACTFUNC_CACHE``, else ``~/.cache/tractfunc``) and loaded
 with :mod:`ctypes`; seeds are spread over threads inside the kernel.  Where no compiler is available
@@ -12,7 +12,7 @@ sums; SD_Stream is chaotic at rounding level (a Newton search hovering at its 50
 streamline or not depending on the last bit), so only tckgen's exact operation order reproduces tckgen's
 streamlines everywhere.  The kernel keeps that order and tckgen's single/double precision mix, and works
 in MRtrix3's realigned voxel frame (axes permuted and flipped towards RAS, which sets the order of the
-trilinear sum).  It is the forward pass only; gradients use :func:`tractfunc.sdstream.tracking.track_fixed`.
+trilinear sum).  It is the forward pass only; gradients use :func:`tractfunc.track_fixed`.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Pipelined eager tracking: every streamline runs its own Newton search, none waits for the slowest.
 
-The plain eager driver (:func:`tractfunc.sdstream.tracking.track` with ``pipelined=False``) takes one step for all
+The plain eager driver (:func:`tractfunc.sdstream.eager.track_chunk` with ``pipelined=False``) takes one step for all
 alive streamlines, and a step ends only when the last peak search of the batch has converged (up to 50
 Newton iterations), so every step costs the slowest search.  Here each tick applies one Newton move to
 every streamline still searching; the streamlines whose search finished then take their step (stop

@@ -69,7 +69,7 @@ nib.streamlines.save(nib.streamlines.Tractogram(sl, affine_to_rasmm=np.eye(4)), 
 
 def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: str = "float32",
         device: str = "cpu", rk4: bool = False, dipy: bool = False, repeats: int = 1,
-        json_path: Optional[str] = None, workers: int = 1, compiled: bool = False, backend: str = "auto") -> dict:
+        json_path: Optional[str] = None, workers: int = 1, compiled: bool = False, engine: str = "auto") -> dict:
     """Run the benchmark; returns (and optionally writes) a dict of results.  compiled: tractfunc runs
     with ``--compile`` (its wall time then includes compilation)."""
     if shutil.which("tckgen") is None:
@@ -79,7 +79,7 @@ def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: 
                            "cpu_count": os.cpu_count(), "python": sys.version.split()[0]},
                "inputs": {"fod": fod, "seed_image": seed_image, "mask": mask, "select": select,
                           "threads": threads, "workers": workers, "dtype": dtype, "device": device, "rk4": rk4,
-                          "compiled": compiled, "backend": backend},
+                          "compiled": compiled, "engine": engine},
                "runs": []}
     import torch
     results["machine"]["torch"] = torch.__version__
@@ -95,7 +95,7 @@ def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: 
             out = os.path.join(tmp, f"tractfunc{rep}.tck")
             cmd = [sys.executable, "-m", "tractfunc.cli", "track", fod, out, "--seed-image", seed_image,
                    "--select", str(select), "--threads", str(max(1, threads // workers)), "--workers", str(workers),
-                   "--dtype", dtype, "--device", device, "--backend", backend,
+                   "--dtype", dtype, "--device", device, "--engine", engine,
                    "--quiet"] + (["--mask", mask] if mask else []) + (["--rk4"] if rk4 else []) \
                 + (["--compile"] if compiled else [])
             r = _timed(cmd, env)
@@ -135,7 +135,7 @@ def format_table(results: dict) -> str:
     m, i = results["machine"], results["inputs"]
     rows.append("")
     rows.append(f"machine: {m['platform']}, {m['cpu_count']} CPUs, torch {m['torch']}; "
-                f"threads {i['threads']} (tractfunc: {i.get('workers', 1)} processes, backend {i.get('backend', 'torch')}), "
+                f"threads {i['threads']} (tractfunc: {i.get('workers', 1)} processes, engine {i.get('engine', i.get('backend', 'auto'))}), "
                 f"select {i['select']}, dtype {i['dtype']}, device {i['device']}"
                 f"{', rk4' if i['rk4'] else ''}; best of {len(results['runs']) // max(len(results['best']), 1)}")
     return "\n".join(rows)

@@ -30,7 +30,7 @@ import torch
 from ..core import field as F, params as P
 from .. import io
 from ..core.stop import Reason
-from ..sdstream.tracking import follows_native, track, uses_native
+from ..sdstream.track import track
 
 
 class Reference(NamedTuple):
@@ -81,7 +81,7 @@ def reconstruct_seed_dirs(fld, prm, msk, ref: Reference, dtype=torch.float32, n_
     direction, then (only where those miss by more than ``tol_mm``) a Fibonacci sphere -- take one
     tractfunc step forward and backward from the resulting seed peak, and keep the candidate whose first
     vertices land closest to tckgen's.  Returns (S, 3) unit start directions."""
-    from ..sdstream.tracking import seed_peaks
+    from ..sdstream.step import seed_peaks
     from ..core.integrate import iterate
 
     seeds = torch.as_tensor(ref.seeds, dtype=dtype)
@@ -263,17 +263,16 @@ class ParityResult(NamedTuple):
 
 
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
-            precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = torch.float32,
-            start: Optional[np.ndarray] = None, backend: str = "auto", decisions: str = "auto",
+            precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = None,
+            start: Optional[np.ndarray] = None, engine: str = "auto",
             **param_overrides) -> ParityResult:
     """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.
 
     start: (3,) the start direction tckgen was given (``-seed_direction``) -- then no reconstruction; else
     start directions are reconstructed (:func:`reconstruct_native` where the kernel is available, else
     :func:`reconstruct_seed_dirs`) when ``reconstruct``, or the first-step directions are used.
-    backend: the tracker that re-tracks (:func:`tractfunc.sdstream.tracking.track`; "auto": native for float32).
-    decisions: who takes the PyTorch tracker's decisions (:func:`tractfunc.sdstream.tracking.follows_native`).
-    state_dtype: the PyTorch tracker's state precision (tckgen: float32; None keeps the full ``dtype``)."""
+    engine: the engine that re-tracks (:func:`tractfunc.track`; "auto": native for float32, follow for float64).
+    state_dtype: the PyTorch engines' state precision (tckgen's: float32; None keeps the full ``dtype``)."""
     import time
     from ..sdstream import native
     fod = io.load_fod(fod_path)
@@ -298,12 +297,10 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     else:
         dirs = ref.dirs
     seeds = torch.as_tensor(ref.seeds, dtype=dtype)
-    used = ("native" if uses_native(fld, prm, seeds, backend) else
-            "torch, native decisions" if follows_native(fld, prm, seeds, backend, decisions=decisions) else "torch")
-    out = track(fld, prm, seeds, torch.as_tensor(np.asarray(dirs), dtype=dtype),
-                mask=msk, backend=backend, decisions=decisions)
+    out = track(fld, prm, seeds, torch.as_tensor(np.asarray(dirs), dtype=dtype), mask=msk, engine=engine)
+    used = out.engine
     sec = time.time() - t0
-    got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines)}
+    got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines())}
     H = np.array([hausdorff(got[i], t) if i in got else np.inf for i, t in enumerate(ref.streamlines)])
     same = np.mean([i in got and got[i].shape == t.shape and np.array_equal(got[i].astype(np.float32), t)
                     for i, t in enumerate(ref.streamlines)])

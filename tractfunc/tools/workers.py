@@ -1,6 +1,6 @@
 """Process-parallel tracking: the seeds of a batch are split across worker processes.
 
-Each worker (started with ``spawn``) loads the inputs once and runs :func:`tractfunc.sdstream.tracking.track` with
+Each worker (started with ``spawn``) loads the inputs once and runs :func:`tractfunc.track` with
 its own single-threaded torch, on a contiguous slice of the batch; the parent concatenates the slices in
 order.  Streamlines are independent and start directions are drawn in the parent, so the output is
 identical to a single-process run; on CPU, processes scale better than torch's intra-op threads for the
@@ -23,17 +23,16 @@ def _init(args, dtype_name: str, threads: int) -> None:
     dtype = getattr(torch, dtype_name)
     _, prm, fld, msk = _torch_inputs(args, dtype, torch.device("cpu"))
     _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype, compiled=getattr(args, "compile", False),
-                  backend=getattr(args, "backend", "auto"), decisions=getattr(args, "decisions", "auto"))
+                  engine=getattr(args, "engine", "auto"))
 
 
 def _work(job: Tuple[np.ndarray, np.ndarray]):
-    from ..sdstream.tracking import seeds_ok, track_packed
+    from ..sdstream.track import track
     pts, dirs = job
     s = _STATE
-    res = track_packed(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]),
-                       torch.as_tensor(dirs, dtype=s["dtype"]), mask=s["msk"], compiled=s["compiled"],
-                       backend=s["backend"], decisions=s["decisions"])
-    return (*(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), seeds_ok(res))
+    res = track(s["fld"], s["prm"], torch.as_tensor(pts, dtype=s["dtype"]), torch.as_tensor(dirs, dtype=s["dtype"]),
+                mask=s["msk"], compiled=s["compiled"], engine=s["engine"])
+    return (*(x.numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)), res.seeds_ok().numpy())
 
 
 class Pool:
@@ -46,7 +45,7 @@ class Pool:
     def track(self, pts: np.ndarray, dirs: np.ndarray) -> Tuple[np.ndarray, ...]:
         """Seeds (S, 3) mm and start directions (S, 3) -> packed streamlines (vertices (V, 3), lengths
         (A,)), seed ids (A,), seed vertex indices (A,), seed accepted (S,), in seed order, as one
-        :func:`tractfunc.sdstream.tracking.track_packed` call would give them."""
+        :func:`tractfunc.track` call would give them."""
         bounds = np.linspace(0, len(pts), self.n + 1).astype(int)
         spans = [(b0, b1) for b0, b1 in zip(bounds[:-1], bounds[1:]) if b1 > b0]
         results = self.pool.map(_work, [(pts[b0:b1], dirs[b0:b1]) for b0, b1 in spans])

@@ -1,0 +1,141 @@
+"""How :func:`tractfunc.track` runs: the options a caller passes, and the one rule that turns them into an engine.
+
+Every engine draws SD_Stream streamlines with tckgen's bookkeeping; they differ in what they can do:
+
+=========  ==================================================  ====================  ==========================
+engine     what runs                                           gradients             stopping
+=========  ==================================================  ====================  ==========================
+native     the C kernel, tckgen's float32 arithmetic bit for   none                  hard
+           bit (:mod:`tractfunc.sdstream.native`)
+follow     the PyTorch primitives along the kernel's discrete  direct                hard
+           decisions (:mod:`tractfunc.sdstream.follow`):
+           tckgen's streamlines, values in the field's dtype
+eager      the PyTorch primitives, own decisions, dead         direct                hard
+           streamlines dropped between steps
+fixed      :func:`tractfunc.track_fixed`: fixed shapes and an  direct or             hard or soft
+           alive mask, the readable reference                  checkpointed
+=========  ==================================================  ====================  ==========================
+
+``engine="auto"`` (the default of the API and the command line alike) takes the first that applies: native
+(float32 on the CPU, no gradient, tckgen's lookup-table peaks), follow (tckgen's lookup-table peaks on the CPU,
+hard stopping: float64 runs and gradients then follow tckgen's own streamlines), eager (hard stopping,
+direct gradients), fixed (soft stopping or checkpointing). The rule reads only plain values, so the command
+line applies it before importing torch.
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+from ..errors import TractfuncError
+
+ENGINES = ("auto", "native", "follow", "eager", "fixed")
+
+
+class Soft(NamedTuple):
+    """Soft stopping: the cutoff and angle rules no longer stop a streamline; each step multiplies its survival
+    weight by ``sigmoid(amp_margin / T) * sigmoid(cos_margin / T)`` (T = ``temperature`` > 0; T -> 0 recovers hard
+    stopping). Weights come back in :attr:`Tracks.weights`."""
+    temperature: float
+
+
+class Checkpoint(NamedTuple):
+    """Checkpointed gradients: backward recomputes chunks of ``every`` steps instead of storing them (memory
+    O(streamlines x steps x state)); the recomputation is bit-identical, so gradients do not change."""
+    every: int = 10
+
+
+Stopping = Optional[Soft]          # None: hard stopping (tckgen)
+Gradient = Optional[Checkpoint]    # None: direct autograd
+
+
+class Job(NamedTuple):
+    """Plain-value description of a tracking call, what :func:`choose` decides from.
+
+    dtype: "float32" / "float64"; device: "cpu", "cuda", ...; grad: a derivative is requested (autograd or a
+    torch.func transform); lut: tckgen's lookup-table peaks (``params.precomputed``); polish: Newton polish
+    iterations; state32: the state is float32 or the dtype's own; numeric_step: the step is a number, not a
+    tensor; lmax_ok: lmax <= 12 (the kernel's limit); compiled: the eager engine's compiled Newton move;
+    kernel: the native kernel builds and loads on this machine."""
+    dtype: str
+    device: str
+    grad: bool
+    lut: bool
+    polish: int
+    state32: bool
+    numeric_step: bool
+    lmax_ok: bool
+    compiled: bool
+    kernel: bool
+
+
+def _native_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
+    """None when the native kernel can run ``job``, else why not (one phrase)."""
+    if job.dtype != "float32" or job.device != "cpu":
+        return "it runs float32 on the CPU"
+    if job.grad or gradient is not None:
+        return "it has no gradients"
+    if stopping is not None:
+        return "it stops hard"
+    if not (job.lut and job.polish == 0 and job.state32 and job.numeric_step and job.lmax_ok):
+        return "it needs tckgen's settings (lookup-table peaks, no polish, float32 state, a numeric step, lmax <= 12)"
+    if job.compiled:
+        return "compiled applies to the eager engine"
+    return None if job.kernel else "the kernel is unavailable on this machine"
+
+
+def _follow_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
+    if stopping is not None or gradient is not None:
+        return "it stops hard and takes direct gradients"
+    if not (job.lut and job.lmax_ok):
+        return "the kernel decides only with tckgen's lookup-table peaks (precomputed=True) and lmax <= 12"
+    if job.compiled:
+        return "compiled applies to the eager engine"
+    return None if job.kernel else "the kernel is unavailable on this machine"
+
+
+def choose(job: Job, engine: str = "auto", stopping: Stopping = None, gradient: Gradient = None) -> str:
+    """The engine that runs ``job``: ``engine`` itself when it can, the first that applies for "auto".
+
+    Raises:
+        TractfuncError: an unknown engine or option, or an explicit engine that cannot run this job (the
+            message says why).
+    """
+    if engine not in ENGINES:
+        raise TractfuncError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if stopping is not None and not (isinstance(stopping, Soft) and stopping.temperature > 0):
+        raise TractfuncError(f"stopping must be None (hard) or tractfunc.Soft(temperature > 0), got {stopping!r}")
+    if gradient is not None and not (isinstance(gradient, Checkpoint) and int(gradient.every) >= 1):
+        raise TractfuncError(f"gradient must be None (direct) or tractfunc.Checkpoint(every >= 1), got {gradient!r}")
+    why = {"native": _native_fits, "follow": _follow_fits}
+    if engine == "auto":
+        if _native_fits(job, stopping, gradient) is None:
+            return "native"
+        if job.device == "cpu" and _follow_fits(job, stopping, gradient) is None:
+            return "follow"
+        return "eager" if stopping is None and gradient is None else "fixed"
+    if engine in why:
+        reason = why[engine](job, stopping, gradient)
+        if reason is not None:
+            raise TractfuncError(f"engine={engine!r} cannot run this job: {reason}")
+    if engine == "eager" and (stopping is not None or gradient is not None):
+        raise TractfuncError("engine='eager' stops hard and takes direct gradients; use engine='fixed' for "
+                             "soft stopping or checkpointing")
+    if engine != "eager" and job.compiled:
+        raise TractfuncError("compiled=True applies to the eager engine")
+    return engine
+
+
+def describe(field, params, seeds, compiled: bool = False) -> Job:
+    """The :class:`Job` of a Python-API call on ``field`` (:class:`FODField`), ``params`` and ``seeds`` (S, 3)."""
+    import torch
+    from . import native
+    from ..core.tracing import is_tracing, needs_grad
+    sh = field.sh
+    return Job(dtype=str(sh.dtype).replace("torch.", ""), device=sh.device.type,
+               grad=bool(needs_grad(seeds, sh) or is_tracing(seeds, sh) or torch.is_tensor(params.step)
+                         and params.step.requires_grad),
+               lut=bool(params.precomputed and field.table is not None), polish=int(params.peak_polish),
+               state32=params.state_dtype in (None, torch.float32),
+               numeric_step=not torch.is_tensor(params.step), lmax_ok=sh.shape[-1] <= 91, compiled=bool(compiled),
+               kernel=native.available()[0])
+

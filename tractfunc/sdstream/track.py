@@ -1,0 +1,129 @@
+"""The front door: :func:`track`, one call for every SD_Stream engine, returning :class:`tractfunc.Tracks`.
+
+The engine is chosen by :func:`tractfunc.sdstream.engine.choose` (the rule the command line applies too); each
+engine keeps its own inner loop, since bit-for-bit parity with tckgen depends on it.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Optional
+
+import torch
+
+from ..core.arrays import as_tensor
+from ..core.field import FODField, MaskField
+from ..core.params import TrackParams
+from ..core.seeds import random_directions
+from ..core import tracks as T
+from ..core.tracks import Tracks
+from . import engine as E
+from .eager import track_chunk
+from .fixed import track_fixed
+from .step import check_inputs
+
+Tensor = torch.Tensor
+
+
+def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField]):
+    """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params``: the decider of
+    the follow engine."""
+    from . import native
+    step = float(params.step.detach()) if torch.is_tensor(params.step) else params.step
+    return native.Kernel.from_field(field._replace(sh=field.sh.detach().to("cpu", torch.float32),
+                                                   nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
+                                    params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask)
+
+
+def _follow_chunk(field, params, kernel, seeds, init_dirs):
+    """Decisions from ``kernel`` (tckgen's arithmetic), values in ``field``'s dtype and device."""
+    from .follow import follow
+    s32, d32 = seeds.detach().float().cpu().numpy(), init_dirs.detach().float().cpu().numpy()
+    v, ln, ids, si, r, a = (torch.from_numpy(x) for x in kernel.track(s32, d32))
+    dev = seeds.device
+    seed_peak = None
+    if params.rk4:   # RK4's first stages search from the seed peak (Euler searches from each step's own direction)
+        rows = ids.numpy()
+        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0]).to(dev)
+    ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
+    fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
+    if not bool(fol.faithful.all()):
+        warnings.warn(f"{int((~fol.faithful).sum())} streamline(s) could not take every step of the native "
+                      f"kernel's decisions in {seeds.dtype} (a peak search failed or a step left the image)")
+    return fol.vertices, ln, ids, si, r.to(dev), a.to(dev)
+
+
+def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None, *,
+          mask: Optional[MaskField] = None, engine: str = "auto", stopping: E.Stopping = None,
+          gradient: E.Gradient = None, n_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
+          chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
+          compiled: bool = False) -> Tracks:
+    """Track SD_Stream streamlines from every seed (tckgen ``-algorithm SD_Stream``), with any engine.
+
+    Differentiable wherever the inputs ask for it: give ``field.sh``, ``seeds`` or ``params.step`` (a 0-d
+    tensor) ``requires_grad`` and backpropagate from ``Tracks.vertices`` / ``Tracks.weights``.
+
+    Args:
+        field: FOD (:func:`tractfunc.make_field`); params: :func:`tractfunc.resolve` (``exact=True`` for
+            gradient checks: exact SH and exact peaks).
+        seeds: (S, 3) scanner mm, in the field's dtype and on its device.
+        init_dirs: (S, 3) start directions of each seed's peak search (normalised here), or None for uniformly
+            random ones from ``generator`` (tckgen's behaviour; :func:`tractfunc.strongest_peak` gives the
+            strongest peak instead).
+        mask: optional tracking mask (:func:`tractfunc.make_mask`).
+        engine: "auto" (default), "native", "follow", "eager" or "fixed"; see
+            :mod:`tractfunc.sdstream.engine` for what each does and the rule "auto" applies.
+        stopping: None (hard, tckgen) or :class:`tractfunc.Soft` (temperature): survival weights in
+            ``Tracks.weights``.
+        gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward).
+        n_steps: steps per half for the fixed engine (None: ``params.max_points``, never cut short).
+        generator: the source of random start directions.
+        chunk_size: seeds per batch (bounds memory).
+        progress: called as ``progress(done_seeds, total_seeds, accepted)`` after each chunk.
+        compiled: the eager engine's Newton move fused by ``torch.compile`` (float32 results then differ from
+            tckgen's arithmetic in the last bits).
+    Returns:
+        :class:`tractfunc.Tracks` (``engine`` records which engine ran; ``decisions()`` which discrete decisions
+        each streamline took).
+    Raises:
+        TractfuncError: bad shapes, dtypes or devices, or an engine that cannot run this job.
+    """
+    seeds = as_tensor(seeds)
+    init_dirs = None if init_dirs is None else as_tensor(init_dirs)
+    check_inputs(field, seeds, init_dirs)
+    if not params.precomputed:
+        field = field._replace(table=None)
+    job = E.describe(field, params, seeds, compiled)
+    name = E.choose(job, engine, stopping, gradient)
+    S = seeds.shape[0]
+    if init_dirs is None:
+        init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
+    if name in ("eager", "fixed"):   # (the kernel normalises in single precision, as tckgen does)
+        init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
+    kernel = None
+    if name == "native":
+        from . import native
+        kernel = native.Kernel.from_field(field, params, mask)
+    elif name == "follow":
+        kernel = decision_kernel(field, params, mask)
+    soft = stopping is not None
+    parts, offsets, n_acc = [], [], 0
+    with contextlib.nullcontext() if job.grad else torch.no_grad():
+        for start in range(0, S, chunk_size):
+            sl = slice(start, min(S, start + chunk_size))
+            s, d = seeds[sl], init_dirs[sl]
+            if name == "native":
+                part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
+            elif name == "follow":
+                part = Tracks(*_follow_chunk(field, params, kernel, s, d), None, name)
+            elif name == "eager":
+                part = Tracks(*track_chunk(field, params, mask, s, d, compiled=compiled), None, name)
+            else:
+                part = track_fixed(field, params, s, d, n_steps, mask, stopping.temperature if soft else None,
+                                   gradient.every if gradient is not None else 0).to_tracks(soft)
+            parts.append(part)
+            offsets.append(start)
+            n_acc += part.lengths.numel()
+            if progress is not None:
+                progress(sl.stop, S, n_acc)
+    return T.concat(parts, offsets) if parts else T.empty(seeds, 0, name)
