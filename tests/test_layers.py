@@ -6,6 +6,7 @@
 * Nothing imports :mod:`tractfunc.cli`.
 * No import cycle between modules (imports under ``if TYPE_CHECKING:`` do not count).
 * No private name crosses a module boundary: ``from .a import _x`` and ``mod._x`` (dunders excepted).
+* A name taken from a module of the package (``from .a import x``, ``a.x``) is one it defines.
 
 Run ``python tests/test_layers.py`` to list every violation, allowlisted or not, as ``file:line: what``.
 """
@@ -176,22 +177,57 @@ def layer_violations(module: str, path: str, imports, modules) -> list:
     return out
 
 
-def private_violations(tree: ast.Module, module: str, path: str, imports, modules) -> list:
-    """``from m import _x`` and ``m._x`` where ``m`` is another module of the package."""
+def top_level_names(tree: ast.Module) -> set | None:
+    """The names a module defines at import time (defs, classes, assignments, imports, also inside top-level
+    ``if`` / ``try`` / ``with``); None where the namespace is open (a module ``__getattr__`` or ``import *``)."""
+    names = set()
+
+    def bind(target):
+        for n in ast.walk(target):
+            if isinstance(n, ast.Name):
+                names.add(n.id)
+
+    def visit(body):
+        for node in body:
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                names.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names.update((a.asname or a.name).split(".")[0] for a in node.names)
+            elif isinstance(node, ast.Assign):
+                for t in node.targets:
+                    bind(t)
+            elif isinstance(node, (ast.AnnAssign, ast.AugAssign)):
+                bind(node.target)
+            for field in ("body", "orelse", "finalbody", "handlers"):
+                if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    visit(getattr(node, field, []))
+    visit(tree.body)
+    return None if "__getattr__" in names or "*" in names else names
+
+
+def name_violations(tree: ast.Module, module: str, path: str, imports, modules, defined: dict) -> list:
+    """``from m import _x`` and ``m._x`` where ``m`` is another module of the package (private names), and
+    ``from m import x`` / ``m.x`` where ``m`` defines no ``x`` (an AttributeError waiting to happen).
+    ``defined``: module -> :func:`top_level_names`."""
+    def check_name(line, target, name, verb):
+        if target == module or target not in modules:
+            return []
+        if _private(name):
+            return [Violation(path, line, f"{verb} private {target}.{name}")]
+        names = defined[target]
+        if names is not None and name not in names and f"{target}.{name}" not in modules and not name.startswith("__"):
+            return [Violation(path, line, f"{verb} {target}.{name}, which {target} does not define")]
+        return []
+
     out = []
     for imp in imports:
-        if imp.target.startswith(PACKAGE) and imp.target != module:
-            out += [Violation(path, imp.line, f"imports private {imp.target}.{n}") for n in imp.names if _private(n)]
-    aliases = module_aliases(tree, module, module in modules and modules[module].endswith("__init__.py"), modules)
+        for n in imp.names:
+            out += check_name(imp.line, imp.target, n, "imports")
+    aliases = module_aliases(tree, module, path.endswith("__init__.py"), modules)
     for node in ast.walk(tree):
-        if not isinstance(node, ast.Attribute) or not _private(node.attr):
-            continue
-        chain = _dotted(node.value)
-        if not chain or chain[0] not in aliases:
-            continue
-        target = ".".join([aliases[chain[0]]] + chain[1:])
-        if target in modules and target != module:
-            out.append(Violation(path, node.lineno, f"uses private {target}.{node.attr}"))
+        chain = _dotted(node.value) if isinstance(node, ast.Attribute) else None
+        if chain and chain[0] in aliases:
+            out += check_name(node.lineno, ".".join([aliases[chain[0]]] + chain[1:]), node.attr, "uses")
     return out
 
 
@@ -265,14 +301,17 @@ def cycle_violations(edges: dict, modules) -> list:
 def check(root: str = ROOT, package: str = PACKAGE) -> list:
     """Every violation of the import rules in ``root/package``, sorted by file and line."""
     modules = module_files(root, package)
+    trees = {}
+    for module, path in modules.items():
+        with open(os.path.join(root, path), encoding="utf-8") as fh:
+            trees[module] = ast.parse(fh.read(), path)
+    defined = {module: top_level_names(tree) for module, tree in trees.items()}
     out, edges = [], {}
     for module, path in sorted(modules.items()):
-        with open(os.path.join(root, path), encoding="utf-8") as fh:
-            tree = ast.parse(fh.read(), path)
-        is_package = path.endswith("__init__.py")
-        imports = imports_of(tree, module, is_package, modules)
+        tree = trees[module]
+        imports = imports_of(tree, module, path.endswith("__init__.py"), modules)
         out += layer_violations(module, path, imports, modules)
-        out += private_violations(tree, module, path, imports, modules)
+        out += name_violations(tree, module, path, imports, modules, defined)
         for imp in imports:
             if imp.target in modules and imp.target != module and not imp.type_only:
                 edges.setdefault((module, imp.target), imp.line)
@@ -302,8 +341,8 @@ def test_checker_finds_each_kind_of_violation(tmp_path):
         "tractfunc/io/__init__.py": "",
         "tractfunc/io/x.py": "import tractfunc.local.y as yy\nfrom ..cli import main\nfrom .. import core\n",
         "tractfunc/local/__init__.py": "",
-        "tractfunc/local/y.py": "from ..core import a\nz = a._k\n",
-        "tractfunc/cli/__init__.py": "from .. import tools\n",
+        "tractfunc/local/y.py": "from ..core import a\nz = a._k\nw = a.missing + a.__file__ + a.b\n",
+        "tractfunc/cli/__init__.py": "from .. import tools\ndef main():\n    pass\n",
         "tractfunc/tools/__init__.py": "",
         "tractfunc/interop/__init__.py": "import tractfunc\n",
     })
@@ -316,6 +355,7 @@ def test_checker_finds_each_kind_of_violation(tmp_path):
         "tractfunc/io/x.py:1: io imports tractfunc.local.y (a sibling layer)",
         "tractfunc/io/x.py:2: imports tractfunc.cli (nothing imports the command line)",
         "tractfunc/local/y.py:2: uses private tractfunc.core.a._k",
+        "tractfunc/local/y.py:3: uses tractfunc.core.a.missing, which tractfunc.core.a does not define",
         "tractfunc/interop/__init__.py:1: imports the public re-export tractfunc (import the defining module)",
     }, "\n".join(sorted(got))
 
