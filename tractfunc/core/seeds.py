@@ -2,7 +2,7 @@
 chosen non-zero voxel plus a uniform offset within it) and uniform start directions.
 
 Randomness comes only from an explicit generator: a ``torch.Generator`` for the tensor API
-(:func:`random_in_mask`, :func:`tractfunc.sdstream.tracking.random_directions`), a ``numpy.random.Generator`` for
+(:func:`random_in_mask`, :func:`random_directions`), a ``numpy.random.Generator`` for
 the command line, which does not import torch on its native path (:func:`random_in_mask_np`,
 :func:`random_directions_np`).  Both draw the same kinds of numbers and share :func:`voxel_points`.
 """
@@ -55,6 +55,16 @@ def random_in_mask_np(mask, affine, n: int, rng: np.random.Generator) -> np.ndar
 def unit_rows(v: np.ndarray) -> np.ndarray:
     """Rows of (n, 3) scaled to unit length."""
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def random_directions(n: int, generator: Optional["torch.Generator"] = None, dtype=None,
+                      device=None) -> "torch.Tensor":
+    """(n, 3) unit vectors uniform on the sphere (normalised Gaussian draws), drawn in float64 on the CPU
+    from ``generator``, then cast to ``dtype`` (default float32) and moved to ``device``."""
+    import torch
+    v = torch.randn(n, 3, generator=generator, dtype=torch.float64)
+    v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
+    return v.to(dtype=torch.float32 if dtype is None else dtype, device=device)
 
 
 def random_directions_np(n: int, rng: np.random.Generator) -> np.ndarray:
