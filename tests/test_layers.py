@@ -212,12 +212,13 @@ def name_violations(tree: ast.Module, module: str, path: str, imports, modules, 
     def check_name(line, target, name, verb):
         if target == module or target not in modules:
             return []
-        if _private(name):
-            return [Violation(path, line, f"{verb} private {target}.{name}")]
         names = defined[target]
-        if names is not None and name not in names and f"{target}.{name}" not in modules and not name.startswith("__"):
-            return [Violation(path, line, f"{verb} {target}.{name}, which {target} does not define")]
-        return []
+        missing = (names is not None and name not in names and f"{target}.{name}" not in modules
+                   and not name.startswith("__"))
+        what = f"{verb}{' private' if _private(name) else ''} {target}.{name}"
+        if missing:
+            return [Violation(path, line, f"{what}, which {target} does not define")]
+        return [Violation(path, line, what)] if _private(name) else []
 
     out = []
     for imp in imports:
@@ -331,9 +332,9 @@ def test_checker_finds_each_kind_of_violation(tmp_path):
     """A small fake package with one violation of each rule: each is reported at its file and line."""
     _write(tmp_path, {
         "tractfunc/__init__.py": "from .cli import main\n",
-        "tractfunc/errors.py": "",
+        "tractfunc/errors.py": "_secret = 1\n",
         "tractfunc/core/__init__.py": "",
-        "tractfunc/core/a.py": "from . import b\n",
+        "tractfunc/core/a.py": "from . import b\n_hidden = _k = 1\n",
         "tractfunc/core/b.py": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from . import c\n"
                                "from .a import _hidden, __version__\n",
         "tractfunc/core/c.py": "from . import b\nfrom .. import errors\ny = errors._secret + errors.__name__\n"

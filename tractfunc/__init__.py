@@ -3,7 +3,7 @@
 Layout (one concept per module):
   sh           real SH basis (MRtrix3 convention), pole-safe derivatives, tckgen's Legendre table
   interpolate  trilinear sampling with MRtrix3's image-edge and zero-voxel rules
-  direction    FOD peak by Newton iteration on the sphere (MRtrix3 get_peak, optional exact polish)
+  newton       the FOD peak by Newton iteration on the sphere (SD_Stream's get_peak, optional exact polish)
   implicit     derivative of the peak by the implicit function theorem (no backprop through Newton)
   integrate    Euler / RK4 steps composed from SD_Stream's elementary move
   stop         stopping rules and reason codes
@@ -15,7 +15,7 @@ Layout (one concept per module):
                gradients along tckgen's own streamlines)
   jacobian     per-streamline Jacobians of vertices wrt seeds / initial directions, batched
   seeds        seed generation with an explicit torch.Generator
-  peaks        DIPY-style peak extraction on a discrete sphere
+  peaks        discrete-sphere peak extraction (DIPY's peak_directions)
   getters      DIPY's closest-peak and deterministic-maximum direction getters (hard, soft, straight-through)
   probabilistic  DIPY probabilistic and iFOD1-like sampling getters, Gumbel-softmax, REINFORCE
   local        DIPY LocalTracking: fixed-step Euler, threshold/binary stopping, bidirectional assembly
