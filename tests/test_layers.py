@@ -41,7 +41,7 @@ ALLOWLIST = {
     "tractfunc/local/probabilistic.py: imports private tractfunc.local.getters._unit":
         "until getters.py gives _unit a public name",
     # local/tracker.py holds the command line's DIPY-tracking driver (argparse namespace -> files), which
-    # loads images through io; it is being moved up to the command line. Fix: move run_cli/_load_scalar out
+    # loads images through io; it is being moved up to the command line. Fix: move track_command/_load_scalar out
     # of local/ (cli/ or tools/), then delete these entries.
     "tractfunc/local/tracker.py: local imports tractfunc.io (a sibling layer)":
         "argparse driver in local/tracker.py, being moved to the command line",
