@@ -1,17 +1,15 @@
-"""Prototype (benchmark-only, not library code): what ``track_fixed`` backprop would cost with compact
-custom autograd Functions in place of the per-op graph of the two hot spots that ``grad_memory.py``
-finds.  ``install()`` monkeypatches tractfunc in the current process; nothing on disk changes.
+"""Prototype (benchmark-only, not library code): the compact backward that the library does not have yet.
+``install()`` monkeypatches tractfunc in the current process; nothing on disk changes.
 
-1. ``FODField.sample`` -> :class:`_SampleFOD`: the forward runs the library's own ``trilinear`` /
-   ``nearest_value`` without a graph (identical values); it saves only the voxel coordinates (B, 3)
-   float64 (24 bytes per sample) instead of the 8 gathered rows of 45 coefficients and the float64
-   weight products (~1.7 kB per sample in float32).  The backward re-gathers the 8 rows.
-2. The FOD gradient goes to one dense buffer per ``track_fixed`` call (:class:`_Sink`, released by the
-   :class:`_Gate` node, which autograd runs after every sampler because each sampler feeds the gate's
-   scalar token) instead of one zero-filled volume-sized tensor per gather (``IndexBackward0`` allocates
-   ``zeros_like(volume)`` and ``index_put_``s into it: one full-volume fill per sample call, 2T+1 per
-   backward with the one-gather trilinear of f93dd9f, 8 x (2T+1) before it).
-3. ``integrate.attach_peak`` -> :class:`_AttachPeak`: same forward values (the peak found on detached
+The library already does the FOD part (:mod:`tractfunc.core.fodgrad`, adopted from this prototype): under
+plain autograd with a gradient wrt the FOD, ``track_fixed`` samples through ``fodgrad``'s compact sampler and
+accumulates the FOD gradient in one buffer per call. What remains here:
+
+1. The same compact sampler when only the seeds (or directions) need a gradient: ``FODField.sample`` ->
+   ``fodgrad.sample`` with a sink that drops the FOD gradient, so the backward saves the voxel coordinates
+   (24 bytes per sample) instead of the 8 gathered rows of 45 coefficients (~1.7 kB per sample in float32).
+   Calls where the FOD itself needs a gradient keep the library's own path.
+2. ``integrate.attach_peak`` -> :class:`_AttachPeak`: same forward values (the peak found on detached
    inputs) and the same implicit-function-theorem derivative, but it saves the peak direction (B, 3), the
    4 entries of the 2x2 tangent Hessian divided by its determinant and the ok mask (~29 bytes per
    sample in float32) instead of the (B, 45, 3) basis gradient and the projector/frame matrices; the backward
@@ -24,81 +22,27 @@ from __future__ import annotations
 
 import torch
 
-from tractfunc.core import field as _field, integrate as _integrate, sh as _sh
-from tractfunc.sdstream import tracking as _tracking
+from tractfunc.core import field as _field, fodgrad, integrate as _integrate, sh as _sh
+from tractfunc.core.interpolate import Sample, to_voxel
 from tractfunc.core.newton import Peak, tangent_basis, tangent_newton
-from tractfunc.core.fodgrad import GradSink, _Gate as _FodGate
-from tractfunc.core.interpolate import Sample, _EPS, _flat_index, inside_bounds, nearest_value, to_voxel, trilinear
+from tractfunc.core.tracing import is_tracing
 
 Tensor = torch.Tensor
 
 
-# the shared gradient buffer and its gate node are the library's (tractfunc.core.fodgrad, which adopted them)
-_Sink, _Gate = GradSink, _FodGate
+class _DropFODGradient:
+    """A ``fodgrad`` sink for samplers whose FOD needs no gradient: what they add is dropped."""
 
-
-class _SampleFOD(torch.autograd.Function):
-    """(vox (B, 3) float64, token, sh, nonzero, sink) -> (values (B, C), inside (B,)), MRtrix rules."""
-
-    @staticmethod
-    def forward(ctx, vox, token, sh, nonzero, sink):
-        s = trilinear(sh, vox)
-        inside = s.inside & nearest_value(nonzero, vox)
-        vals = torch.where(inside.unsqueeze(-1), s.values, torch.zeros_like(s.values))
-        ctx.save_for_backward(vox)
-        ctx.sh, ctx.nonzero, ctx.sink, ctx.has_token = sh, nonzero, sink, token is not None
-        ctx.mark_non_differentiable(inside)
-        return vals, inside
-
-    @staticmethod
-    def backward(ctx, g, _g_inside):
-        (vox,) = ctx.saved_tensors
-        sh = ctx.sh
-        dims = sh.shape[:3]
-        flat = sh.detach().reshape(-1, sh.shape[-1])
-        inside = inside_bounds(vox, dims) & nearest_value(ctx.nonzero, vox)
-        g = torch.where(inside.unsqueeze(-1), g, torch.zeros_like(g))
-        d = torch.as_tensor(dims, dtype=vox.dtype, device=vox.device)
-        base = torch.floor(vox)
-        clamp = (vox < 0) | (vox > d - 1)
-        frac = torch.where(clamp, torch.zeros_like(vox), vox - base)
-        free = (~clamp).to(vox.dtype)
-        base = base.long()
-        want_vox = ctx.needs_input_grad[0]
-        want_sh = ctx.sink is not None or ctx.needs_input_grad[2]
-        gvox = torch.zeros_like(vox) if want_vox else None
-        gsh = torch.zeros_like(flat) if ctx.needs_input_grad[2] else None
-        for corner in range(8):
-            o = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1]
-            idx = _flat_index(*[(base[..., a] + o[a]).clamp(0, dims[a] - 1) for a in range(3)], dims).reshape(-1)
-            fac = [frac[..., a] if o[a] else 1 - frac[..., a] for a in range(3)]
-            w = (fac[0] * fac[1] * fac[2]).to(sh.dtype)
-            keep = ~(w < _EPS)
-            rows = flat[idx]
-            if want_vox:
-                # the library's weight rule: weights in (0, 1e-6) are dropped with their derivative,
-                # a weight exactly 0 keeps its slope (interpolate.trilinear)
-                sw = ((rows * g).sum(-1) * ~((w < _EPS) & (w != 0))).to(vox.dtype)
-                for a in range(3):
-                    b, c = [x for x in range(3) if x != a]
-                    sign = 1.0 if o[a] else -1.0
-                    gvox[..., a] += sw * (sign * fac[b] * fac[c]) * free[..., a]
-            if want_sh:
-                contrib = torch.where(keep, w, torch.zeros_like(w)).unsqueeze(-1) * g
-                if ctx.sink is not None:
-                    ctx.sink.add(idx, contrib)
-                else:
-                    gsh.index_add_(0, idx, contrib)
-        gtok = g.new_zeros(()) if ctx.has_token else None
-        return gvox, gtok, (None if gsh is None else gsh.view(sh.shape)), None, None
+    def add(self, idx: Tensor, vals: Tensor) -> None:
+        pass
 
 
 def _sample(self, pos: Tensor) -> Sample:
+    """``FODField.sample``; through ``fodgrad``'s compact backward also when only ``pos`` needs a gradient."""
+    if self.grad_sink is not None or self.sh.requires_grad or not torch.is_grad_enabled() or is_tracing(pos):
+        return _orig["sample"](self, pos)
     vox = to_voxel(pos, self.world_to_voxel.to(torch.float64))
-    token, sink = getattr(self, "_token", None), getattr(self, "_sink", None)
-    sh = self.sh.detach() if sink is not None else self.sh
-    vals, inside = _SampleFOD.apply(vox, token, sh, self.nonzero, sink)
-    return Sample(vals, inside)
+    return fodgrad.sample(self.sh, self.nonzero, vox, pos.new_zeros(()), _DropFODGradient())
 
 
 class _AttachPeak(torch.autograd.Function):
@@ -143,32 +87,16 @@ def _attach_peak(coeffs: Tensor, u_star: Tensor, amp_star: Tensor) -> Peak:
     return Peak(*_AttachPeak.apply(coeffs, u_star.detach(), amp_star.detach()))
 
 
-class _SinkField(_field.FODField):
-    """FODField carrying the sink and the gate token of one track_fixed call (instance attributes)."""
-
-
 _orig = {}
-
-
-def _track_fixed(field, params, seeds, init_dirs, n_steps, mask=None, temperature=None, checkpoint=0):
-    f = _SinkField(*field)
-    f._token = f._sink = None
-    if field.sh.requires_grad and torch.is_grad_enabled():
-        f._sink = _Sink(field.sh.shape)
-        f._token = _Gate.apply(field.sh, f._sink)
-    return _orig["track_fixed"](f, params, seeds, init_dirs, n_steps, mask=mask, temperature=temperature,
-                                checkpoint=checkpoint)
 
 
 def install():
     """Monkeypatch tractfunc (this process only)."""
     if _orig:
         return
-    _orig.update(sample=_field.FODField.sample, attach_peak=_integrate.attach_peak,
-                 track_fixed=_tracking.track_fixed)
+    _orig.update(sample=_field.FODField.sample, attach_peak=_integrate.attach_peak)
     _field.FODField.sample = _sample
     _integrate.attach_peak = _attach_peak
-    _tracking.track_fixed = _track_fixed
 
 
 def uninstall():
@@ -176,5 +104,4 @@ def uninstall():
         return
     _field.FODField.sample = _orig["sample"]
     _integrate.attach_peak = _orig["attach_peak"]
-    _tracking.track_fixed = _orig["track_fixed"]
     _orig.clear()

@@ -36,18 +36,10 @@ import tractfunc as tf
 from tractfunc.core import newton as direction, sh as shm
 from tractfunc.sdstream import fixed as tracking
 from tractfunc.core.integrate import find_peak
+from tractfunc.core.sphere import fibonacci_sphere
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``
 from _common import CROP_SIZE, base_parser, load_crop, parse_args, pyplot, save_figure
-
-
-def sphere_points(n: int) -> torch.Tensor:
-    """n near-uniform unit vectors (Fibonacci lattice), float64."""
-    i = torch.arange(n, dtype=torch.float64) + 0.5
-    z = 1 - 2 * i / n
-    phi = i * math.pi * (3 - math.sqrt(5))
-    r = (1 - z * z).sqrt()
-    return torch.stack([r * phi.cos(), r * phi.sin(), z], -1)
 
 
 def rotation_z(deg: float) -> torch.Tensor:
@@ -60,7 +52,7 @@ def rotate_sh(coeffs: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     """SH coefficients (..., N) of the rotated FOD f'(u) = f(R^T u), by least squares on 1000 directions
     (exact for band-limited functions)."""
     lmax = shm.lmax_for(coeffs.shape[-1])
-    u = sphere_points(1000)
+    u = fibonacci_sphere(1000)
     Y = shm.basis(u, lmax)                     # (1000, N)
     Yr = shm.basis(u @ R, lmax)                # rows: basis at R^T u
     M = torch.linalg.lstsq(Y, Yr).solution     # c' = M c
@@ -179,7 +171,7 @@ def main(argv=None):
     rel_change = float((delta.double() ** 2).sum().sqrt() / math.sqrt(norm0))
     rel_change_touched = float((delta[changed].double() ** 2).sum().sqrt()
                                / (sh0[changed].double() ** 2).sum().sqrt())
-    u = sphere_points(500).to(dtype)
+    u = fibonacci_sphere(500, dtype)
     Y = shm.basis(u, shm.lmax_for(sh0.shape[-1]))                 # (500, N)
     d_amp = (delta[changed] @ Y.T).abs()
     max_amp = float((sh0[changed] @ Y.T).abs().max())

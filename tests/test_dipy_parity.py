@@ -18,7 +18,7 @@ import torch
 
 from conftest import PHILIPS, SHARED, _missing, require_philips
 
-from tractfunc.local.tracker import getters as G, tracker as L, peaks as P
+from tractfunc.local import getters as G, tracker as L, peaks as P
 from tractfunc.tools.parity import hausdorff
 
 FIBERCUP = os.path.join(SHARED, "fibercup_phantom_real")

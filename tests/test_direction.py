@@ -8,16 +8,14 @@ from hypothesis import given, settings, strategies as st
 
 from tractfunc.core import sh
 from tractfunc.core.newton import peak
+from tractfunc.core.sphere import fibonacci_sphere
 
 from conftest import unit
 
 
 def _lobes(axes, weights=None, kappa=20.0, lmax=8):
     """SH coefficients of sum_i w_i exp(-kappa (1 - (u.a_i)^2)), fitted on a dense sphere."""
-    i = np.arange(3000) + 0.5
-    z = 1 - 2 * i / 3000
-    th = math.pi * (1 + 5 ** 0.5) * i
-    d = np.stack([np.sqrt(1 - z * z) * np.cos(th), np.sqrt(1 - z * z) * np.sin(th), z], 1)
+    d = fibonacci_sphere(3000).numpy()
     amp = sum((w or 1.0) * np.exp(-kappa * (1 - (d @ unit(a)) ** 2))
               for a, w in zip(axes, weights or [None] * len(axes)))
     B = sh.basis(torch.as_tensor(d), lmax).numpy()

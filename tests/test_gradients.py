@@ -28,6 +28,7 @@ from tractfunc.core.newton import peak, tangent_basis, tangent_newton
 from tractfunc.core.implicit import attach_peak
 from tractfunc.core.integrate import euler, rk4
 from tractfunc.core.interpolate import trilinear
+from tractfunc.core.sphere import fibonacci_sphere
 from tractfunc.sdstream.jacobian import direction_jacobian, seed_jacobian
 from tractfunc.sdstream.step import TrackState, step
 from tractfunc.core.seeds import random_directions
@@ -71,10 +72,7 @@ def _fd_jacobian(f, x, h=1e-6):
 
 def _lobes(axes, weights, kappa=20.0, lmax=8):
     """SH coefficients of sum_i w_i exp(-kappa (1 - (u.a_i)^2)), least squares on a dense sphere."""
-    i = np.arange(3000) + 0.5
-    z = 1 - 2 * i / 3000
-    th = math.pi * (1 + 5 ** 0.5) * i
-    d = np.stack([np.sqrt(1 - z * z) * np.cos(th), np.sqrt(1 - z * z) * np.sin(th), z], 1)
+    d = fibonacci_sphere(3000).numpy()
     amp = sum(w * np.exp(-kappa * (1 - (d @ unit(a)) ** 2)) for a, w in zip(axes, weights))
     B = sh.basis(torch.as_tensor(d), lmax).numpy()
     return torch.as_tensor(np.linalg.lstsq(B, amp, rcond=None)[0])

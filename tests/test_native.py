@@ -209,3 +209,22 @@ def test_cli_default_is_native_and_matches_torch_route(tmp_path, phantom_files):
     assert np.array_equal(seeds[0], seeds[1])
     H = np.array([parity.hausdorff(a, b) for a, b in zip(outs["auto"], outs["torch"])])
     assert (H < 1e-3).mean() >= 0.95
+
+
+def test_stop_codes_agree_with_reason():
+    """The stop-reason codes are written three times: ``tractfunc.core.stop.Reason``, the ``#define R_*`` of
+    csrc/sd_stream.c and the constants of native.py (which does not import torch). Name by name, the C
+    source has every Reason with its value, and every native.py constant named after a Reason has its value."""
+    import ast
+    import re
+    from pathlib import Path
+    from tractfunc.core.stop import Reason
+    reasons = {r.name: int(r) for r in Reason}
+    c_src = (Path(native.__file__).parent / "csrc" / "sd_stream.c").read_text()
+    in_c = {m[1]: int(m[2]) for m in re.finditer(r"^#define\s+R_([A-Z_]+)\s+(\d+)\s*$", c_src, re.M)}
+    assert in_c == reasons
+    tree = ast.parse(Path(native.__file__).read_text())
+    in_py = {t.id: node.value.value for node in tree.body if isinstance(node, ast.Assign)
+             and isinstance(node.value, ast.Constant) for t in node.targets
+             if isinstance(t, ast.Name) and t.id in reasons}
+    assert in_py and all(reasons[k] == v for k, v in in_py.items()), in_py

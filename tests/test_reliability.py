@@ -138,8 +138,8 @@ def _field_of(coeffs, shape=(8, 8, 8), dtype=torch.float64):
 def _lobes(*dirs, lmax=8, kappa=8.0):
     """SH coefficients (MRtrix3 basis) of equal fibre lobes along unit ``dirs``."""
     from tractfunc.core import sh
-    from tractfunc.tools.phantom import _sphere
-    pts = _sphere()
+    from tractfunc.core.sphere import fibonacci_sphere
+    pts = fibonacci_sphere(2000).numpy()
     amp = sum(np.exp(-kappa * (1 - (pts @ (np.asarray(d) / np.linalg.norm(d))) ** 2)) for d in dirs)
     return np.linalg.pinv(sh.basis(torch.as_tensor(pts), lmax).numpy()) @ amp
 

@@ -20,12 +20,7 @@ from ..tools import distributed
 from .. import io
 from ..core import params as P, seeds as S
 from ..errors import TractfuncError
-
-
-def _state_dtype(name: Optional[str]):
-    """--state-dtype -> TrackParams.state_dtype: tckgen's float32 state, or None (the --dtype's precision)."""
-    import torch
-    return torch.float32 if name == "float32" else None
+from ..tools.inputs import native_kernel, state_dtype, torch_inputs
 
 
 STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
@@ -57,48 +52,6 @@ def _progress(enabled: bool):
         if done >= total:
             sys.stderr.write("\n")
     return report
-
-
-def _load_inputs(a, native: bool = False):
-    """FOD image, resolved parameters and the optional mask image, validated (one-line errors).
-    native: the FOD stays in its file layout (the kernel repacks it) and its finiteness is checked there."""
-    fod = io.load_fod(a.fod, check_finite=not native, sh_basis=getattr(a, "sh_basis", "mrtrix"))
-    prm = P.resolve(fod.voxel_sizes, rk4=a.rk4, step=a.step, angle=a.angle, cutoff=a.cutoff,
-                    min_length=a.min_length, max_length=a.max_length, precomputed=not a.exact_sh,
-                    state_dtype=None if native else _state_dtype(a.state_dtype))
-    mask = None
-    if a.mask:
-        mask = io.load_mask(a.mask)
-        if not io.same_grid(mask, fod):
-            raise TractfuncError(f"{a.mask}: mask grid {mask.data.shape} does not match the FOD grid "
-                                 f"{fod.data.shape[:3]} (same dimensions and affine expected)")
-    return fod, prm, mask
-
-
-def _torch_inputs(a, dtype, device):
-    """(fod image, params, FODField, MaskField or None) for the PyTorch tracker."""
-    import torch
-    from ..core import field as F
-    fod, prm, mask = _load_inputs(a)
-    fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype, device=device), fod.affine, precomputed=not a.exact_sh,
-                       voxel_sizes=fod.voxel_sizes)
-    msk = (F.make_mask(torch.as_tensor(mask.data, device=device), mask.affine, mask.voxel_sizes)
-           if mask is not None else None)
-    return fod, prm, fld, msk
-
-
-def _native_kernel(a, threads: int):
-    """(fod image, params, :class:`tractfunc.sdstream.native.Kernel`) -- no torch import."""
-    from ..sdstream import native
-    fod, prm, mask = _load_inputs(a, native=True)
-    sh, nz, bad = native.prepare_volume(fod.data, threads)
-    if bad:
-        raise io.nonfinite_error(a.fod, bad)
-    k = native.Kernel(sh, fod.affine, prm, nz, None if mask is None else mask.data,
-                      None if mask is None else mask.affine, threads, fod.voxel_sizes,
-                      None if mask is None else mask.voxel_sizes)
-    # the kernel holds its own copy; keep only the grid of the file's array (for headers), not its memory
-    return fod._replace(data=np.broadcast_to(np.float32(0), fod.data.shape)), prm, k
 
 
 def _engine(a) -> str:
@@ -276,7 +229,7 @@ def cmd_track(a) -> int:
     if native:
         from ..sdstream import native as native_mod
         threads = a.threads or os.cpu_count() or 1
-        fod, prm, kernel = _native_kernel(a, threads)
+        fod, prm, kernel = native_kernel(a, threads)
 
         def run_here(pts: np.ndarray, dirs: np.ndarray):
             v, ln, ids, sidx, reasons, _ = kernel.track(pts, dirs, threads)
@@ -293,7 +246,7 @@ def cmd_track(a) -> int:
                 raise TractfuncError("--workers and a torchrun launch both split seeds; use one of them")
             shard = distributed.Shard(device)
             device = shard.device(device)
-        fod, prm, fld, msk = _torch_inputs(a, dtype, device)
+        fod, prm, fld, msk = torch_inputs(a, dtype, device)
         if a.workers > 1:
             if device.type != "cpu":
                 raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
@@ -389,7 +342,7 @@ def cmd_parity(a) -> int:
         parity.run_tckgen(a.fod, tck, csv, a.seed_image, a.mask, a.select, rk4=a.rk4, nthreads=a.threads)
         ref = parity.load_reference(tck, csv)
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=_state_dtype(a.state_dtype),
+        r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=state_dtype(a.state_dtype),
                            engine=a.engine)
     print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} engine): "
           f"{len(r.distances)} streamlines, {100 * r.identical:.2f}% bit-identical, "

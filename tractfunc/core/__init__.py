@@ -10,11 +10,12 @@ are tested against.
   fodgrad      compact backward of FOD sampling (one gradient buffer per tracking call)
   field        FOD and mask containers
   params       tracking parameters, tckgen defaults from the voxel size
-  newton       FOD peak by Newton iteration on the sphere (MRtrix3 get_peak, optional exact polish)
+  newton       the FOD peak by Newton iteration on the sphere (SD_Stream's get_peak, optional exact polish)
   implicit     derivative of the peak by the implicit function theorem (no backprop through Newton)
   integrate    Euler / RK4 steps composed from SD_Stream's elementary move
   stop         stopping rules and reason codes
   seeds        seed points and start directions with an explicit generator
+  sphere       the Fibonacci sphere (near-uniform unit vectors)
 
 The core imports only the core and :mod:`tractfunc.errors`.
 """

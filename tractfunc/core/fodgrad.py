@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from .interpolate import _EPS, Sample, _flat_index, inside_bounds, nearest_value, trilinear
+from .interpolate import WEIGHT_EPS, Sample, flat_index, inside_bounds, nearest_value, trilinear
 from .tracing import is_tracing
 
 Tensor = torch.Tensor
@@ -84,10 +84,10 @@ class _SampleFOD(torch.autograd.Function):
         gvox = torch.zeros_like(v) if ctx.needs_input_grad[0] else None
         for corner in range(8):
             o = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1]
-            idx = _flat_index(*[(base[:, a] + o[a]).clamp(0, dims[a] - 1) for a in range(3)], dims)
+            idx = flat_index(*[(base[:, a] + o[a]).clamp(0, dims[a] - 1) for a in range(3)], dims)
             fac = [frac[:, a] if o[a] else 1 - frac[:, a] for a in range(3)]
             w = ((fac[0] * fac[1]) * fac[2]).to(sh.dtype)
-            kept = ~((w < _EPS) & (w != 0))          # the weight rule of interpolate.trilinear
+            kept = ~((w < WEIGHT_EPS) & (w != 0))          # the weight rule of interpolate.trilinear
             w = torch.where(kept, w, torch.zeros_like(w))
             if gvox is not None:
                 sw = ((flat[idx] * g).sum(-1) * kept).to(v.dtype)

@@ -147,7 +147,8 @@ def _narrow(state_dtype: Optional[torch.dtype], *xs: Tensor):
     return tuple(x.to(state_dtype) for x in xs)
 
 
-def _unit(v: Tensor) -> Tensor:
+def unit(v: Tensor) -> Tensor:
+    """(..., 3) vectors scaled to unit length (no guard: a zero vector gives NaN)."""
     return v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
 
 
@@ -174,9 +175,9 @@ def rk4(field: FODField, params: TrackParams, pos: Tensor, dir: Tensor, early_ex
     m3 = sd_next(field, params, in_state(sd, lambda p, d: p + d * (0.5 * h), pos, d2), dir, early_exit, soft)
     d3 = m3.dir
     m4 = sd_next(field, params, in_state(sd, lambda p, d: p + d * h, pos, d3),
-                 in_state(sd, lambda a, b: _unit(a + b), d2, d3), early_exit, soft)
+                 in_state(sd, lambda a, b: unit(a + b), d2, d3), early_exit, soft)
     d4 = m4.dir
-    final_dir = in_state(sd, lambda a, b, c, d: _unit(a + b * 2.0 + c * 2.0 + d), d1, d2, d3, d4)
+    final_dir = in_state(sd, lambda a, b, c, d: unit(a + b * 2.0 + c * 2.0 + d), d1, d2, d3, d4)
     final_pos = in_state(sd, lambda p, d: p + d * h, pos, final_dir)
     m5 = sd_next(field, params, final_pos, final_dir, early_exit, soft)
     reason = _merge(m1.reason, _merge(m2.reason, _merge(m3.reason, _merge(m4.reason, m5.reason))))

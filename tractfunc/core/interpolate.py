@@ -19,7 +19,7 @@ from .arrays import as_tensor
 
 Tensor = torch.Tensor
 
-_EPS = 1e-6
+WEIGHT_EPS = 1e-6   # trilinear weights in (0, WEIGHT_EPS) are dropped (MRtrix3's rule, see trilinear)
 
 
 def to_voxel(pos: Tensor, world_to_voxel: Tensor) -> Tensor:
@@ -40,7 +40,9 @@ def inside_bounds(vox: Tensor, dims) -> Tensor:
     return ((vox > -0.5) & (vox < d - 0.5)).all(-1)
 
 
-def _flat_index(ix: Tensor, iy: Tensor, iz: Tensor, dims) -> Tensor:
+def flat_index(ix: Tensor, iy: Tensor, iz: Tensor, dims) -> Tensor:
+    """Integer voxel indices (...,) each, grid ``dims`` (X, Y, Z) -> (...,) row index into the volume
+    reshaped to (X * Y * Z, C) (C order)."""
     return (ix * dims[1] + iy) * dims[2] + iz
 
 
@@ -68,7 +70,7 @@ def trilinear(volume: Tensor, vox: Tensor) -> Sample:
     off = torch.tensor([[(k >> 2) & 1, (k >> 1) & 1, k & 1] for k in range(8)], device=vox.device)
     hi = torch.tensor([d - 1 for d in dims], device=vox.device)
     idx = torch.minimum((base.unsqueeze(-2) + off).clamp(min=0), hi)                 # (..., 8, 3)
-    flat_idx = _flat_index(idx[..., 0], idx[..., 1], idx[..., 2], dims)               # (..., 8)
+    flat_idx = flat_index(idx[..., 0], idx[..., 1], idx[..., 2], dims)               # (..., 8)
     rows = flat[flat_idx.reshape(-1)].reshape(*vox.shape[:-1], 8, flat.shape[-1])     # (..., 8, C)
     one_minus = 1 - frac
     wsel = torch.where(off.bool(), frac.unsqueeze(-2), one_minus.unsqueeze(-2))        # (..., 8, 3)
@@ -76,7 +78,7 @@ def trilinear(volume: Tensor, vox: Tensor) -> Sample:
     # MRtrix3 drops weights in (0, 1e-6): value and derivative of the implemented function (so autograd
     # matches finite differences).  A weight exactly 0 (a point on a voxel-centre plane) is kept as the
     # product it is, so its derivative -- the one-sided slope into the next cell -- is not lost.
-    w = torch.where((w < _EPS) & (w != 0), torch.zeros_like(w), w)
+    w = torch.where((w < WEIGHT_EPS) & (w != 0), torch.zeros_like(w), w)
     out = 0
     for corner in range(8):   # accumulate in corner order (fixed rounding, matches the reference)
         out = out + w[..., corner, None] * rows[..., corner, :]
@@ -93,7 +95,7 @@ def nearest_value(volume: Tensor, vox: Tensor) -> Tensor:
     ok = ((r >= 0) & (r <= d - 1)).all(-1)
     ri = r.long()
     idx = [ri[..., a].clamp(0, dims[a] - 1) for a in range(3)]
-    vals = volume.reshape(-1)[_flat_index(*idx, dims).reshape(-1)].reshape(vox.shape[:-1])
+    vals = volume.reshape(-1)[flat_index(*idx, dims).reshape(-1)].reshape(vox.shape[:-1])
     return torch.where(ok, vals, torch.zeros_like(vals))
 
 

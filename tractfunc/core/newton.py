@@ -1,4 +1,6 @@
-"""Direction getters: the FOD peak nearest a start direction, by Newton iteration on the sphere.
+"""The FOD peak by Newton iteration (SD_Stream's get_peak): the local maximum of the FOD amplitude nearest a
+start direction, found by Newton iteration on the sphere. (DIPY's direction getters are
+:mod:`tractfunc.local.getters`; discrete-sphere peak extraction is :mod:`tractfunc.local.peaks`.)
 
 The iteration follows MRtrix3 ``Math::SH::get_peak``: at ``u`` take the unit tangent direction of steepest
 ascent ``d``, the 1-D Newton step ``dt = |f'(d) / f''(d)|`` along it, capped at 0.2 rad, move

@@ -57,16 +57,16 @@ def unit_rows(v: np.ndarray) -> np.ndarray:
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
 
 
-def random_directions_np(n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3) float64 unit vectors uniform on the sphere (normalised Gaussian draws)."""
-    return unit_rows(rng.standard_normal((n, 3)))
-
-
-def random_directions(n: int, generator: Optional["torch.Generator"] = None, dtype=None, device=None) -> "torch.Tensor":
-    """(n, 3) unit vectors uniform on the sphere (normalised Gaussian draws, as :func:`random_directions_np`),
-    drawn on the CPU from ``generator`` in float64, then cast to ``dtype`` (default float32) and moved to
-    ``device``: the same generator state gives the same directions on every device."""
+def random_directions(n: int, generator: Optional["torch.Generator"] = None, dtype=None,
+                      device=None) -> "torch.Tensor":
+    """(n, 3) unit vectors uniform on the sphere (normalised Gaussian draws), drawn in float64 on the CPU
+    from ``generator``, then cast to ``dtype`` (default float32) and moved to ``device``."""
     import torch
     v = torch.randn(n, 3, generator=generator, dtype=torch.float64)
     v = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True)
-    return v.to(dtype=dtype or torch.float32, device=device)
+    return v.to(dtype=torch.float32 if dtype is None else dtype, device=device)
+
+
+def random_directions_np(n: int, rng: np.random.Generator) -> np.ndarray:
+    """(n, 3) float64 unit vectors uniform on the sphere (normalised Gaussian draws)."""
+    return unit_rows(rng.standard_normal((n, 3)))

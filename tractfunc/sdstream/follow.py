@@ -23,7 +23,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from ..core.field import FODField
-from ..core.integrate import _unit, euler, rk4
+from ..core.integrate import euler, rk4, unit
 from ..core.params import TrackParams
 from ..core.stop import CONTINUE
 
@@ -71,7 +71,7 @@ def follow_halves(field: FODField, params: TrackParams, seeds: Tensor, ref: Tens
         c = active[k]
         r0 = row[:c] + sgn[:c] * k
         r1 = r0 + sgn[:c]
-        d = _unit(ref[r1].to(torch.float64) - ref[r0].to(torch.float64)).to(seeds.dtype)
+        d = unit(ref[r1].to(torch.float64) - ref[r0].to(torch.float64)).to(seeds.dtype)
         m = move(field, params, pos[:c], prev[:c] if params.rk4 else d, early_exit=True, soft=True)
         ok = torch.cat([ok[:c] & (m.reason == CONTINUE), ok[c:]])
         pos = torch.cat([m.pos, pos[c:]])
@@ -103,7 +103,7 @@ def follow(field: FODField, params: TrackParams, seeds: Tensor, vertices: Tensor
         start = torch.cat([seed_dirs, -seed_dirs]).to(torch.float64)
     else:   # each half's first step direction (any unit vector where the half takes no step)
         nxt = row2 + sign * (steps > 0).long()
-        start = _unit(vertices[nxt].double() - vertices[row2].double() + (steps == 0).unsqueeze(-1))
+        start = unit(vertices[nxt].double() - vertices[row2].double() + (steps == 0).unsqueeze(-1))
     rows, src, ok = follow_halves(field, params, seeds.repeat(2, 1), vertices, row2, steps, sign, start)
     out = seeds.new_zeros(vertices.shape[0], 3).index_copy(0, torch.cat([seed_row] + rows),
                                                            torch.cat([seeds] + src))

@@ -283,7 +283,7 @@ def fod_from_files(dwi: str, bval: str, bvec: str, out: str, mask: Optional[str]
         raise TractfuncError(f"{out}: expected a .nii or .nii.gz output path")
     if jobs < 1:
         raise TractfuncError(f"--jobs must be a positive number of processes, got {jobs}")
-    img, data, _ = io._load(dwi)
+    img, data, _ = io.load_nifti(dwi)
     data = np.asarray(data, dtype=np.float32)
     if data.ndim != 4:
         raise TractfuncError(f"{dwi}: DWI has shape {data.shape}; expected 4-D (X, Y, Z, volumes)")
@@ -310,9 +310,9 @@ def dominant_peaks(coeffs: np.ndarray, n_sphere: int = 4000, newton: int = 3, ch
     import torch
     from ..core import sh
     from ..core.newton import peak
-    from .phantom import _sphere
     from ..core.shsize import lmax_for
-    sphere = torch.as_tensor(_sphere(n_sphere))
+    from ..core.sphere import fibonacci_sphere
+    sphere = fibonacci_sphere(n_sphere)
     B = sh.basis(sphere, lmax_for(coeffs.shape[-1]))
     out = []
     for i in range(0, len(coeffs), chunk):

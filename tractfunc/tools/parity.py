@@ -29,6 +29,7 @@ import torch
 
 from ..core import field as F, params as P
 from .. import io
+from ..core.sphere import fibonacci_sphere
 from ..core.stop import Reason
 from ..sdstream.track import track
 
@@ -60,14 +61,6 @@ def load_reference(tck_path: str, seeds_csv: str) -> Reference:
     fwd = np.stack([t[s - 1] if s > 0 else nan for t, s in zip(lines, sidx)])
     bwd = np.stack([t[s + 1] if s + 1 < len(t) else nan for t, s in zip(lines, sidx)])
     return Reference(lines, sidx, seeds, dirs, fwd, bwd)
-
-
-def _fibonacci(n: int) -> np.ndarray:
-    i = np.arange(n) + 0.5
-    z = 1 - 2 * i / n
-    th = np.pi * (1 + 5 ** 0.5) * i
-    r = np.sqrt(1 - z * z)
-    return np.stack([r * np.cos(th), r * np.sin(th), z], 1)
 
 
 def reconstruct_seed_dirs(fld, prm, msk, ref: Reference, dtype=torch.float32, n_sphere: int = 48,
@@ -119,7 +112,7 @@ def reconstruct_seed_dirs(fld, prm, msk, ref: Reference, dtype=torch.float32, n_
     e = err[rows, k]
     miss = torch.nonzero(e > tol_mm).squeeze(1)
     if miss.numel():
-        sphere = torch.as_tensor(_fibonacci(n_sphere), dtype=torch.float64)
+        sphere = fibonacci_sphere(n_sphere)
         sc = sphere.unsqueeze(0).expand(miss.numel(), -1, -1)
         err2 = score(sc, miss)
         k2 = err2.argmin(1)

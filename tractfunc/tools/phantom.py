@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..core import sh
+from ..core.sphere import fibonacci_sphere
 
 
 class Phantom(NamedTuple):
@@ -32,13 +33,6 @@ def _rotation(ax, ay, az):
     return Rz @ Ry @ Rx
 
 
-def _sphere(n=2000):
-    i = np.arange(n) + 0.5
-    phi = np.arccos(1 - 2 * i / n)
-    th = math.pi * (1 + 5 ** 0.5) * i
-    return np.stack([np.cos(th) * np.sin(phi), np.sin(th) * np.sin(phi), np.cos(phi)], 1)
-
-
 def make_phantom(shape=(40, 40, 16), voxel=2.0, lmax=8, kappa=6.0) -> Phantom:
     """Build the phantom.  Bundle A arcs (radius 0.7 x width) in the image x-y plane; bundle B runs straight
     along the image diagonal, crossing A near the centre.  The grid is rotated obliquely in scanner space."""
@@ -54,7 +48,7 @@ def make_phantom(shape=(40, 40, 16), voxel=2.0, lmax=8, kappa=6.0) -> Phantom:
     d_line = np.abs((ii - X / 2) + (jj - Y / 2)) / math.sqrt(2)
     line = (d_line < 4.0) & (kk > 2) & (kk < Z - 3)
     rot = _rotation(0.21, -0.17, 0.33)
-    dirs = _sphere()
+    dirs = fibonacci_sphere(2000).numpy()
     B = sh.basis(torch.as_tensor(dirs), lmax).numpy()
     pinv = np.linalg.pinv(B)
     amp = np.zeros(shape + (dirs.shape[0],))

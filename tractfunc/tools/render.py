@@ -150,8 +150,8 @@ def render(vertices: np.ndarray, lengths: np.ndarray, png: str, background=None,
 def load_background(path: str):
     """A background map from a NIfTI or MRtrix .mif image -> (data (X, Y, Z) float, affine (4, 4)); a 4-D
     image gives its first volume (b=0 of a DWI, the l=0 term of an FOD)."""
-    from ..io.images import _read
-    data, A, _ = _read(path)
+    from ..io import read_image
+    data, A, _ = read_image(path)
     if data.ndim == 4:
         data = data[..., 0]
     if data.ndim != 3:

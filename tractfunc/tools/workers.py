@@ -18,10 +18,10 @@ _STATE: dict = {}
 
 
 def _init(args, dtype_name: str, threads: int) -> None:
-    from ..cli.main import _torch_inputs
+    from .inputs import torch_inputs
     torch.set_num_threads(threads)
     dtype = getattr(torch, dtype_name)
-    _, prm, fld, msk = _torch_inputs(args, dtype, torch.device("cpu"))
+    _, prm, fld, msk = torch_inputs(args, dtype, torch.device("cpu"))
     _STATE.update(prm=prm, fld=fld, msk=msk, dtype=dtype, compiled=getattr(args, "compile", False),
                   engine=getattr(args, "engine", "auto"))
 
