@@ -8,6 +8,7 @@ FiberCup phantom (binary mask): >= 99.5 % of streamlines within 0.1 mm (symmetri
 ``-m slow`` runs 2000 seeds per dataset and getter.
 """
 import functools
+import importlib
 import os
 import tempfile
 import time
@@ -18,7 +19,7 @@ import torch
 
 from conftest import PHILIPS, SHARED, _missing, require_philips
 
-from tractfunc.local.tracker import getters as G, tracker as L, peaks as P
+from tractfunc.local import getters as G, tracker as L, peaks as P
 from tractfunc.tools.parity import hausdorff
 
 FIBERCUP = os.path.join(SHARED, "fibercup_phantom_real")
@@ -364,7 +365,7 @@ def test_local_tracking_parity_large(dataset, kind, dtype):
 def test_cli_det_max(tmp_path):
     """``tractfunc track --algorithm det_max | closest_peak`` writes what the API tracks from the same seeds."""
     import nibabel as nib
-    from tractfunc.cli import main as cli
+    cli = importlib.import_module("tractfunc.cli.main")
     d = _fibercup()
     A = d["affine"]
     nib.save(nib.Nifti1Image(d["sh"].astype(np.float32), A), str(tmp_path / "fod.nii.gz"))

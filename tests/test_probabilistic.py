@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from tractfunc.local.tracker import probabilistic as pr
+from tractfunc.local import probabilistic as pr
 from tractfunc.core import sh
 
 ALPHA = 1e-3          # significance level of the goodness-of-fit tests
@@ -120,7 +120,7 @@ def test_same_dipy_distribution_as_dipy():
     random = pytest.importorskip("random")
     dipy_dir = pytest.importorskip("dipy.direction")
     from dipy.data import default_sphere
-    from tractfunc.local.tracker.peaks import make_sphere
+    from tractfunc.local.peaks import make_sphere
     c = crossing_fod()
     vol = volume(c).numpy()
     dg = dipy_dir.ProbabilisticDirectionGetter.from_shcoeff(vol, 30, default_sphere, pmf_threshold=0.1,
