@@ -28,7 +28,7 @@ import time
 
 import torch
 
-from tractfunc.local.tracker import probabilistic as pr
+from tractfunc.local import probabilistic as pr
 from tractfunc.core import sh
 
 # examples/ is on sys.path when run as ``python examples/<name>.py``

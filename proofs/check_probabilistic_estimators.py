@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from tractfunc.local.tracker import probabilistic as pr
+from tractfunc.local import probabilistic as pr
 from tractfunc.core import sh
 
 from _checklib import finish, report, unit  # proofs/ is on sys.path (run as a script)

@@ -62,6 +62,8 @@ _EXPORTS = {
     "closest_peak": ("local.getters", 'closest_peak'),
     "deterministic_maximum": ("local.getters", 'deterministic_maximum'),
     "local_tracking": ("local.tracker", 'local_tracking'), "shbasis": ("core.shbasis", None),
+    "deterministic_tracking": ("local.tracking", 'deterministic_tracking'),
+    "probabilistic_tracking": ("local.tracking", 'probabilistic_tracking'),
     "probabilistic": ("local.probabilistic", None),
 }
 __all__ = list(_EXPORTS)
