@@ -286,3 +286,14 @@ def test_local_imports_only_core_and_errors():
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [n.name for n in node.names] if isinstance(node, ast.Import) else [node.module or ""]
                 assert not any(n.startswith("tractfunc") for n in names), (path, names)
+
+
+def test_coming_from_dipy_doc_block_runs_and_prints_what_the_text_shows(capsys):
+    """docs/dipy_getters.md's "Coming from DIPY" block runs on its own and prints the lines shown under it."""
+    _dipy()
+    import re
+    text = open(os.path.join(HERE, "..", "docs", "dipy_getters.md")).read()
+    m = re.search(r"## Coming from DIPY.*?```python\n(.*?)```\n\nprints\n\n```\n(.*?)```", text, re.S)
+    assert m, "the section's code block and its printed output"
+    exec(compile(m.group(1), "dipy_getters.md", "exec"), {})
+    assert capsys.readouterr().out == m.group(2)
