@@ -297,3 +297,32 @@ def test_coming_from_dipy_doc_block_runs_and_prints_what_the_text_shows(capsys):
     assert m, "the section's code block and its printed output"
     exec(compile(m.group(1), "dipy_getters.md", "exec"), {})
     assert capsys.readouterr().out == m.group(2)
+
+
+def test_cli_lengths_in_mm_and_default_frame(tmp_path):
+    """``--max-length`` / ``--min-length`` (mm) become int(mm / step) points, as DIPY's tracker functions
+    convert; with the default --sh-frame the CLI writes what the API tracks with its defaults."""
+    import importlib
+    import nibabel as nib
+    cli = importlib.import_module("tractfunc.cli.main")
+    sh = _tiny_field()
+    A = np.diag([-2.0, 2.0, 2.5, 1.0])
+    A[:3, 3] = [10.0, -4.0, 3.0]
+    rng = np.random.default_rng(3)
+    mask = rng.random((8, 8, 8)) > 0.1
+    nib.save(nib.Nifti1Image(sh.numpy(), A), str(tmp_path / "fod.nii.gz"))
+    nib.save(nib.Nifti1Image(mask.astype(np.uint8), A), str(tmp_path / "mask.nii.gz"))
+    seeds = rng.uniform(1, 6, (12, 3)) @ A[:3, :3].T + A[:3, 3]
+    np.savetxt(tmp_path / "seeds.txt", seeds)
+    out = tmp_path / "o.tck"
+    assert cli.main(["track", str(tmp_path / "fod.nii.gz"), str(out), "--algorithm", "det_max", "--seed-points",
+                     str(tmp_path / "seeds.txt"), "--mask", str(tmp_path / "mask.nii.gz"), "--step", "0.5",
+                     "--max-length", "9.9", "--min-length", "3", "--valid-only", "--dtype", "float64",
+                     "--quiet"]) == 0
+    tck = nib.streamlines.load(str(out)).streamlines
+    g = G.deterministic_maximum(sh, sh_basis="mrtrix")
+    ref = L.local_tracking(g, L.binary_criterion(torch.as_tensor(mask)), seeds, A, 0.5, maxlen=19, minlen=6,
+                           return_all=False).streamlines()
+    assert len(tck) == len(ref) > 0 and max(len(s) for s in ref) <= 19
+    for a, b in zip(tck, ref):
+        np.testing.assert_allclose(a, b, atol=1e-4)

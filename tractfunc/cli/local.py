@@ -58,13 +58,22 @@ def track_command(a) -> int:
     voxels, default 1000, from ``--rng-seed``); one streamline per seed peak (DIPY), the first ``--select``
     kept.  Stopping: ``--fa-map`` with ``--stop-threshold`` (ThresholdStoppingCriterion) or ``--mask``
     (BinaryStoppingCriterion).  The FOD is loaded into the MRtrix3 basis (``--sh-basis`` names the file's);
-    ``--sh-frame`` defaults to the API's :data:`tractfunc.local.getters.DEFAULT_SH_FRAME`."""
+    ``--sh-frame`` defaults to the API's :data:`tractfunc.local.getters.DEFAULT_SH_FRAME`.  Lengths:
+    ``--maxlen`` counts points per half (DIPY ``LocalTracking``); ``--max-length`` / ``--min-length`` (mm),
+    when given, become ``int(mm / step)`` points, the conversion DIPY's ``dipy.tracking.tracker`` functions
+    make before calling ``LocalTracking``."""
     if bool(a.fa_map) == bool(a.mask):
         raise TractfuncError(f"--algorithm {a.algorithm} stops on --fa-map (with --stop-threshold) or on --mask; "
                              "give exactly one")
     if a.seed_directions:
         raise TractfuncError(f"--algorithm {a.algorithm} starts from the peaks at each seed; --seed-directions "
                              "applies to sd_stream only")
+    step = a.step or DEFAULT_STEP
+    maxlen = a.maxlen if a.max_length is None else int(a.max_length / step)
+    minlen = 2 if a.min_length is None else int(a.min_length / step)
+    if maxlen < 1 or minlen > maxlen:
+        raise TractfuncError(f"lengths give maxlen={maxlen} and minlen={minlen} points at step {step} mm; expected "
+                             "maxlen >= 1 and minlen <= maxlen")
     dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
     device = torch.device(a.device)
     if a.threads:
@@ -97,12 +106,12 @@ def track_command(a) -> int:
         if a.select and len(out) >= a.select:
             break
         res = local_tracking(g, crit, torch.as_tensor(pts[start:start + a.chunk], dtype=dtype, device=device),
-                             step_size=a.step or DEFAULT_STEP, maxlen=a.maxlen, return_all=not a.valid_only,
+                             step_size=step, maxlen=maxlen, minlen=minlen, return_all=not a.valid_only,
                              max_cross=a.max_cross, generator=gen, chunk_size=a.chunk)
         out.extend(res.streamlines())
     if a.select:
         out = out[:a.select]
-    header = {"method": f"{a.algorithm} (tractfunc, DIPY LocalTracking semantics)", "step_size": a.step or DEFAULT_STEP,
+    header = {"method": f"{a.algorithm} (tractfunc, DIPY LocalTracking semantics)", "step_size": step,
               "max_angle": a.angle or DEFAULT_ANGLE, "pmf_threshold": a.pmf_threshold, "source": a.fod}
     io.write_tractogram(a.output, out, fod, header)
     if not a.quiet:
