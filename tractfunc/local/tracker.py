@@ -301,7 +301,9 @@ def local_tracking(getter, criterion, seeds, affine=None, step_size=None, maxlen
                                              early_exit)
         valid = ends_valid(status) & (lengths >= minlen) & (lengths <= maxlen) & has_dir
         kept = torch.ones_like(valid) if return_all else valid
-        if not tracing:   # eager: only DIPY's streamlines, trimmed to the longest
+        if not tracing and bool(kept.all()):   # eager: trimmed to the longest
+            pts = pts[:, :max(int(lengths.max()), 1) if lengths.numel() else 1]
+        elif not tracing:                      # eager: only DIPY's streamlines, trimmed to the longest
             rows = torch.nonzero(kept).squeeze(-1)
             width = int(lengths[rows].max()) if rows.numel() else 1
             pts, lengths, sid, status, kept = pts[rows, :width], lengths[rows], sid[rows], status[rows], kept[rows]
