@@ -106,7 +106,8 @@ def reinforce(vol, sphere, K, gen, n_steps, baseline=True) -> torch.Tensor:
 
 
 def gumbel(vol, sphere, K, gen, n_steps, temperature, hard) -> torch.Tensor:
-    g = pr.gumbel(vol, max_angle=ANGLE, temperature=temperature, hard=hard, cutoff=0.0, sphere=sphere, sh_basis="mrtrix")
+    g = pr.gumbel(vol, max_angle=ANGLE, temperature=temperature, hard=hard, cutoff=0.0, sphere=sphere,
+                  sh_basis="mrtrix")
     end, _ = walk(lambda p, d: (*g(p, d, gen), torch.zeros(len(p), dtype=torch.float64)), K, n_steps)
     return torch.autograd.grad(loss_of(end).mean(), vol)[0]
 

@@ -211,14 +211,16 @@ def test_soft_and_straight_through_gradients():
     for mode in ("straight_through", "soft"):
         shp = sh.clone().requires_grad_(True)
         p = pos.clone().requires_grad_(True)
-        new, _ = G.deterministic_maximum(shp, max_angle=45.0, mode=mode, temperature=0.05, sh_basis="mrtrix")(p, prev, None)
+        new, _ = G.deterministic_maximum(shp, max_angle=45.0, mode=mode, temperature=0.05,
+                                         sh_basis="mrtrix")(p, prev, None)
         (new * torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)).sum().backward()
         assert torch.isfinite(shp.grad).all() and shp.grad.abs().sum() > 0
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
         outs[mode] = (new.detach(), shp.grad)
     torch.testing.assert_close(outs["straight_through"][0], hard, rtol=0, atol=0)
     torch.testing.assert_close(outs["straight_through"][1], outs["soft"][1])
-    cold, _ = G.deterministic_maximum(sh, max_angle=45.0, mode="soft", temperature=1e-4, sh_basis="mrtrix")(pos, prev, None)
+    cold, _ = G.deterministic_maximum(sh, max_angle=45.0, mode="soft", temperature=1e-4,
+                                      sh_basis="mrtrix")(pos, prev, None)
     assert ((cold * hard).sum(-1) > 0.999).all()
     soft = outs["soft"][0]
     assert ((soft * hard).sum(-1) < 1 - 1e-9).any()                     # warm soft mode really differs

@@ -134,7 +134,8 @@ def test_same_dipy_distribution_as_dipy():
         assert dg.get_direction(CENTRE.numpy().copy(), d) == 0
         assert d @ PREV.numpy() > 0
         theirs[i] = np.argmax(np.abs(verts @ d))
-    getter = pr.probabilistic(torch.as_tensor(vol), 30, sphere=make_sphere(verts, default_sphere.edges), sh_basis="mrtrix")
+    getter = pr.probabilistic(torch.as_tensor(vol), 30, sphere=make_sphere(verts, default_sphere.edges),
+                              sh_basis="mrtrix")
     ours = vertex_index(draw_many(getter, n, seed=3, chunk=n), torch.as_tensor(verts))
     cats = np.union1d(theirs, ours)
     table = np.array([[np.sum(x == k) for k in cats] for x in (theirs, ours)])
@@ -267,7 +268,8 @@ def test_plugs_into_local_tracking():
     vol = crossing_fod().expand(12, 12, 6, -1).clone()
     crit = local.binary_criterion(torch.ones(12, 12, 6))
     seeds = torch.tensor([[5.0, 5.0, 2.5], [6.2, 4.1, 3.0], [4.4, 6.6, 2.2]], dtype=torch.float64)
-    for getter, angle in [(pr.probabilistic(vol, 30, sphere=SPHERE, sh_basis="mrtrix"), 30), (pr.ifod1(vol, 20, sphere=SPHERE, sh_basis="mrtrix"), 20)]:
+    for getter, angle in [(pr.probabilistic(vol, 30, sphere=SPHERE, sh_basis="mrtrix"), 30),
+                          (pr.ifod1(vol, 20, sphere=SPHERE, sh_basis="mrtrix"), 20)]:
         run = lambda s: local.local_tracking(getter, crit, seeds, np.eye(4), 0.5, maxlen=20,
                                              generator=torch.Generator().manual_seed(s)).streamlines()
         a, b = run(1), run(1)
