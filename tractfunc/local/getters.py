@@ -61,7 +61,7 @@ from ..core import sh as _sh
 from ..core.arrays import as_tensor
 from ..core import shbasis as _shbasis
 from ..errors import TractfuncError
-from .peaks import Peaks, Sphere, as_sphere, dipy_sphere, peak_directions
+from .peaks import Peaks, Sphere, as_sphere, peak_directions
 
 Tensor = torch.Tensor
 
