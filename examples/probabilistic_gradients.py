@@ -61,7 +61,7 @@ def forward(v: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 def exact_expected_loss(vol: torch.Tensor, sphere, n_steps: int) -> torch.Tensor:
     """E[f] over all V^n_steps paths, n_steps 1 or 2 (a path whose second step has no candidate ends at p_1)."""
-    g = pr.ifod1(vol, max_angle=ANGLE, cutoff=0.0, sphere=sphere)
+    g = pr.ifod1(vol, max_angle=ANGLE, cutoff=0.0, sphere=sphere, sh_basis="mrtrix")
     verts = g.vertices
     w0, _, _ = g.weights(SEED_POS[None], SEED_DIR[None])
     p0 = w0[0] / w0[0].sum()                                            # (V,)
@@ -94,7 +94,7 @@ def walk(step, K: int, n_steps: int):
 
 
 def reinforce(vol, sphere, K, gen, n_steps, baseline=True) -> torch.Tensor:
-    g = pr.ifod1(vol, max_angle=ANGLE, cutoff=0.0, sphere=sphere)
+    g = pr.ifod1(vol, max_angle=ANGLE, cutoff=0.0, sphere=sphere, sh_basis="mrtrix")
 
     def step(pos, d):
         r = g.draw(pos, d, gen)
@@ -106,7 +106,8 @@ def reinforce(vol, sphere, K, gen, n_steps, baseline=True) -> torch.Tensor:
 
 
 def gumbel(vol, sphere, K, gen, n_steps, temperature, hard) -> torch.Tensor:
-    g = pr.gumbel(vol, max_angle=ANGLE, temperature=temperature, hard=hard, cutoff=0.0, sphere=sphere)
+    g = pr.gumbel(vol, max_angle=ANGLE, temperature=temperature, hard=hard, cutoff=0.0, sphere=sphere,
+                  sh_basis="mrtrix")
     end, _ = walk(lambda p, d: (*g(p, d, gen), torch.zeros(len(p), dtype=torch.float64)), K, n_steps)
     return torch.autograd.grad(loss_of(end).mean(), vol)[0]
 

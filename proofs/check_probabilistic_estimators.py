@@ -25,7 +25,7 @@ target = torch.tensor([0.3, -0.2, 0.9])
 
 
 def setting(power, cutoff):
-    g = pr.ifod1(vol, max_angle=55, cutoff=cutoff, power=power, sphere=sphere)
+    g = pr.ifod1(vol, max_angle=55, cutoff=cutoff, power=power, sphere=sphere, sh_basis="mrtrix")
     w, d, _ = g.weights(pos, prev)
     signed = torch.where((sphere.vertices @ prev[0] > 0)[:, None], sphere.vertices, -sphere.vertices)
     # f depends on theta directly too (through the interpolated SH's first coefficient): a pathwise part

@@ -8,6 +8,7 @@ FiberCup phantom (binary mask): >= 99.5 % of streamlines within 0.1 mm (symmetri
 ``-m slow`` runs 2000 seeds per dataset and getter.
 """
 import functools
+import importlib
 import os
 import tempfile
 import time
@@ -146,7 +147,7 @@ def _synthetic_getters(kind, rng, **kw):
     ref = cls.from_shcoeff(sh, max_angle=35.0, sphere=sphere, pmf_threshold=0.2, basis_type="tournier07", legacy=False,
                            **kw)
     fac = G.closest_peak if kind == "cp" else G.deterministic_maximum
-    return sh, ref, fac(torch.as_tensor(sh), max_angle=35.0, pmf_threshold=0.2, **kw)
+    return sh, ref, fac(torch.as_tensor(sh), max_angle=35.0, pmf_threshold=0.2, **kw, sh_basis="mrtrix")
 
 
 @pytest.mark.parametrize("kind", ["cp", "dm"])
@@ -179,7 +180,7 @@ def test_getter_choices_match_dipy(kind):
 def test_getter_float32_and_validation():
     rng = np.random.default_rng(5)
     sh = torch.as_tensor(_random_sh(rng, (4, 4, 4)), dtype=torch.float32)
-    g = G.deterministic_maximum(sh, max_angle=40.0)
+    g = G.deterministic_maximum(sh, max_angle=40.0, sh_basis="mrtrix")
     new, ok = g(torch.full((3, 3), 1.5), torch.tensor([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 0]]), None)
     assert new.dtype == torch.float32 and ok[:2].all() and not ok[2]    # a zero previous direction fails
     torch.testing.assert_close(new[:2].norm(dim=-1), torch.ones(2))
@@ -201,23 +202,25 @@ def test_soft_and_straight_through_gradients():
     sh = torch.as_tensor(_random_sh(rng, (4, 4, 4)))
     pos = torch.tensor([[1.3, 1.6, 2.2], [2.1, 1.2, 1.7]], dtype=torch.float64)
     prev = torch.nn.functional.normalize(torch.tensor([[1.0, 0.3, 0.2], [0.1, 1.0, -0.4]], dtype=torch.float64), dim=-1)
-    hard, ok = G.deterministic_maximum(sh, max_angle=45.0)(pos, prev, None)
+    hard, ok = G.deterministic_maximum(sh, max_angle=45.0, sh_basis="mrtrix")(pos, prev, None)
     assert ok.all()
     shp = sh.clone().requires_grad_(True)
-    h2, _ = G.deterministic_maximum(shp, max_angle=45.0)(pos, prev, None)
+    h2, _ = G.deterministic_maximum(shp, max_angle=45.0, sh_basis="mrtrix")(pos, prev, None)
     assert not h2.requires_grad
     outs = {}
     for mode in ("straight_through", "soft"):
         shp = sh.clone().requires_grad_(True)
         p = pos.clone().requires_grad_(True)
-        new, _ = G.deterministic_maximum(shp, max_angle=45.0, mode=mode, temperature=0.05)(p, prev, None)
+        new, _ = G.deterministic_maximum(shp, max_angle=45.0, mode=mode, temperature=0.05,
+                                         sh_basis="mrtrix")(p, prev, None)
         (new * torch.tensor([0.3, -0.2, 0.5], dtype=torch.float64)).sum().backward()
         assert torch.isfinite(shp.grad).all() and shp.grad.abs().sum() > 0
         assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
         outs[mode] = (new.detach(), shp.grad)
     torch.testing.assert_close(outs["straight_through"][0], hard, rtol=0, atol=0)
     torch.testing.assert_close(outs["straight_through"][1], outs["soft"][1])
-    cold, _ = G.deterministic_maximum(sh, max_angle=45.0, mode="soft", temperature=1e-4)(pos, prev, None)
+    cold, _ = G.deterministic_maximum(sh, max_angle=45.0, mode="soft", temperature=1e-4,
+                                      sh_basis="mrtrix")(pos, prev, None)
     assert ((cold * hard).sum(-1) > 0.999).all()
     soft = outs["soft"][0]
     assert ((soft * hard).sum(-1) < 1 - 1e-9).any()                     # warm soft mode really differs
@@ -227,7 +230,7 @@ def test_gradient_reaches_seeds_through_steps():
     """Hard getters: the step carries the seed's gradient (d vertex / d seed = identity)."""
     rng = np.random.default_rng(7)
     sh = torch.as_tensor(_random_sh(rng, (6, 6, 6)))
-    g = G.deterministic_maximum(sh, max_angle=60.0)
+    g = G.deterministic_maximum(sh, max_angle=60.0, sh_basis="mrtrix")
     crit = L.binary_criterion(torch.ones(6, 6, 6))
     seeds = torch.tensor([[2.5, 2.4, 2.6]], dtype=torch.float64, requires_grad=True)
     res = L.local_tracking(g, crit, seeds, np.diag([2.0, 2.0, 2.0, 1.0]), 0.5, maxlen=10)
@@ -330,7 +333,7 @@ def _parity(dataset, kind, n_seeds, step=0.5, max_angle=30.0, seed=0, dtype=torc
     ref = list(LocalTracking(dg, sc, seeds, A, step_size=step, return_all=True))
     t1 = time.perf_counter()
     fac = G.closest_peak if kind == "cp" else G.deterministic_maximum
-    g = fac(torch.as_tensor(sh, dtype=dtype), max_angle=max_angle, affine=A, sh_frame=d["frame"])
+    g = fac(torch.as_tensor(sh, dtype=dtype), max_angle=max_angle, affine=A, sh_frame=d["frame"], sh_basis="mrtrix")
     vol_t = torch.as_tensor(vol, dtype=dtype)
     crit = L.threshold_criterion(vol_t, 0.2) if what == "fa" else L.binary_criterion(vol_t)
     got = L.local_tracking(g, crit, torch.as_tensor(seeds, dtype=dtype), A, step).streamlines()
@@ -364,7 +367,7 @@ def test_local_tracking_parity_large(dataset, kind, dtype):
 def test_cli_det_max(tmp_path):
     """``tractfunc track --algorithm det_max | closest_peak`` writes what the API tracks from the same seeds."""
     import nibabel as nib
-    from tractfunc.cli import main as cli
+    cli = importlib.import_module("tractfunc.cli.main")
     d = _fibercup()
     A = d["affine"]
     nib.save(nib.Nifti1Image(d["sh"].astype(np.float32), A), str(tmp_path / "fod.nii.gz"))
@@ -380,7 +383,7 @@ def test_cli_det_max(tmp_path):
                        "--angle", "30", "--dtype", "float64", "--sh-frame", "voxel", "--quiet"])
         assert rc == 0
         tck = nib.streamlines.load(str(out)).streamlines
-        g = fac(sh, max_angle=30.0)
+        g = fac(sh, max_angle=30.0, sh_basis="mrtrix")
         ref = L.local_tracking(g, crit, torch.as_tensor(seeds), A, 0.5).streamlines()
         assert len(tck) == len(ref) >= 6
         for a, b in zip(tck, ref):
@@ -394,7 +397,7 @@ def test_soft_tracking_jacobian_matches_finite_differences():
     central finite differences (the soft forward is smooth away from its hard masks)."""
     rng = np.random.default_rng(9)
     g = G.deterministic_maximum(torch.as_tensor(_random_sh(rng, (6, 6, 6))), max_angle=60.0, mode="soft",
-                                temperature=0.1)
+                                temperature=0.1, sh_basis="mrtrix")
     crit = L.binary_criterion(torch.ones(6, 6, 6))
     vs = torch.tensor([2.0, 2.0, 2.0], dtype=torch.float64)
     p0 = torch.tensor([[2.5, 2.4, 2.6], [3.1, 2.2, 2.9]], dtype=torch.float64)

@@ -76,7 +76,7 @@ N_SAMPLES = 20000
 @pytest.fixture(scope="module")
 def dipy_like_samples():
     c = crossing_fod()
-    getter = pr.probabilistic(volume(c), max_angle=40, sphere=SPHERE, pmf_threshold=0.1)
+    getter = pr.probabilistic(volume(c), max_angle=40, sphere=SPHERE, pmf_threshold=0.1, sh_basis="mrtrix")
     return c, vertex_index(draw_many(getter, N_SAMPLES, seed=0), SPHERE.vertices)
 
 
@@ -103,7 +103,7 @@ def test_goodness_of_fit_rejects_a_wrong_pmf(dipy_like_samples, wrong):
 
 def test_ifod1_matches_the_pmf_and_the_cone():
     c = crossing_fod(scale=1.4)
-    getter = pr.ifod1(volume(c), max_angle=35, cutoff=0.1, sphere=SPHERE)
+    getter = pr.ifod1(volume(c), max_angle=35, cutoff=0.1, sphere=SPHERE, sh_basis="mrtrix")
     d = draw_many(getter, N_SAMPLES, seed=1)
     cos = d @ PREV
     assert float(cos.min()) >= math.cos(math.radians(35)) - 1e-12     # one-sided cone, forward
@@ -134,7 +134,8 @@ def test_same_dipy_distribution_as_dipy():
         assert dg.get_direction(CENTRE.numpy().copy(), d) == 0
         assert d @ PREV.numpy() > 0
         theirs[i] = np.argmax(np.abs(verts @ d))
-    getter = pr.probabilistic(torch.as_tensor(vol), 30, sphere=make_sphere(verts, default_sphere.edges))
+    getter = pr.probabilistic(torch.as_tensor(vol), 30, sphere=make_sphere(verts, default_sphere.edges),
+                              sh_basis="mrtrix")
     ours = vertex_index(draw_many(getter, n, seed=3, chunk=n), torch.as_tensor(verts))
     cats = np.union1d(theirs, ours)
     table = np.array([[np.sum(x == k) for k in cats] for x in (theirs, ours)])
@@ -144,7 +145,7 @@ def test_same_dipy_distribution_as_dipy():
 
 
 def test_same_seed_same_directions_and_one_draw_per_row():
-    getter = pr.probabilistic(volume(crossing_fod()), 40, sphere=SPHERE)
+    getter = pr.probabilistic(volume(crossing_fod()), 40, sphere=SPHERE, sh_basis="mrtrix")
     pos = torch.stack([CENTRE, CENTRE + 0.3, torch.tensor([9.0, 1, 1], dtype=torch.float64), CENTRE - 0.2] * 50)
     prev = PREV.expand(len(pos), 3)
     a = getter(pos, prev, torch.Generator().manual_seed(7))
@@ -165,11 +166,11 @@ def test_same_seed_same_directions_and_one_draw_per_row():
 
 def test_no_candidate_is_not_ok():
     c = crossing_fod()
-    g = pr.ifod1(volume(c), max_angle=10, cutoff=0.1, sphere=SPHERE)
+    g = pr.ifod1(volume(c), max_angle=10, cutoff=0.1, sphere=SPHERE, sh_basis="mrtrix")
     across = torch.tensor([[0.0, 0.0, 1.0]], dtype=torch.float64)       # no fibre along z
     d, ok = g(CENTRE[None], across, torch.Generator().manual_seed(0))
     assert not ok.any() and torch.equal(d, across)
-    zero = pr.probabilistic(torch.zeros(3, 3, 3, 45, dtype=torch.float64), 30, sphere=SPHERE)
+    zero = pr.probabilistic(torch.zeros(3, 3, 3, 45, dtype=torch.float64), 30, sphere=SPHERE, sh_basis="mrtrix")
     assert not zero(CENTRE[None], PREV[None], torch.Generator())[1].any()
 
 
@@ -204,7 +205,7 @@ def f_of(pos, target, d):
 
 def exact_gradient(vol, pos, target, sph):
     """(iFOD1 getter, grid PMF (V,), d E[f] / d vol by enumerating the grid)."""
-    g = pr.ifod1(vol, max_angle=50, cutoff=0.0, sphere=sph)
+    g = pr.ifod1(vol, max_angle=50, cutoff=0.0, sphere=sph, sh_basis="mrtrix")
     w, _, _ = g.weights(pos[None], PREV[None])
     p = w[0] / w[0].sum()
     signed = torch.where((sph.vertices @ PREV > 0)[:, None], sph.vertices, -sph.vertices)
@@ -247,7 +248,7 @@ def test_gumbel_gradients_finite_and_aligned(hard):
     vol, pos, target = tiny_problem()
     sph = pr.fibonacci_sphere(150)
     _, _, exact = exact_gradient(vol, pos, target, sph)
-    g = pr.gumbel(vol, max_angle=50, temperature=0.1, hard=hard, cutoff=0.0, sphere=sph)
+    g = pr.gumbel(vol, max_angle=50, temperature=0.1, hard=hard, cutoff=0.0, sphere=sph, sh_basis="mrtrix")
     K = 2000
     P = torch.cat([pos.expand(K, 3), torch.tensor([[0.0, 0.0, 50.0]], dtype=torch.float64)])   # last: outside
     d, ok = g(P, PREV.expand(K + 1, 3), torch.Generator().manual_seed(5))
@@ -267,7 +268,8 @@ def test_plugs_into_local_tracking():
     vol = crossing_fod().expand(12, 12, 6, -1).clone()
     crit = local.binary_criterion(torch.ones(12, 12, 6))
     seeds = torch.tensor([[5.0, 5.0, 2.5], [6.2, 4.1, 3.0], [4.4, 6.6, 2.2]], dtype=torch.float64)
-    for getter, angle in [(pr.probabilistic(vol, 30, sphere=SPHERE), 30), (pr.ifod1(vol, 20, sphere=SPHERE), 20)]:
+    for getter, angle in [(pr.probabilistic(vol, 30, sphere=SPHERE, sh_basis="mrtrix"), 30),
+                          (pr.ifod1(vol, 20, sphere=SPHERE, sh_basis="mrtrix"), 20)]:
         run = lambda s: local.local_tracking(getter, crit, seeds, np.eye(4), 0.5, maxlen=20,
                                              generator=torch.Generator().manual_seed(s)).streamlines()
         a, b = run(1), run(1)

@@ -50,6 +50,8 @@ _EXPORTS = {
     # the DIPY family
     "closest_peak": ("local.getters", "closest_peak"), "deterministic_maximum": ("local.getters", "deterministic_maximum"),
     "local_tracking": ("local.tracker", "local_tracking"), "probabilistic": ("local.probabilistic", None),
+    "deterministic_tracking": ("local.tracking", "deterministic_tracking"),
+    "probabilistic_tracking": ("local.tracking", "probabilistic_tracking"),
 }
 __all__ = list(_EXPORTS)
 __version__ = "0.1.0"

@@ -217,7 +217,7 @@ def cmd_track(a) -> int:
     if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
         if a.chunk < 1:
             raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
-        from ..local import tracker as local
+        from . import local
         return local.track_command(a)
     if a.workers < 1:
         raise TractfuncError(f"--workers must be a positive number of processes, got {a.workers}")
@@ -547,9 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
     dg.add_argument("--maxlen", type=int, default=500, help="points per half streamline (DIPY maxlen, default 500)")
     dg.add_argument("--valid-only", action="store_true",
                     help="DIPY return_all=False: keep streamlines whose ends both reach ENDPOINT/OUTSIDEIMAGE")
-    dg.add_argument("--sh-frame", default="scanner", choices=["scanner", "voxel"],
-                    help="frame of the FOD's directions: scanner (default; MRtrix3 FODs) or voxel (as DIPY reads "
-                         "SH: the array axes)")
+    dg.add_argument("--sh-frame", choices=["scanner", "voxel"],
+                    help="frame of the FOD's directions: voxel (default, as the API and DIPY read SH: the array "
+                         "axes) or scanner (MRtrix3 FODs on a mirrored or oblique grid)")
     t.set_defaults(func=cmd_track)
     d = sub.add_parser("demo", help="generate the built-in phantom, track it, write .tck + PNG",
                        epilog=EXAMPLES_DEMO, formatter_class=argparse.RawDescriptionHelpFormatter)

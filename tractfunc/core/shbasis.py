@@ -110,3 +110,15 @@ def to_native(coeffs, basis: str):
 def from_native(coeffs, basis: str):
     """Native (MRtrix3) coefficients ``(..., N)`` -> ``basis``."""
     return convert(coeffs, NATIVE, basis)
+
+
+def dipy_basis(basis_type=None, legacy: bool = True) -> str:
+    """DIPY's ``(basis_type, legacy)`` pair -> a name of :data:`BASES`.
+
+    basis_type: ``None`` or ``"descoteaux07"`` (DIPY's default), ``"tournier07"``, ``"mrtrix"`` (tournier07
+    without legacy, whatever ``legacy`` says) or a full name of :data:`BASES`; legacy: DIPY's flag (default
+    True, as DIPY's ``from_shcoeff``): ``descoteaux07`` legacy=True is ``descoteaux07_legacy``."""
+    name = "descoteaux07" if basis_type is None else basis_type
+    if name in ("descoteaux07", "tournier07") and legacy:
+        name += "_legacy"
+    return check_basis(name)

@@ -12,8 +12,18 @@ them (the tracker steps ``pos += dir / voxel_size * step``).  ``ok`` is False wh
 generator; probabilistic ones (same signature) draw from it.
 
 The PMF (DIPY ``SHCoeffPmfGen``): SH coefficients interpolated trilinearly in voxel space with DIPY's rule
-(:func:`trilinear_dipy`), then evaluated on the sphere's vertices (MRtrix3 basis == DIPY ``tournier07``,
-``legacy=False``); zero outside the image.  DIPY's ``pmf_threshold``: values below ``pmf_threshold`` times
+(:func:`trilinear_dipy`), then evaluated on the sphere's vertices; zero outside the image.  The coefficients'
+basis is named as DIPY names it, ``sh_basis`` (``basis_type``) with ``legacy``, and DIPY's default is
+tractfunc's: ``"descoteaux07"``, ``legacy=True``; an MRtrix3 FOD (what :func:`tractfunc.io.load_fod`
+returns) is ``sh_basis="tournier07", legacy=False`` (or ``"mrtrix"``).  The field stores them converted to
+the MRtrix3 basis (:mod:`tractfunc.core.shbasis`; differentiable).  The sphere may be a DIPY ``Sphere`` /
+``HemiSphere`` object, a DIPY sphere name or a :class:`tractfunc.local.peaks.Sphere`
+(:func:`tractfunc.local.peaks.as_sphere`).
+
+The frame of the SH's directions, ``sh_frame``: ``"voxel"`` (the default, :data:`DEFAULT_SH_FRAME`, for
+the API and the command line alike) is DIPY's reading, the array axes, so DIPY code gives DIPY's
+streamlines; ``"scanner"`` (with the affine) is the frame MRtrix3 stores FODs in, which differs from the
+array axes on a mirrored (e.g. LAS) or oblique grid.  DIPY's ``pmf_threshold``: values below ``pmf_threshold`` times
 the PMF's maximum (negative values included) are set to 0 before any choice.
 
 * :func:`closest_peak` (``ClosestPeakDirectionGetter``): the PMF's peaks (``tractfunc.local.peaks``, DIPY's
@@ -48,44 +58,85 @@ import numpy as np
 import torch
 
 from ..core import sh as _sh
-from .peaks import Peaks, Sphere, dipy_sphere, peak_directions
+from ..core.arrays import as_tensor
+from ..core import shbasis as _shbasis
+from ..errors import TractfuncError
+from .peaks import Peaks, Sphere, as_sphere, peak_directions
 
 Tensor = torch.Tensor
 
 
 # -- the PMF field ---------------------------------------------------------------------------------------
 
+DEFAULT_SH_FRAME = "voxel"   # DIPY's reading of SH directions (the array axes); API and CLI default
+
+
 class PmfField(NamedTuple):
-    """sh: (X, Y, Z, N) SH coefficients (MRtrix3 basis); basis: (V, N) basis values at the sphere's
-    vertices (in the SH's frame); sphere: the sphere, vertices (V, 3) in the array-axis (tracking) frame,
-    in sh's dtype/device."""
+    """sh: (X, Y, Z, N) SH coefficients (MRtrix3 basis), or (X, Y, Z, V) PMF values on the vertices when
+    ``basis`` is None (DIPY ``SimplePmfGen``); basis: (V, N) basis values at the sphere's vertices (in the
+    SH's frame) or None; sphere: the sphere, vertices (V, 3) in the array-axis (tracking) frame, in sh's
+    dtype/device; affine: the (4, 4) float64 NumPy affine the field was given, or None."""
     sh: Tensor
-    basis: Tensor
+    basis: Optional[Tensor]
     sphere: Sphere
+    affine: Optional[np.ndarray] = None
 
 
-def make_pmf_field(sh_volume: Tensor, sphere: Optional[Sphere] = None, affine=None,
-                   sh_frame: str = "voxel") -> PmfField:
+def _as_affine(affine) -> Optional[np.ndarray]:
+    if affine is None:
+        return None
+    A = np.asarray(affine, dtype=np.float64)
+    if A.shape != (4, 4):
+        raise TractfuncError(f"affine has shape {A.shape}; expected (4, 4)")
+    return A
+
+
+def make_pmf_field(sh_volume: Tensor, sphere=None, affine=None, sh_frame: str = DEFAULT_SH_FRAME,
+                   sh_basis: Optional[str] = "descoteaux07", legacy: bool = True) -> PmfField:
     """SH volume (X, Y, Z, N) -> :class:`PmfField` on ``sphere`` (default: DIPY's ``default_sphere``).
 
-    sh_frame: ``"voxel"`` (DIPY: the SH's directions are read in the array axes) or ``"scanner"`` (the
-    SH's directions are scanner-frame, as MRtrix3 stores FODs; vertex ``v`` is evaluated at ``R v`` with
-    ``R`` the rotation of ``affine`` (4, 4), so tracking follows the anatomy on a flipped or rotated grid)."""
+    sh_basis/legacy: the coefficients' basis as DIPY names it (``basis_type``; None = ``"descoteaux07"``;
+    see :func:`tractfunc.core.shbasis.dipy_basis`); converted to the MRtrix3 basis here.  sphere: see
+    :func:`tractfunc.local.peaks.as_sphere`.  sh_frame: ``"voxel"`` (DIPY: the SH's directions are read in
+    the array axes) or ``"scanner"`` (the SH's directions are scanner-frame, as MRtrix3 stores FODs; vertex
+    ``v`` is evaluated at ``R v`` with ``R`` the rotation of ``affine`` (4, 4), so tracking follows the
+    anatomy on a flipped or rotated grid)."""
     if sh_volume.dim() != 4:
-        raise ValueError(f"SH volume has shape {tuple(sh_volume.shape)}; expected (X, Y, Z, N)")
+        raise TractfuncError(f"SH volume has shape {tuple(sh_volume.shape)}; expected (X, Y, Z, N)")
     lmax = _sh.lmax_for(sh_volume.shape[-1])
-    sphere = dipy_sphere("default") if sphere is None else sphere
+    try:
+        basis_name = _shbasis.dipy_basis(sh_basis, legacy)
+    except ValueError as e:
+        raise TractfuncError(str(e)) from None
+    A = _as_affine(affine)
+    sphere = as_sphere("default" if sphere is None else sphere)
     sphere = sphere.to(device=sh_volume.device, dtype=sh_volume.dtype)
     dirs = sphere.vertices
     if sh_frame == "scanner":
-        if affine is None:
-            raise ValueError("sh_frame='scanner' needs the (4, 4) affine")
-        lin = torch.as_tensor(np.asarray(affine, dtype=np.float64)[:3, :3])
+        if A is None:
+            raise TractfuncError("sh_frame='scanner' needs the (4, 4) affine")
+        lin = torch.as_tensor(A[:3, :3])
         rot = (lin / torch.linalg.vector_norm(lin, dim=0)).to(dirs)
         dirs = dirs @ rot.T
     elif sh_frame != "voxel":
-        raise ValueError(f"sh_frame must be 'voxel' or 'scanner', got {sh_frame!r}")
-    return PmfField(sh_volume.contiguous(), _sh.basis(dirs, lmax), sphere)
+        raise TractfuncError(f"sh_frame must be 'voxel' or 'scanner', got {sh_frame!r}")
+    sh = _shbasis.to_native(sh_volume, basis_name) if basis_name not in ("mrtrix", "tournier07") else sh_volume
+    return PmfField(sh.contiguous(), _sh.basis(dirs, lmax), sphere, A)
+
+
+def make_sf_field(sf_volume: Tensor, sphere, affine=None) -> PmfField:
+    """PMF values on the sphere's vertices (X, Y, Z, V) -> :class:`PmfField` (DIPY ``SimplePmfGen``:
+    the values are interpolated with DIPY's trilinear rule, no SH).  sphere: required (the one ``sf`` was
+    sampled on, vertices in the array-axis frame); see :func:`tractfunc.local.peaks.as_sphere`."""
+    if sf_volume.dim() != 4:
+        raise TractfuncError(f"SF volume has shape {tuple(sf_volume.shape)}; expected (X, Y, Z, V)")
+    if sphere is None:
+        raise TractfuncError("an SF (PMF on a sphere) needs the sphere it was sampled on")
+    sphere = as_sphere(sphere).to(device=sf_volume.device, dtype=sf_volume.dtype)
+    if sf_volume.shape[-1] != sphere.vertices.shape[0]:
+        raise TractfuncError(f"SF has {sf_volume.shape[-1]} values per voxel; expected one per sphere vertex "
+                             f"({sphere.vertices.shape[0]})")
+    return PmfField(sf_volume.contiguous(), None, sphere, _as_affine(affine))
 
 
 def trilinear_dipy(volume: Tensor, vox: Tensor):
@@ -122,7 +173,7 @@ def trilinear_dipy(volume: Tensor, vox: Tensor):
 def pmf_at(field: PmfField, pos_vox: Tensor) -> Tensor:
     """PMF (B, V) at voxel positions (B, 3): interpolated coefficients times the basis (0 outside)."""
     coeffs, _ = trilinear_dipy(field.sh, pos_vox.to(field.sh.dtype))
-    return coeffs @ field.basis.T
+    return coeffs if field.basis is None else coeffs @ field.basis.T
 
 
 def threshold_pmf(pmf: Tensor, pmf_threshold: float) -> Tensor:
@@ -244,35 +295,51 @@ class DeterministicMaximumGetter(PmfGetter):
 
 
 def _build(cls, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, relative_peak_threshold,
-           min_separation_angle, max_peaks, **kw):
-    sph = dipy_sphere(sphere) if isinstance(sphere, str) else sphere
-    field = make_pmf_field(torch.as_tensor(sh_volume), sph, affine, sh_frame)
-    return cls(field, max_angle, pmf_threshold, relative_peak_threshold, min_separation_angle, max_peaks, **kw)
+           min_separation_angle, max_peaks, sh_basis="descoteaux07", legacy=True, **kw):
+    field = make_pmf_field(as_tensor(sh_volume), sphere, affine, sh_frame, sh_basis, legacy)
+    try:
+        return cls(field, max_angle, pmf_threshold, relative_peak_threshold, min_separation_angle, max_peaks, **kw)
+    except TractfuncError:
+        raise
+    except ValueError as e:
+        raise TractfuncError(str(e)) from None
 
 
 def closest_peak(sh_volume: Tensor, max_angle: float = 20.0, sphere="default", pmf_threshold: float = 0.1,
                  relative_peak_threshold: float = 0.5, min_separation_angle: float = 25.0, max_peaks: int = 16,
-                 affine=None, sh_frame: str = "voxel") -> ClosestPeakGetter:
+                 affine=None, sh_frame: str = DEFAULT_SH_FRAME, sh_basis: Optional[str] = "descoteaux07",
+                 legacy: bool = True) -> ClosestPeakGetter:
     """Closest-peak getter (DIPY ``ClosestPeakDirectionGetter.from_shcoeff(sh, max_angle, sphere,
-    pmf_threshold, basis_type='tournier07', legacy=False, relative_peak_threshold=...,
-    min_separation_angle=...)``).
+    pmf_threshold, basis_type, legacy, relative_peak_threshold=..., min_separation_angle=...)``).
 
-    sh_volume: (X, Y, Z, N) MRtrix3-basis SH (float64 for DIPY's arithmetic); sphere: a
-    :class:`tractfunc.local.peaks.Sphere` or a DIPY sphere name; max_angle: degrees (DIPY's getters have no
-    default; 20 is ``dipy.tracking.tracker.deterministic_tracking``'s); the peak defaults are DIPY's
-    ``peak_directions`` (0.5, 25 degrees); max_peaks: peaks kept per point (see :mod:`tractfunc.local.peaks`);
-    affine/sh_frame: see :func:`make_pmf_field`."""
+    Args:
+        sh_volume: (X, Y, Z, N) SH coefficients in the basis ``sh_basis`` (torch, NumPy or DLPack; float64
+            for DIPY's arithmetic); dtype/device of the getter.
+        max_angle: degrees (DIPY's getters have no default; 20 is ``deterministic_tracking``'s).
+        sphere: a DIPY ``Sphere`` / ``HemiSphere``, a DIPY sphere name or a tractfunc ``Sphere``.
+        pmf_threshold, relative_peak_threshold, min_separation_angle: DIPY's (0.1, 0.5, 25 degrees).
+        max_peaks: peaks kept per point (see :mod:`tractfunc.local.peaks`).
+        affine: (4, 4), needed only with ``sh_frame="scanner"``; :func:`tractfunc.local.tracker.local_tracking`
+            then takes it from the getter.
+        sh_frame: ``"voxel"`` (default, DIPY) or ``"scanner"`` (module docstring).
+        sh_basis, legacy: DIPY's ``basis_type`` and ``legacy`` (default ``"descoteaux07"``, True, as DIPY);
+            an MRtrix3 FOD is ``"tournier07"``, False (or ``"mrtrix"``).
+
+    Returns:
+        :class:`ClosestPeakGetter`.
+    """
     return _build(ClosestPeakGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
-                  relative_peak_threshold, min_separation_angle, max_peaks)
+                  relative_peak_threshold, min_separation_angle, max_peaks, sh_basis, legacy)
 
 
 def deterministic_maximum(sh_volume: Tensor, max_angle: float = 20.0, sphere="default",
                           pmf_threshold: float = 0.1, relative_peak_threshold: float = 0.5,
                           min_separation_angle: float = 25.0, max_peaks: int = 16, affine=None,
-                          sh_frame: str = "voxel", mode: str = "hard",
-                          temperature: float = 0.05) -> DeterministicMaximumGetter:
+                          sh_frame: str = DEFAULT_SH_FRAME, mode: str = "hard", temperature: float = 0.05,
+                          sh_basis: Optional[str] = "descoteaux07", legacy: bool = True) -> DeterministicMaximumGetter:
     """Deterministic-maximum getter (DIPY ``DeterministicMaximumDirectionGetter.from_shcoeff``); the
     peak parameters only shape the initial directions at seeds.  mode/temperature: gradient options (module
-    docstring); the rest as :func:`closest_peak`."""
+    docstring); the rest (sh_basis/legacy included) as :func:`closest_peak`."""
     return _build(DeterministicMaximumGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
-                  relative_peak_threshold, min_separation_angle, max_peaks, mode=mode, temperature=temperature)
+                  relative_peak_threshold, min_separation_angle, max_peaks, sh_basis, legacy, mode=mode,
+                  temperature=temperature)

@@ -17,7 +17,8 @@ kept peaks first in DIPY's order.  A batch row with more than ``max_peaks`` loca
 threshold loses only its smallest ones (:func:`overflow` reports such rows).
 
 A :class:`Sphere` is vertices ``(V, 3)`` plus the neighbour table of its edges; :func:`dipy_sphere` loads
-DIPY's named spheres (DIPY needed only there).
+DIPY's named spheres (DIPY needed only there); :func:`as_sphere` turns what a caller passes (a
+:class:`Sphere`, a DIPY name, or a DIPY ``Sphere`` / ``HemiSphere`` object) into one.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from ..core.tracing import is_tracing
+from ..errors import TractfuncError
 
 Tensor = torch.Tensor
 
@@ -97,6 +99,51 @@ def dipy_sphere(name: str = "default") -> Sphere:
         except Exception:
             raise ValueError(f"unknown DIPY sphere {name!r}; expected one of {', '.join(DIPY_SPHERES)}") from None
     return make_sphere(s.vertices, s.edges)
+
+
+def hull_edges(vertices) -> np.ndarray:
+    """Edges (E, 2) of a sphere given by unit vertices (V, 3) only: the convex hull's edges for a full
+    sphere (the origin strictly inside the hull), else, for a hemisphere, those of the hull of the vertices
+    and their antipodes folded back onto the vertices (the neighbours wrap around through the antipodes,
+    as DIPY's ``HemiSphere`` edges do)."""
+    from scipy.spatial import ConvexHull
+    v = np.asarray(vertices, dtype=np.float64)
+    n = len(v)
+    hull = ConvexHull(v)
+    if not (hull.equations[:, 3] < -1e-6).all():   # the origin on or outside the hull: a hemisphere
+        hull = ConvexHull(np.concatenate([v, -v]))
+    tri = hull.simplices % n
+    e = np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]])
+    e = np.sort(e[e[:, 0] != e[:, 1]], 1)
+    return np.unique(e, axis=0)
+
+
+def as_sphere(sphere) -> Sphere:
+    """What a caller passes as ``sphere`` -> :class:`Sphere`.
+
+    sphere: a :class:`Sphere` (returned as is); a DIPY sphere name (:func:`dipy_sphere`); or any object
+    with ``.vertices`` (V, 3) unit vectors (DIPY's ``Sphere`` / ``HemiSphere``), whose neighbours come from
+    its ``.edges`` (E, 2), else from its ``.faces`` (F, 3), else from the convex hull of the vertices and
+    their antipodes (:func:`hull_edges`)."""
+    if isinstance(sphere, Sphere):
+        return sphere
+    if isinstance(sphere, str):
+        return dipy_sphere(sphere)
+    verts = getattr(sphere, "vertices", None)
+    if verts is None:
+        raise TractfuncError(f"sphere is a {type(sphere).__name__}; expected a tractfunc Sphere, a DIPY sphere "
+                             "name or an object with .vertices (V, 3) such as DIPY's Sphere/HemiSphere")
+    verts = np.asarray(verts, dtype=np.float64)
+    edges = getattr(sphere, "edges", None)
+    if edges is None and getattr(sphere, "faces", None) is not None:
+        f = np.asarray(sphere.faces, dtype=np.int64)
+        edges = np.concatenate([f[:, [0, 1]], f[:, [1, 2]], f[:, [2, 0]]])
+    if edges is None:
+        edges = hull_edges(verts)
+    try:
+        return make_sphere(verts, edges)
+    except ValueError as e:
+        raise TractfuncError(str(e)) from None
 
 
 def local_maxima(odf: Tensor, neighbors: Tensor) -> Tensor:

@@ -44,7 +44,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .getters import PmfGetter, _build, _forward_flip, _unit
+from .getters import DEFAULT_SH_FRAME, PmfGetter, _build, _forward_flip, _unit
 from .peaks import Sphere, make_sphere
 
 Tensor = torch.Tensor
@@ -157,57 +157,44 @@ _PEAKS = dict(relative_peak_threshold=0.5, min_separation_angle=25.0, max_peaks=
 
 
 def probabilistic(sh_volume: Tensor, max_angle: float = 30.0, sphere="default", pmf_threshold: float = 0.1,
-                  affine=None, sh_frame: str = "voxel", **peak_kw) -> ProbabilisticGetter:
-    """DIPY ``ProbabilisticDirectionGetter.from_shcoeff(sh, max_angle, sphere, pmf_threshold,
-    basis_type='tournier07', legacy=False)``.
+                  affine=None, sh_frame: str = DEFAULT_SH_FRAME, sh_basis: Optional[str] = "descoteaux07",
+                  legacy: bool = True, **peak_kw) -> ProbabilisticGetter:
+    """DIPY ``ProbabilisticDirectionGetter.from_shcoeff(sh, max_angle, sphere, pmf_threshold, basis_type,
+    legacy)``.
 
-    sh_volume: (X, Y, Z, N) MRtrix3-basis SH (convert DIPY's other bases with :mod:`tractfunc.core.shbasis`);
-    max_angle: degrees; sphere: a :class:`tractfunc.local.peaks.Sphere` or DIPY sphere name (default DIPY's
-    ``default_sphere``); affine/sh_frame and ``peak_kw`` (initial directions at seeds): as
+    sh_volume: (X, Y, Z, N) SH in the basis ``sh_basis``/``legacy`` (DIPY's names; default DIPY's
+    ``"descoteaux07"``, True; an MRtrix3 FOD is ``"tournier07"``, False); max_angle: degrees; sphere: a DIPY
+    ``Sphere``/``HemiSphere``, a DIPY sphere name (default DIPY's ``default_sphere``) or a tractfunc
+    ``Sphere``; affine/sh_frame and ``peak_kw`` (initial directions at seeds): as
     :func:`tractfunc.local.getters.closest_peak`."""
     return _build(ProbabilisticGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
-                  **{**_PEAKS, **peak_kw})
+                  sh_basis=sh_basis, legacy=legacy, **{**_PEAKS, **peak_kw})
 
 
 def ifod1(sh_volume: Tensor, max_angle: float = 15.0, cutoff: float = 0.1, power: float = 1.0, sphere=None,
-          affine=None, sh_frame: str = "voxel", pmf_threshold: float = 0.0, **peak_kw) -> ProbabilisticGetter:
+          affine=None, sh_frame: str = DEFAULT_SH_FRAME, pmf_threshold: float = 0.0,
+          sh_basis: Optional[str] = "descoteaux07", legacy: bool = True, **peak_kw) -> ProbabilisticGetter:
     """iFOD1-like getter (module docstring): MRtrix3's defaults ``-angle 15 -cutoff 0.1 -power 1``.
 
     sphere: default (None or ``"fibonacci"``) :func:`fibonacci_sphere` (2000 vertices), else as
-    :func:`probabilistic`; pmf_threshold: an optional relative threshold on top of the cutoff (iFOD1: 0)."""
+    :func:`probabilistic`; pmf_threshold: an optional relative threshold on top of the cutoff (iFOD1: 0);
+    sh_basis/legacy: as :func:`probabilistic` (an MRtrix3 FOD: ``"tournier07"``, False)."""
     sphere = fibonacci_sphere() if sphere is None or sphere == "fibonacci" else sphere
     return _build(ProbabilisticGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
-                  cutoff=cutoff, power=power, **{**_PEAKS, **peak_kw})
-
-
-def cli_factory(a):
-    """Getter factory for ``tractfunc track --algorithm prob | ifod1`` (called by :mod:`tractfunc.local.tracker` with
-    the same keywords as the deterministic getters): ``prob`` is :func:`probabilistic`; ``ifod1`` is
-    :func:`ifod1` with ``--cutoff`` (default 0.1) and no relative threshold, and MRtrix3 iFOD1's defaults
-    where the command line leaves them: a 15 degree cone (``--angle``) on the 2000-vertex Fibonacci sphere
-    (``--sphere default``)."""
-    if a.algorithm == "prob":
-        return probabilistic
-    cutoff = 0.1 if a.cutoff is None else a.cutoff
-
-    def make(sh_volume, **kw):
-        kw = {**kw, "pmf_threshold": 0.0, "cutoff": cutoff}
-        if a.angle is None:
-            kw["max_angle"] = 15.0
-        if a.sphere == "default":
-            kw["sphere"] = "fibonacci"
-        return ifod1(sh_volume, **kw)
-    return make
+                  sh_basis=sh_basis, legacy=legacy, cutoff=cutoff, power=power, **{**_PEAKS, **peak_kw})
 
 
 def gumbel(sh_volume: Tensor, max_angle: float = 15.0, temperature: float = 0.1, hard: bool = False,
            cutoff: float = 0.1, pmf_threshold: float = 0.0, power: float = 1.0, sphere=None, affine=None,
-           sh_frame: str = "voxel", **peak_kw) -> GumbelGetter:
+           sh_frame: str = DEFAULT_SH_FRAME, sh_basis: Optional[str] = "descoteaux07", legacy: bool = True,
+           **peak_kw) -> GumbelGetter:
     """Gumbel-softmax relaxation of :func:`ifod1` (defaults) or, with ``cutoff=0, pmf_threshold=0.1,
-    sphere='default'``, of :func:`probabilistic`.  Gradients reach ``sh_volume`` and the position."""
+    sphere='default'``, of :func:`probabilistic`.  Gradients reach ``sh_volume`` and the position.
+    sh_basis/legacy: as :func:`probabilistic`."""
     sphere = fibonacci_sphere() if sphere is None or sphere == "fibonacci" else sphere
-    return _build(GumbelGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, cutoff=cutoff,
-                  power=power, temperature=temperature, hard=hard, **{**_PEAKS, **peak_kw})
+    return _build(GumbelGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, sh_basis=sh_basis,
+                  legacy=legacy, cutoff=cutoff, power=power, temperature=temperature, hard=hard,
+                  **{**_PEAKS, **peak_kw})
 
 
 # ------------------------------------------------------------------------ differentiable relaxations

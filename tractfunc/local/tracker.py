@@ -3,9 +3,9 @@
 What is reproduced, from DIPY's source:
 
 * **frames**: seeds are given in the space of ``affine`` (scanner mm for a NIfTI affine, voxels for the
-  identity) and mapped to voxel coordinates with its inverse; tracking runs in voxel coordinates with
-  ``voxel_size`` = the column norms of ``affine[:3, :3]`` (no shear allowed); output goes back through
-  ``affine``;
+  identity; given once, to :func:`local_tracking` or to the getter) and mapped to voxel coordinates with
+  its inverse; tracking runs in voxel coordinates with ``voxel_size`` = the column norms of
+  ``affine[:3, :3]`` (no shear allowed); output goes back through ``affine``;
 * **initial directions**: at each seed, the getter's peaks (``getter.initial_directions``, DIPY's
   ``initial_direction``), the first ``max_cross`` of them, one streamline each; a seed with none gives a
   one-point streamline (with ``return_all``);
@@ -19,10 +19,13 @@ What is reproduced, from DIPY's source:
 * **kept** (``return_all=False``): both halves ended in ENDPOINT or OUTSIDEIMAGE and
   ``minlen <= points <= maxlen``; ``return_all=True`` (DIPY's default) keeps everything.
 
-Stopping criteria (callables ``pos_vox (B, 3) -> status (B,)`` int64 with DIPY's codes, :class:`Status`):
-:func:`threshold_criterion` (``ThresholdStoppingCriterion``: the map interpolated with DIPY's trilinear
-rule, ``> threshold`` continues, outside the image OUTSIDEIMAGE) and :func:`binary_criterion`
-(``BinaryStoppingCriterion``: nearest voxel by round-half-to-even, non-zero continues).
+Stopping criteria (:mod:`tractfunc.local.criteria`, re-exported here): callables ``pos_vox (B, 3) -> status
+(B,)`` int64 with DIPY's codes (:class:`Status`), :func:`threshold_criterion` and :func:`binary_criterion`,
+or DIPY's own criterion objects.
+
+Lengths: ``maxlen`` / ``minlen`` count **points**, as DIPY's ``LocalTracking`` does; the functions
+``tractfunc.local.deterministic_tracking`` / ``probabilistic_tracking`` (:mod:`tractfunc.local.tracking`)
+take mm, as DIPY's functions of those names do.  Seeds are tracked ``chunk_size`` at a time.
 
 State is fixed-shape with an ``alive`` mask (``torch.where``).  With ``early_exit`` (eager mode, the
 default) the loop ends once every half has stopped, and the getter and criterion run on the running halves
@@ -32,72 +35,17 @@ only (gathered, then scattered back); ``early_exit=False`` (automatic under ``to
 """
 from __future__ import annotations
 
-from enum import IntEnum
-from typing import Callable, List, NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
 
 from ..core.arrays import as_tensor
-from .getters import trilinear_dipy
 from ..core.tracing import is_tracing
+from ..errors import TractfuncError
+from .criteria import Status, as_criterion, binary_criterion, threshold_criterion  # noqa: F401 (re-exported)
 
 Tensor = torch.Tensor
-
-
-class Status(IntEnum):
-    """DIPY's ``StreamlineStatus`` codes."""
-    OUTSIDEIMAGE = -1
-    INVALIDPOINT = 0
-    TRACKPOINT = 1
-    ENDPOINT = 2
-
-
-def _converter(t: Tensor):
-    """``f(like, dtype=None)``: ``t`` on ``like``'s device (and in ``dtype``), converted once per pair."""
-    cache = {}
-
-    def to(like: Tensor, dtype=None) -> Tensor:
-        key = (like.device, dtype)
-        if key not in cache:
-            cache[key] = t.to(device=like.device, dtype=dtype) if dtype is not None else t.to(like.device)
-        return cache[key]
-    return to
-
-
-def threshold_criterion(metric_map: Tensor, threshold: float) -> Callable[[Tensor], Tensor]:
-    """DIPY ``ThresholdStoppingCriterion(metric_map, threshold)``: metric_map (X, Y, Z) (e.g. FA, GFA)."""
-    vol = torch.as_tensor(metric_map).contiguous().unsqueeze(-1)   # sampling gathers rows of the flat volume
-    if vol.dim() != 4:
-        raise ValueError(f"metric map has shape {tuple(vol.shape[:-1])}; expected (X, Y, Z)")
-
-    as_pos = _converter(vol)
-
-    def check(pos_vox: Tensor) -> Tensor:
-        v, inside = trilinear_dipy(as_pos(pos_vox, pos_vox.dtype), pos_vox)
-        code = torch.where(v[..., 0] > threshold, Status.TRACKPOINT, Status.ENDPOINT)
-        return torch.where(inside, code, Status.OUTSIDEIMAGE)
-    return check
-
-
-def binary_criterion(mask: Tensor) -> Callable[[Tensor], Tensor]:
-    """DIPY ``BinaryStoppingCriterion(mask)``: mask (X, Y, Z), ``> 0`` inside."""
-    m = torch.as_tensor(mask) > 0
-    if m.dim() != 3:
-        raise ValueError(f"mask has shape {tuple(m.shape)}; expected (X, Y, Z)")
-    dims = m.shape
-    as_pos = _converter(m)
-
-    def check(pos_vox: Tensor) -> Tensor:
-        r = torch.round(pos_vox.detach())                                     # rint: half to even
-        hi = torch.as_tensor(dims, dtype=r.dtype, device=r.device)
-        inside = ((r >= 0) & (r < hi)).all(-1)
-        idx = r.long().clamp(min=0)
-        idx = torch.minimum(idx, (hi - 1).long())
-        val = as_pos(r)[idx[..., 0], idx[..., 1], idx[..., 2]]
-        code = torch.where(val, Status.TRACKPOINT, Status.ENDPOINT)
-        return torch.where(inside, code, Status.OUTSIDEIMAGE)
-    return check
 
 
 class Half(NamedTuple):
@@ -176,11 +124,47 @@ def join(fwd: Half, bwd: Half) -> tuple[Tensor, Tensor]:
     return out, fwd.n + bwd.n - 1
 
 
+def bidirectional(getter, criterion, p0: Tensor, d0: Tensor, has_dir: Tensor, voxel_size: Tensor, step_size,
+                  steps: int, generator: Optional[torch.Generator] = None, early_exit: bool = True,
+                  max_points: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Both halves from p0 (M, 3) voxel coords along d0 (M, 3), assembled as DIPY does.
+
+    Args:
+        has_dir: (M,) bool; rows without a start direction give the one-point streamline [p0] (status
+            TRACKPOINT both ways).
+        voxel_size: (3,) mm; step_size: mm; steps: steps per half (each half has at most ``steps + 1``
+            points).
+        max_points: at most this many points per half (DIPY 1.12's ``generate_tractogram`` computes a last
+            step and drops its point); None: ``steps + 1``.
+
+    Returns:
+        (points (M, L, 3) voxel coords, row i valid below lengths[i]; lengths (M,) int64; status (M, 2)
+        int64 end :class:`Status` of the forward and backward halves).
+    """
+    def finish(h: Half) -> Half:
+        n = h.n if max_points is None else torch.clamp(h.n, max=max_points)
+        return h._replace(n=torch.where(has_dir, n, 1), status=torch.where(has_dir, h.status, int(Status.TRACKPOINT)))
+    fwd = finish(track_half(getter, criterion, p0, d0, voxel_size, step_size, steps, generator, early_exit))
+    bwd = finish(track_half(getter, criterion, p0, backward_start(fwd, d0), voxel_size, step_size, steps, generator,
+                            early_exit))
+    pts, lengths = join(fwd, bwd)
+    return pts, lengths, torch.stack([fwd.status, bwd.status], -1)
+
+
+def ends_valid(status: Tensor) -> Tensor:
+    """(M, 2) end statuses -> (M,) bool: both halves ended in ENDPOINT or OUTSIDEIMAGE (DIPY's valid)."""
+    return ((status == Status.ENDPOINT) | (status == Status.OUTSIDEIMAGE)).all(-1)
+
+
 class LocalTracks(NamedTuple):
-    """points: (M, L, 3) in the affine's space (row i valid for i < lengths); lengths: (M,) int64;
-    seed_ids: (M,) int64 index of each streamline's seed; status: (M, 2) int64 end status of the
-    forward and backward halves (the backward one TRACKPOINT for one-point streamlines); kept: (M,) bool,
-    what DIPY yields.  Streamlines are in DIPY's order (by seed, then by peak)."""
+    """What :func:`local_tracking` returns, in DIPY's order (by seed, then by peak).
+
+    points: (M, L, 3) in the affine's space, row i valid for i < lengths[i] (padding beyond); lengths: (M,)
+    int64 points; seed_ids: (M,) int64 index into the ``seeds`` given of each streamline's seed; status:
+    (M, 2) int64 :class:`Status` at the end of the forward and backward halves (TRACKPOINT both for a
+    one-point streamline); kept: (M,) bool, what DIPY yields.  In eager mode the rows are exactly the kept
+    streamlines (``kept`` all True, every field row-aligned with :meth:`streamlines`); under ``torch.func``
+    / ``torch.compile`` (no data-dependent shapes) all rows are returned and ``kept`` marks DIPY's."""
     points: Tensor
     lengths: Tensor
     seed_ids: Tensor
@@ -188,7 +172,8 @@ class LocalTracks(NamedTuple):
     kept: Tensor
 
     def streamlines(self) -> List[np.ndarray]:
-        """The kept streamlines as a list of (n_i, 3) float64 NumPy arrays (what DIPY yields)."""
+        """The kept streamlines as a list of (n_i, 3) float64 NumPy arrays (what DIPY yields), aligned with
+        ``seed_ids[kept]``."""
         pts = self.points.detach().cpu().numpy()
         ln = self.lengths.cpu().numpy()
         keep = self.kept.cpu().numpy()
@@ -199,7 +184,7 @@ def _voxel_size(affine: np.ndarray) -> np.ndarray:
     lin = affine[:3, :3]
     g = lin.T @ lin
     if not np.allclose(np.triu(g, 1), 0.0, atol=1e-5):
-        raise ValueError("the affine has shear; DIPY's local tracking needs a regular grid")
+        raise TractfuncError("the affine has shear; DIPY's local tracking needs a regular grid")
     return np.sqrt(g.diagonal())
 
 
@@ -230,137 +215,103 @@ def _starts(getter, seeds_vox: Tensor, max_cross: Optional[int], initial_directi
     return all_sid, d0, all_k >= 0
 
 
-def local_tracking(getter, criterion, seeds: Tensor, affine, step_size, maxlen: int = 500, minlen: int = 2,
-                   return_all: bool = True, max_cross: Optional[int] = None,
-                   initial_directions: Optional[Tensor] = None, generator: Optional[torch.Generator] = None,
-                   early_exit: bool = True) -> LocalTracks:
-    """DIPY ``LocalTracking(getter, criterion, seeds, affine, step_size, maxlen=500, minlen=2,
-    return_all=True, max_cross=None, fixedstep=True)``, batched.
-
-    getter: a direction getter (:mod:`tractfunc.local.getters`); criterion: ``pos_vox (B, 3) -> status (B,)``;
-    seeds: (S, 3) in the space of ``affine`` (4, 4) (scanner mm for a NIfTI affine); step_size: mm;
-    maxlen/minlen: points per half / per streamline as in DIPY; initial_directions: (S, K, 3) instead of
-    the getter's peaks (zero rows ignored).  Returns :class:`LocalTracks` in the affine's space, dtype of
-    ``getter.field.sh``."""
-    seeds = as_tensor(seeds)   # NumPy / DLPack arrays accepted, as elsewhere at the public boundary
-    if initial_directions is not None:
-        initial_directions = as_tensor(initial_directions).to(dtype=getter.field.sh.dtype, device=getter.field.sh.device)
-        if initial_directions.dim() != 3 or initial_directions.shape[0] != seeds.shape[0] \
-                or initial_directions.shape[-1] != 3:
-            raise ValueError(f"initial_directions have shape {tuple(initial_directions.shape)}; expected "
-                             f"({seeds.shape[0]}, K, 3), K directions per seed")
-    if seeds.dim() != 2 or seeds.shape[-1] != 3:
-        raise ValueError(f"seeds have shape {tuple(seeds.shape)}; expected (S, 3)")
-    if maxlen < 1 or minlen > maxlen:
-        raise ValueError(f"need maxlen >= 1 and minlen <= maxlen, got maxlen={maxlen}, minlen={minlen}")
-    if not float(step_size) > 0:
-        raise ValueError(f"step_size must be > 0, got {float(step_size)}")
+def resolve_affine(getter, affine) -> np.ndarray:
+    """The (4, 4) float64 affine of a tracking run: ``affine`` if given, else the getter's
+    (``getter.field.affine``, given to the factory for ``sh_frame="scanner"``), else the identity (seeds
+    and streamlines in voxel coordinates).  Both given and different: an error (one affine per run)."""
+    own = getattr(getattr(getter, "field", None), "affine", None)
+    if affine is None:
+        return np.eye(4) if own is None else np.asarray(own, dtype=np.float64)
     A = np.asarray(affine, dtype=np.float64)
     if A.shape != (4, 4):
-        raise ValueError(f"affine has shape {A.shape}; expected (4, 4)")
+        raise TractfuncError(f"affine has shape {A.shape}; expected (4, 4)")
+    if own is not None and not np.allclose(A, own, rtol=0, atol=1e-9):
+        raise TractfuncError("the affine differs from the one the getter was built with; give it once (to the "
+                             "getter for sh_frame='scanner', else here)")
+    return A
+
+
+def _pad_cat(xs: List[Tensor], width: int) -> Tensor:
+    """Concatenate (M_i, L_i, 3) along rows, zero-padded to L = width."""
+    return torch.cat([torch.nn.functional.pad(x, (0, 0, 0, width - x.shape[1])) for x in xs])
+
+
+def local_tracking(getter, criterion, seeds, affine=None, step_size=None, maxlen: int = 500, minlen: int = 2,
+                   return_all: bool = True, max_cross: Optional[int] = None, initial_directions=None,
+                   generator: Optional[torch.Generator] = None, early_exit: bool = True,
+                   chunk_size: int = 20000) -> LocalTracks:
+    """DIPY ``LocalTracking(getter, criterion, seeds, affine, step_size, maxlen=500, minlen=2,
+    return_all=True, max_cross=None, fixedstep=True)``, batched and chunked.
+
+    Args:
+        getter: a direction getter (:mod:`tractfunc.local.getters`, :mod:`tractfunc.local.probabilistic`).
+        criterion: a stopping criterion ``pos_vox (B, 3) -> status (B,)`` or a DIPY ``StoppingCriterion``
+            (:func:`tractfunc.local.criteria.as_criterion`).
+        seeds: (S, 3) in the space of the affine (scanner mm for a NIfTI affine; voxels without one).
+        affine: (4, 4); None (default): the getter's (the one given for ``sh_frame="scanner"``), else the
+            identity.  Given once: to the getter, or here (both and different: an error).
+        step_size: mm, required (as DIPY's).
+        maxlen: DIPY ``LocalTracking``'s unit, **points**: each half takes at most ``maxlen`` steps
+            (``maxlen + 1`` points with the seed).  ``tractfunc.local.deterministic_tracking`` /
+            ``probabilistic_tracking`` take lengths in mm instead, as DIPY's functions of those names.
+        minlen: points; with ``return_all=False`` a streamline is kept when ``minlen <= points <= maxlen``
+            and both ends reached ENDPOINT or OUTSIDEIMAGE (DIPY).
+        return_all: DIPY's (default True: every streamline, one-point ones included).
+        max_cross: at most this many seed peaks tracked per seed (default all).
+        initial_directions: (S, K, 3) start directions instead of the getter's peaks (zero rows ignored).
+        generator: ``torch.Generator`` for sampling getters (consumed chunk by chunk: the same generator
+            and ``chunk_size`` give the same output).
+        early_exit: stop the step loop once every half has stopped (eager only; automatic off under
+            ``torch.func`` / ``torch.compile``).
+        chunk_size: seeds tracked at once (bounds memory, as the SD_Stream tracker's ``chunk_size``).
+
+    Returns:
+        :class:`LocalTracks` in the affine's space, dtype/device of ``getter.field.sh``; eager: the kept
+        streamlines only, ``seed_ids`` aligned with them.
+    """
+    seeds = as_tensor(seeds)   # NumPy / DLPack arrays accepted, as elsewhere at the public boundary
     dtype, device = getter.field.sh.dtype, getter.field.sh.device
+    if seeds.dim() != 2 or seeds.shape[-1] != 3:
+        raise TractfuncError(f"seeds have shape {tuple(seeds.shape)}; expected (S, 3)")
+    if initial_directions is not None:
+        initial_directions = as_tensor(initial_directions).to(dtype=dtype, device=device)
+        if initial_directions.dim() != 3 or initial_directions.shape[0] != seeds.shape[0] \
+                or initial_directions.shape[-1] != 3:
+            raise TractfuncError(f"initial_directions have shape {tuple(initial_directions.shape)}; expected "
+                                 f"({seeds.shape[0]}, K, 3), K directions per seed")
+    if maxlen < 1 or minlen > maxlen:
+        raise TractfuncError(f"need maxlen >= 1 and minlen <= maxlen (points), got maxlen={maxlen}, minlen={minlen}")
+    if step_size is None or not float(step_size) > 0:
+        raise TractfuncError(f"step_size must be a length > 0 in mm, got {step_size}")
+    if int(chunk_size) < 1:
+        raise TractfuncError(f"chunk_size must be a positive number of seeds, got {chunk_size}")
+    A = resolve_affine(getter, affine)
+    crit = as_criterion(criterion, getter.field.sh.shape[:3])
     vs = torch.as_tensor(_voxel_size(A), dtype=dtype, device=device)
     inv = torch.as_tensor(np.linalg.inv(A), dtype=dtype, device=device)
-    seeds = seeds.to(dtype=dtype, device=device)
-    seeds_vox = seeds @ inv[:3, :3].T + inv[:3, 3]
-    sid, d0, has_dir = _starts(getter, seeds_vox, max_cross, initial_directions)
-    p0 = seeds_vox[sid]
-    fwd = track_half(getter, criterion, p0, d0, vs, step_size, maxlen, generator, early_exit)
-    fwd = fwd._replace(n=torch.where(has_dir, fwd.n, 1),
-                       status=torch.where(has_dir, fwd.status, int(Status.TRACKPOINT)))
-    bwd = track_half(getter, criterion, p0, backward_start(fwd, d0), vs, step_size, maxlen, generator, early_exit)
-    bwd = bwd._replace(n=torch.where(has_dir, bwd.n, 1),
-                       status=torch.where(has_dir, bwd.status, int(Status.TRACKPOINT)))
-    pts, lengths = join(fwd, bwd)
     Af = torch.as_tensor(A, dtype=dtype, device=device)
-    pts = pts @ Af[:3, :3].T + Af[:3, 3]
-    status = torch.stack([fwd.status, bwd.status], -1)
-    ends = (status == Status.ENDPOINT) | (status == Status.OUTSIDEIMAGE)
-    valid = ends.all(-1) & (lengths >= minlen) & (lengths <= maxlen) & has_dir
-    kept = torch.ones_like(valid) if return_all else valid
-    return LocalTracks(pts, lengths, sid, status, kept)
-
-
-def track_command(a) -> int:
-    """``tractfunc track --algorithm closest_peak | det_max``: argparse namespace -> tractogram file.
-
-    Seeds: ``--seed-points`` (scanner mm) or ``--seed-image`` (``--seeds`` uniform points in its non-zero
-    voxels, default 1000, from ``--rng-seed``); one streamline per seed peak (DIPY), the first ``--select``
-    kept.  Stopping: ``--fa-map`` with ``--stop-threshold`` (ThresholdStoppingCriterion) or ``--mask``
-    (BinaryStoppingCriterion)."""
-    import sys
-    from . import getters
-    from .. import io
-    from ..core import seeds as S
-    from ..errors import TractfuncError
-    if bool(a.fa_map) == bool(a.mask):
-        raise TractfuncError(f"--algorithm {a.algorithm} stops on --fa-map (with --stop-threshold) or on --mask; "
-                             "give exactly one")
-    if a.seed_directions:
-        raise TractfuncError(f"--algorithm {a.algorithm} starts from the peaks at each seed; --seed-directions "
-                             "applies to sd_stream only")
-    dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
-    device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    fod = io.load_fod(a.fod, sh_basis=a.sh_basis)
-    stop_img = io.load_mask(a.mask) if a.mask else _load_scalar(a.fa_map)
-    if not io.same_grid(stop_img, fod):
-        raise TractfuncError(f"{a.mask or a.fa_map}: grid {stop_img.data.shape} does not match the FOD grid "
-                             f"{fod.data.shape[:3]} (same dimensions and affine expected)")
-    vol = torch.as_tensor(np.asarray(stop_img.data, dtype=np.float64), dtype=dtype, device=device)
-    crit = binary_criterion(vol) if a.mask else threshold_criterion(vol, a.stop_threshold)
-    factory = getters.closest_peak if a.algorithm == "closest_peak" else getters.deterministic_maximum
-    if a.algorithm in ("prob", "ifod1"):   # sampling getters (tractfunc.local.probabilistic, docs/probabilistic.md)
-        from . import probabilistic
-        factory = probabilistic.cli_factory(a)
-    gen = torch.Generator(device=device).manual_seed(a.rng_seed)
-    try:
-        g = factory(torch.as_tensor(fod.data, dtype=dtype, device=device), max_angle=a.angle or DEFAULT_ANGLE,
-                    sphere=a.sphere, pmf_threshold=a.pmf_threshold, relative_peak_threshold=a.relative_peak_threshold,
-                    min_separation_angle=a.min_separation_angle, affine=fod.affine, sh_frame=a.sh_frame)
-    except ValueError as e:
-        raise TractfuncError(str(e)) from None
-    rng = np.random.default_rng(a.rng_seed)
-    if a.seed_points:
-        pts = io.read_seed_points(a.seed_points)
-    else:
-        seed_img = io.load_mask(a.seed_image)
-        if not seed_img.data.any():
-            raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
-        pts = S.random_in_mask_np(seed_img.data, seed_img.affine, a.seeds or 1000, rng)
-    out: List[np.ndarray] = []
-    for start in range(0, len(pts), a.chunk):
-        if a.select and len(out) >= a.select:
-            break
-        res = local_tracking(g, crit, torch.as_tensor(pts[start:start + a.chunk], dtype=dtype, device=device),
-                             fod.affine, a.step or DEFAULT_STEP, maxlen=a.maxlen, return_all=not a.valid_only,
-                             max_cross=a.max_cross, generator=gen)
-        out.extend(res.streamlines())
-    if a.select:
-        out = out[:a.select]
-    header = {"method": f"{a.algorithm} (tractfunc, DIPY LocalTracking semantics)", "step_size": a.step or DEFAULT_STEP,
-              "max_angle": a.angle or DEFAULT_ANGLE, "pmf_threshold": a.pmf_threshold, "source": a.fod}
-    io.write_tractogram(a.output, out, fod, header)
-    if not a.quiet:
-        print(f"{a.output}: {len(out)} streamlines from {len(pts)} seeds")
-    sys.stdout.flush()
-    return 0
-
-
-def _load_scalar(path: str):
-    """A 3-D scalar map (FA, GFA, ...) as an :class:`tractfunc.io.Image` of float64."""
-    from .. import io
-    data, A, vox = io._read(path)
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise io.TractfuncError(f"{path}: scalar map has shape {data.shape}; expected a 3-D image")
-    data = np.asarray(data, dtype=np.float64)
-    if not np.isfinite(data).all():
-        raise io.TractfuncError(f"{path}: scalar map holds NaN/Inf; expected finite values")
-    return io.Image(data, A, vox)
-
-
-DEFAULT_STEP = 0.2    # mm; dipy.tracking.tracker.deterministic_tracking's step_size
-DEFAULT_ANGLE = 20.0  # degrees; its max_angle
+    seeds = seeds.to(dtype=dtype, device=device)
+    tracing = is_tracing(seeds, getter.field.sh)
+    parts = []
+    for start in range(0, seeds.shape[0], int(chunk_size)):
+        sv = seeds[start:start + int(chunk_size)] @ inv[:3, :3].T + inv[:3, 3]
+        init = None if initial_directions is None else initial_directions[start:start + int(chunk_size)]
+        sid, d0, has_dir = _starts(getter, sv, max_cross, init)
+        pts, lengths, status = bidirectional(getter, crit, sv[sid], d0, has_dir, vs, step_size, maxlen, generator,
+                                             early_exit)
+        valid = ends_valid(status) & (lengths >= minlen) & (lengths <= maxlen) & has_dir
+        kept = torch.ones_like(valid) if return_all else valid
+        if not tracing and bool(kept.all()):   # eager: trimmed to the longest
+            pts = pts[:, :max(int(lengths.max()), 1) if lengths.numel() else 1]
+        elif not tracing:                      # eager: only DIPY's streamlines, trimmed to the longest
+            rows = torch.nonzero(kept).squeeze(-1)
+            width = int(lengths[rows].max()) if rows.numel() else 1
+            pts, lengths, sid, status, kept = pts[rows, :width], lengths[rows], sid[rows], status[rows], kept[rows]
+        parts.append((pts @ Af[:3, :3].T + Af[:3, 3], lengths, sid + start, status, kept))
+    if not parts:
+        z = torch.zeros(0, dtype=torch.int64, device=device)
+        return LocalTracks(torch.zeros(0, 1, 3, dtype=dtype, device=device), z, z, z.reshape(0, 2),
+                           z.bool())
+    width = max(p[0].shape[1] for p in parts)
+    pts = _pad_cat([p[0] for p in parts], width) if len(parts) > 1 else parts[0][0]
+    return LocalTracks(pts, *(torch.cat([p[i] for p in parts]) for i in range(1, 5)))
