@@ -26,29 +26,7 @@ LAYERS = {"errors": 0, "core": 1, "sdstream": 2, "local": 2, "io": 2, "interop":
 # Known violations in files being edited elsewhere: "file: what" (as printed, without the line) -> why it is
 # allowed for now. Each entry is temporary: fix the import, delete the entry. A stale entry fails the test.
 ALLOWLIST = {
-    # io/images.py (being edited elsewhere) still names its readers _load / _read; io/__init__.py gives them
-    # their public names. Fix: rename them in images.py to load_nifti / read_image and import those here.
-    "tractfunc/io/__init__.py: imports private tractfunc.io.images._load":
-        "public alias load_nifti until io/images.py renames _load -> load_nifti",
-    "tractfunc/io/__init__.py: imports private tractfunc.io.images._read":
-        "public alias read_image until io/images.py renames _read -> read_image",
-    # local/getters.py and local/probabilistic.py are being edited elsewhere. Fix: rename _build, _forward_flip
-    # and _unit in getters.py to public names (e.g. build, forward_flip, unit_or_zero) and import those.
-    "tractfunc/local/probabilistic.py: imports private tractfunc.local.getters._build":
-        "until getters.py gives _build a public name",
-    "tractfunc/local/probabilistic.py: imports private tractfunc.local.getters._forward_flip":
-        "until getters.py gives _forward_flip a public name",
-    "tractfunc/local/probabilistic.py: imports private tractfunc.local.getters._unit":
-        "until getters.py gives _unit a public name",
-    # local/tracker.py holds the command line's DIPY-tracking driver (argparse namespace -> files), which
-    # loads images through io; it is being moved up to the command line. Fix: move track_command/_load_scalar out
-    # of local/ (cli/ or tools/), then delete these entries.
-    "tractfunc/local/tracker.py: local imports tractfunc.io (a sibling layer)":
-        "argparse driver in local/tracker.py, being moved to the command line",
-    # BROKEN at run time since the move of io.py to io/images.py (AttributeError on `--fa-map`).
-    # Fix now: `io.read_image(path)` (the public name io/__init__.py exports).
-    "tractfunc/local/tracker.py: uses private tractfunc.io._read, which tractfunc.io does not define":
-        "local/tracker.py is being edited elsewhere; replace io._read by io.read_image",
+    # Each entry: "path: what" -> why it is temporary. Empty: the package follows every rule.
 }
 
 

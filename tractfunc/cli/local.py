@@ -20,7 +20,7 @@ DEFAULT_ANGLE = 20.0  # degrees; its max_angle
 
 def load_scalar(path: str) -> io.Image:
     """A 3-D scalar map (FA, GFA, ...) as an :class:`tractfunc.io.Image` of float64 (X, Y, Z)."""
-    data, A, vox = io._read(path)
+    data, A, vox = io.read_image(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

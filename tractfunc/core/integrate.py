@@ -12,7 +12,6 @@ termination (``soft=True``) turns into survival weights instead of hard stops.
 """
 from __future__ import annotations
 
-import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -20,6 +19,7 @@ import torch
 from . import stop
 from .arrays import as_tensor
 from .newton import peak, store
+from .sphere import fibonacci_sphere
 from .implicit import attach_peak
 from .field import FODField, MaskField
 from .params import TrackParams
@@ -77,11 +77,7 @@ def strongest_peak(field: FODField, seeds: Tensor, n_starts: int = 64, polish: i
         peak search then differentiates the start); a seed outside the image or without a converged peak gets
         the first lattice direction.
     """
-    k = torch.arange(n_starts, dtype=torch.float64, device=seeds.device) + 0.5
-    z = 1 - 2 * k / n_starts
-    phi = k * math.pi * (3 - math.sqrt(5))
-    r = torch.sqrt(1 - z * z)
-    starts = torch.stack([r * torch.cos(phi), r * torch.sin(phi), z], -1).to(seeds.dtype)   # (n, 3)
+    starts = fibonacci_sphere(n_starts, seeds.dtype, seeds.device)   # (n, 3)
     with torch.no_grad():
         c = field.sample(seeds.detach()).values                                             # (S, N)
         S = c.shape[0]

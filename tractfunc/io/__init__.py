@@ -9,10 +9,9 @@ io imports the core's SH helpers and :mod:`tractfunc.errors`, never a tracker.
 from ..errors import TractfuncError
 from .images import (Image, TckWriter, load_fod, load_mask, nonfinite_error, read_directions, read_seed_points,
                      same_grid, write_seeds_csv, write_tractogram)
-# public names for images.py's readers until images.py itself renames them (allowlisted in tests/test_layers.py):
 # read_image(path) -> (data, affine (4, 4), voxel sizes (3,)), NIfTI or .mif; load_nifti(path) -> (nibabel
 # image, data, affine (4, 4)), checked
-from .images import _load as load_nifti, _read as read_image
+from .images import load_nifti, read_image
 
 __all__ = ["TractfuncError", "Image", "TckWriter", "load_fod", "load_mask", "nonfinite_error", "read_directions",
            "read_seed_points", "same_grid", "write_seeds_csv", "write_tractogram", "read_image", "load_nifti"]

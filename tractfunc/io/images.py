@@ -20,7 +20,7 @@ class Image(NamedTuple):
     voxel_sizes: tuple
 
 
-def _load(path: str):
+def load_nifti(path: str):
     import nibabel as nib
     if not os.path.exists(path):
         raise TractfuncError(f"{path}: no such file")
@@ -35,12 +35,12 @@ def _load(path: str):
     return img, data, A
 
 
-def _read(path: str):
+def read_image(path: str):
     """(data, affine (4, 4), voxel sizes (3,)) of a NIfTI or MRtrix image (.mif, .mif.gz, .mih; read by
     :mod:`tractfunc.io.mif` into the layout and affine convention of the NIfTI route)."""
     from . import mif
     if not mif.is_mif(path):
-        img, data, A = _load(path)
+        img, data, A = load_nifti(path)
         return data, A, voxel_sizes(img, A)
     if not os.path.exists(path):
         raise TractfuncError(f"{path}: no such file")
@@ -83,7 +83,7 @@ def load_fod(path: str, dtype=np.float32, check_finite: bool = True, sh_basis: s
         shbasis.check_basis(sh_basis)
     except ValueError as e:
         raise TractfuncError(str(e)) from None
-    data, A, vox = _read(path)   # NIfTI or MRtrix .mif
+    data, A, vox = read_image(path)   # NIfTI or MRtrix .mif
     if data.ndim != 4:
         raise TractfuncError(f"{path}: FOD image has shape {data.shape}; expected 4-D (X, Y, Z, N SH coefficients)")
     try:
@@ -102,7 +102,7 @@ def load_fod(path: str, dtype=np.float32, check_finite: bool = True, sh_basis: s
 
 def load_mask(path: str) -> Image:
     """Load a 3-D mask (non-zero = inside); a trailing singleton 4th axis is accepted."""
-    data, A, vox = _read(path)   # NIfTI or MRtrix .mif
+    data, A, vox = read_image(path)   # NIfTI or MRtrix .mif
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:

@@ -182,13 +182,13 @@ def threshold_pmf(pmf: Tensor, pmf_threshold: float) -> Tensor:
     return torch.where(pmf < pmf_threshold * top, torch.zeros_like(pmf), pmf)
 
 
-def _forward_flip(v: Tensor, d: Tensor) -> Tensor:
+def forward_flip(v: Tensor, d: Tensor) -> Tensor:
     """v (..., 3) flipped to ``dot(d, v) > 0`` (DIPY: ``-v`` unless the dot is positive)."""
     s = (v * d).sum(-1, keepdim=True)
     return torch.where(s > 0, v, -v)
 
 
-def _unit(v: Tensor) -> tuple[Tensor, Tensor]:
+def unit_nonzero(v: Tensor) -> tuple[Tensor, Tensor]:
     """(v / |v|, |v| > 0) with a guarded norm (finite gradients where |v| = 0)."""
     n = torch.linalg.vector_norm(v, dim=-1, keepdim=True)
     ok = n > 0
@@ -265,14 +265,14 @@ class DeterministicMaximumGetter(PmfGetter):
 
     def __call__(self, pos_vox: Tensor, prev_dir: Tensor, generator: Optional[torch.Generator] = None):
         pmf = self.pmf(pos_vox)
-        d, nonzero = _unit(prev_dir.to(pmf.dtype))
+        d, nonzero = unit_nonzero(prev_dir.to(pmf.dtype))
         verts = self.vertices
         cos = (d @ verts.T).abs()                                              # (B, V)
         cand = (cos > self.cos_similarity) & (pmf > 0)
         key = torch.where(cand, pmf, torch.zeros_like(pmf))
         best = key.argmax(-1)                                                 # first maximum
         ok = (torch.gather(key, -1, best[:, None]).squeeze(-1) > 0) & nonzero
-        hard = _forward_flip(verts[best], d)
+        hard = forward_flip(verts[best], d)
         if self.mode != "hard":
             soft = self._soft(pmf, key, cand, d)
             new = soft if self.mode == "soft" else hard + (soft - soft.detach())
@@ -288,14 +288,14 @@ class DeterministicMaximumGetter(PmfGetter):
         logits = torch.where(cand, pmf / scale, torch.full_like(pmf, -math.inf))
         logits = torch.where(any_c, logits, torch.zeros_like(logits))        # double where: no NaN rows
         w = torch.softmax(logits, -1)
-        signed = _forward_flip(self.vertices.unsqueeze(0), d.unsqueeze(-2))   # (B, V, 3)
+        signed = forward_flip(self.vertices.unsqueeze(0), d.unsqueeze(-2))   # (B, V, 3)
         mean = (w.unsqueeze(-1) * signed).sum(-2)
-        u, _ = _unit(mean)
+        u, _ = unit_nonzero(mean)
         return u
 
 
-def _build(cls, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, relative_peak_threshold,
-           min_separation_angle, max_peaks, sh_basis="descoteaux07", legacy=True, **kw):
+def build_getter(cls, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, relative_peak_threshold,
+                 min_separation_angle, max_peaks, sh_basis="descoteaux07", legacy=True, **kw):
     field = make_pmf_field(as_tensor(sh_volume), sphere, affine, sh_frame, sh_basis, legacy)
     try:
         return cls(field, max_angle, pmf_threshold, relative_peak_threshold, min_separation_angle, max_peaks, **kw)
@@ -328,7 +328,7 @@ def closest_peak(sh_volume: Tensor, max_angle: float = 20.0, sphere="default", p
     Returns:
         :class:`ClosestPeakGetter`.
     """
-    return _build(ClosestPeakGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
+    return build_getter(ClosestPeakGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
                   relative_peak_threshold, min_separation_angle, max_peaks, sh_basis, legacy)
 
 
@@ -340,6 +340,6 @@ def deterministic_maximum(sh_volume: Tensor, max_angle: float = 20.0, sphere="de
     """Deterministic-maximum getter (DIPY ``DeterministicMaximumDirectionGetter.from_shcoeff``); the
     peak parameters only shape the initial directions at seeds.  mode/temperature: gradient options (module
     docstring); the rest (sh_basis/legacy included) as :func:`closest_peak`."""
-    return _build(DeterministicMaximumGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
+    return build_getter(DeterministicMaximumGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
                   relative_peak_threshold, min_separation_angle, max_peaks, sh_basis, legacy, mode=mode,
                   temperature=temperature)

@@ -44,23 +44,20 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from .getters import DEFAULT_SH_FRAME, PmfGetter, _build, _forward_flip, _unit
+from ..core.sphere import fibonacci_sphere as points
+from .getters import DEFAULT_SH_FRAME, PmfGetter, build_getter, forward_flip, unit_nonzero
 from .peaks import Sphere, make_sphere
 
 Tensor = torch.Tensor
 
 
 def fibonacci_sphere(n: int = 2000) -> Sphere:
-    """Near-uniform full sphere of ``n`` vertices (golden-angle spiral; float64), with the edges of its
-    convex hull (for :mod:`tractfunc.local.peaks`).  Deterministic."""
+    """Near-uniform full sphere of ``n`` vertices (:func:`tractfunc.core.sphere.fibonacci_sphere`; float64),
+    with the edges of its convex hull (for :mod:`tractfunc.local.peaks`).  Deterministic."""
     if n < 4:
         raise ValueError(f"fibonacci_sphere needs n >= 4 vertices, got {n}")
     from scipy.spatial import ConvexHull
-    k = np.arange(n, dtype=np.float64)
-    z = 1 - (2 * k + 1) / n
-    r = np.sqrt(1 - z * z)
-    phi = k * math.pi * (3 - math.sqrt(5))
-    v = np.stack([r * np.cos(phi), r * np.sin(phi), z], -1)
+    v = points(n).numpy()
     tri = ConvexHull(v).simplices
     edges = np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]])
     return make_sphere(v, np.unique(np.sort(edges, 1), axis=0))
@@ -112,7 +109,7 @@ class ProbabilisticGetter(PmfGetter):
     def weights(self, pos_vox: Tensor, prev_dir: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(weights (B, V) >= 0, unit prev (B, 3), prev non-zero (B,)) at voxel positions (B, 3)."""
         pmf = self.pmf(pos_vox)
-        d, nonzero = _unit(prev_dir.to(pmf.dtype))
+        d, nonzero = unit_nonzero(prev_dir.to(pmf.dtype))
         keep = ((d @ self.vertices.T).abs() >= self.cos_similarity) & (pmf > self.cutoff) & (pmf > 0)
         amp = torch.where(keep, pmf, torch.ones_like(pmf))         # double where: pow's gradient stays finite
         w = amp if self.power == 1.0 else amp ** self.power
@@ -125,7 +122,7 @@ class ProbabilisticGetter(PmfGetter):
         ok = ok & nonzero
         lp = log_pmf(w).gather(-1, idx.unsqueeze(-1)).squeeze(-1)
         lp = torch.where(ok, lp, torch.zeros_like(lp))
-        new = torch.where(ok.unsqueeze(-1), _forward_flip(self.vertices[idx], d), prev_dir.to(w.dtype))
+        new = torch.where(ok.unsqueeze(-1), forward_flip(self.vertices[idx], d), prev_dir.to(w.dtype))
         return Draw(new, ok, idx, lp)
 
     def __call__(self, pos_vox: Tensor, prev_dir: Tensor, generator: Optional[torch.Generator] = None):
@@ -147,8 +144,8 @@ class GumbelGetter(ProbabilisticGetter):
     def __call__(self, pos_vox: Tensor, prev_dir: Tensor, generator: Optional[torch.Generator] = None):
         w, d, nonzero = self.weights(pos_vox, prev_dir)
         y = gumbel_softmax_weights(w, gumbel_noise(w.shape, generator, w), self.temperature, self.hard)
-        signed = _forward_flip(self.vertices.unsqueeze(0), d.unsqueeze(-2))   # (B, V, 3)
-        new, _ = _unit((y.unsqueeze(-1) * signed).sum(-2))
+        signed = forward_flip(self.vertices.unsqueeze(0), d.unsqueeze(-2))   # (B, V, 3)
+        new, _ = unit_nonzero((y.unsqueeze(-1) * signed).sum(-2))
         ok = (w.sum(-1) > 0) & nonzero
         return torch.where(ok.unsqueeze(-1), new, prev_dir.to(new.dtype)), ok
 
@@ -167,7 +164,7 @@ def probabilistic(sh_volume: Tensor, max_angle: float = 30.0, sphere="default", 
     ``Sphere``/``HemiSphere``, a DIPY sphere name (default DIPY's ``default_sphere``) or a tractfunc
     ``Sphere``; affine/sh_frame and ``peak_kw`` (initial directions at seeds): as
     :func:`tractfunc.local.getters.closest_peak`."""
-    return _build(ProbabilisticGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
+    return build_getter(ProbabilisticGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
                   sh_basis=sh_basis, legacy=legacy, **{**_PEAKS, **peak_kw})
 
 
@@ -180,7 +177,7 @@ def ifod1(sh_volume: Tensor, max_angle: float = 15.0, cutoff: float = 0.1, power
     :func:`probabilistic`; pmf_threshold: an optional relative threshold on top of the cutoff (iFOD1: 0);
     sh_basis/legacy: as :func:`probabilistic` (an MRtrix3 FOD: ``"tournier07"``, False)."""
     sphere = fibonacci_sphere() if sphere is None or sphere == "fibonacci" else sphere
-    return _build(ProbabilisticGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
+    return build_getter(ProbabilisticGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold,
                   sh_basis=sh_basis, legacy=legacy, cutoff=cutoff, power=power, **{**_PEAKS, **peak_kw})
 
 
@@ -192,7 +189,7 @@ def gumbel(sh_volume: Tensor, max_angle: float = 15.0, temperature: float = 0.1,
     sphere='default'``, of :func:`probabilistic`.  Gradients reach ``sh_volume`` and the position.
     sh_basis/legacy: as :func:`probabilistic`."""
     sphere = fibonacci_sphere() if sphere is None or sphere == "fibonacci" else sphere
-    return _build(GumbelGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, sh_basis=sh_basis,
+    return build_getter(GumbelGetter, sh_volume, sphere, affine, sh_frame, max_angle, pmf_threshold, sh_basis=sh_basis,
                   legacy=legacy, cutoff=cutoff, power=power, temperature=temperature, hard=hard,
                   **{**_PEAKS, **peak_kw})
 
