@@ -202,7 +202,7 @@ def test_workers_give_the_same_tractogram(tmp_path, phantom_files):
         out = tmp_path / f"w{w}.tck"
         run("track", paths["fod"], str(out), "--seed-image", paths["mask"], "--mask", paths["mask"],
             "--select", "60", "--rng-seed", "5", "--workers", w, "--max-length", "30", "--quiet",
-            "--backend", "torch")
+            "--engine", "eager")
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
     assert run("track", paths["fod"], str(tmp_path / "x.tck"), "--seed-image", paths["mask"], "--workers", "0",
@@ -214,7 +214,7 @@ def test_torchrun_two_ranks_give_the_same_tractogram(tmp_path, phantom_files):
     to one process, with several seed batches (--chunk) so that parts are interleaved batch by batch."""
     ph, paths = phantom_files
     args = ["track", paths["fod"], None, "--seed-image", paths["mask"], "--mask", paths["mask"], "--select", "70",
-            "--chunk", "32", "--rng-seed", "9", "--max-length", "30", "--quiet", "--backend", "torch", "--output-seeds",
+            "--chunk", "32", "--rng-seed", "9", "--max-length", "30", "--quiet", "--engine", "eager", "--output-seeds",
             None]
     outs = []
     for launch in ("single", "torchrun"):

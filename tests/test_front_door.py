@@ -69,9 +69,10 @@ def test_auto_rule_and_its_errors(phantom_field):
                     (dict(gradient=tf.Checkpoint(0)), "every >= 1"),
                     (dict(engine="native", stopping=tf.Soft(0.1)), "stops hard"),
                     (dict(engine="follow", gradient=tf.Checkpoint(3)), "direct gradients"),
-                    (dict(engine="fixed", compiled=True), "compiled")):
+                    (dict(engine="fixed", compiled=True), "compiled"),
+                    (dict(compiled=True, params=_short(f, rk4=True)), "not apply to RK4")):
         with pytest.raises(TractfuncError, match=msg):
-            tf.track(fld, prm, pts, dirs, **kw)
+            tf.track(fld, kw.pop("params", prm), pts, dirs, **kw)
 
 
 def test_soft_and_checkpointed_through_the_front_door(phantom_field):

@@ -192,22 +192,22 @@ def test_bit_identical_to_tckgen_real_data(tmp_path, rk4):
 
 
 def test_cli_default_is_native_and_matches_torch_route(tmp_path, phantom_files):
-    """``tractfunc track`` takes the kernel by default; --backend torch draws the same seeds (numpy RNG on
+    """``tractfunc track`` takes the kernel by default; --engine eager draws the same seeds (numpy RNG on
     both routes) and streamlines agreeing to float32 rounding."""
     _kernel_available()
     import nibabel as nib
     from test_cli import run
     ph, paths = phantom_files
     outs = {}
-    for be in ("auto", "torch"):
+    for be in ("auto", "eager"):
         out = tmp_path / f"{be}.tck"
         run("track", paths["fod"], str(out), "--seed-image", paths["mask"], "--mask", paths["mask"], "--seeds", "120",
-            "--rng-seed", "4", "--max-length", "30", "--quiet", "--backend", be, "--output-seeds", str(tmp_path / f"{be}.csv"))
+            "--rng-seed", "4", "--max-length", "30", "--quiet", "--engine", be, "--output-seeds", str(tmp_path / f"{be}.csv"))
         outs[be] = list(nib.streamlines.load(str(out)).streamlines)
-    assert len(outs["auto"]) == len(outs["torch"]) > 60
-    seeds = [np.loadtxt(tmp_path / f"{be}.csv", delimiter=",", comments="#", usecols=(2, 3, 4)) for be in ("auto", "torch")]
+    assert len(outs["auto"]) == len(outs["eager"]) > 60
+    seeds = [np.loadtxt(tmp_path / f"{be}.csv", delimiter=",", comments="#", usecols=(2, 3, 4)) for be in ("auto", "eager")]
     assert np.array_equal(seeds[0], seeds[1])
-    H = np.array([parity.hausdorff(a, b) for a, b in zip(outs["auto"], outs["torch"])])
+    H = np.array([parity.hausdorff(a, b) for a, b in zip(outs["auto"], outs["eager"])])
     assert (H < 1e-3).mean() >= 0.95
 
 

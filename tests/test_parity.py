@@ -26,16 +26,16 @@ from tractfunc.tools import parity
 from conftest import require_philips, require_tckgen
 
 
-def _run(tmp_path, fod, seed_img, mask, select, rk4, dtype, rng_seed=1, backend="auto", state_dtype=torch.float32):
+def _run(tmp_path, fod, seed_img, mask, select, rk4, dtype, rng_seed=1, engine="auto", state_dtype=torch.float32):
     tck, csv = str(tmp_path / "ref.tck"), str(tmp_path / "seeds.csv")
     parity.run_tckgen(fod, tck, csv, seed_img, mask, select, rk4=rk4, nthreads=0, rng_seed=rng_seed)
     ref = parity.load_reference(tck, csv)
     assert len(ref.streamlines) == select
-    return parity.compare(ref, fod, mask, rk4, dtype, backend=backend, state_dtype=state_dtype)
+    return parity.compare(ref, fod, mask, rk4, dtype, engine=engine, state_dtype=state_dtype)
 
 
 def _show(name, r):
-    print(f"{name} [{r.backend}]: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, "
+    print(f"{name} [{r.engine}]: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, "
           f"{r.within_1:.4f} within 1 mm, lost {r.lost}, too short {r.too_short}")
 
 
@@ -56,7 +56,7 @@ def test_parity_real_data_2000_native(tmp_path, rk4):
     d = require_philips()
     r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 2000, rk4, torch.float32)
     _show(f"philips rk4={rk4} float32", r)
-    assert r.backend == "native" and r.lost == 0
+    assert r.engine == "native" and r.lost == 0
     assert r.within_01 >= 0.995 and r.within_1 >= 0.999
     assert r.identical >= 0.5   # a reconstructed start is tckgen's to the last bit for most seeds
 
@@ -69,7 +69,7 @@ def test_parity_real_data_2000_float64(tmp_path, rk4):
     d = require_philips()
     r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 2000, rk4, torch.float64, state_dtype=None)
     _show(f"philips rk4={rk4} float64", r)
-    assert r.backend == "torch, native decisions" and r.lost == 0 and r.too_short == 0
+    assert r.engine == "follow" and r.lost == 0 and r.too_short == 0
     assert r.within_01 >= 0.995 and r.within_1 >= 0.999
 
 
@@ -78,9 +78,9 @@ def test_parity_real_data_2000_pytorch(tmp_path, dtype, state):
     """The differentiable PyTorch tracker, float32 and float64 arithmetic (tckgen's float32 state)."""
     require_tckgen()
     d = require_philips()
-    r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 2000, False, dtype, backend="torch", state_dtype=state)
+    r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 2000, False, dtype, engine="eager", state_dtype=state)
     _show(f"philips {dtype} (state {state})", r)
-    assert r.backend == "torch" and r.lost == 0
+    assert r.engine == "eager" and r.lost == 0
     assert r.within_01 >= 0.995 and r.within_1 >= 0.9975
 
 
@@ -95,7 +95,7 @@ def test_parity_real_data_10000_default(tmp_path, rk4, rng_seed, dtype):
     d = require_philips()
     r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 10000, rk4, dtype, rng_seed=rng_seed, state_dtype=None)
     _show(f"philips 10k rk4={rk4} seed {rng_seed} {dtype}", r)
-    assert r.backend == ("native" if dtype == torch.float32 else "torch, native decisions") and r.lost == 0
+    assert r.engine == ("native" if dtype == torch.float32 else "follow") and r.lost == 0
     assert r.within_01 >= 0.995 and r.within_1 >= 0.999
 
 
@@ -103,12 +103,12 @@ def test_parity_real_data_10000_default(tmp_path, rk4, rng_seed, dtype):
 @pytest.mark.parametrize("rk4,dtype,state", [(False, torch.float32, torch.float32), (False, torch.float64, torch.float32),
                                              (False, torch.float64, None), (True, torch.float64, torch.float32)])
 def test_parity_real_data_10000_pytorch(tmp_path, rk4, dtype, state):
-    """The PyTorch tracker taking its own decisions (``backend="torch"``) on 10 000 streamlines: the
+    """The PyTorch tracker taking its own decisions (``engine="eager"``) on 10 000 streamlines: the
     measured level (99.86-99.93 % within 1 mm), below the 99.9 % bar in some configurations: it sums in
     another order than tckgen, and about 0.1 % of SD_Stream's decisions sit at rounding level."""
     require_tckgen()
     d = require_philips()
-    r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 10000, rk4, dtype, rng_seed=11, backend="torch",
+    r = _run(tmp_path, d["fod"], d["seed"], d["mask"], 10000, rk4, dtype, rng_seed=11, engine="eager",
              state_dtype=state)
     _show(f"philips 10k rk4={rk4} {dtype} state {state}", r)
     assert r.lost == 0

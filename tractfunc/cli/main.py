@@ -344,7 +344,7 @@ def cmd_parity(a) -> int:
         dtype = {"float32": torch.float32, "float64": torch.float64}[a.dtype]
         r = parity.compare(ref, a.fod, a.mask, a.rk4, dtype, state_dtype=state_dtype(a.state_dtype),
                            engine=a.engine)
-    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.backend} engine): "
+    print(f"parity vs tckgen SD_Stream{' -rk4' if a.rk4 else ''} ({a.dtype}, {r.engine} engine): "
           f"{len(r.distances)} streamlines, {100 * r.identical:.2f}% bit-identical, "
           f"{100 * r.within_01:.2f}% within 0.1 mm, {100 * r.within_1:.2f}% within 1 mm, {r.lost} seeds lost, "
           f"{r.too_short} shorter than the minimum length, tractfunc {r.seconds:.1f}s")
@@ -431,7 +431,7 @@ EXAMPLES_CONVERT = """examples:
 ENGINE_HELP = ("native: the C kernel with tckgen's exact float32 arithmetic (bit-identical to tckgen, fastest; float32 "
                "on the CPU); follow: PyTorch in --dtype along the kernel's discrete decisions (tckgen's streamlines "
                "in float64); eager: PyTorch deciding in its own arithmetic (any dtype/device; differs from tckgen on "
-               "~0.1%% of streamlines, at rounding-level ties); fixed: the fixed-shape reference; auto (default, as "
+               "~0.1%% of streamlines, at rounding-level ties); auto (default, as "
                "tractfunc.track): native, else follow on the CPU, else eager (docs/api.md)")
 
 
@@ -523,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fuse the Newton move with torch.compile (compiles for tens of seconds first; float32 "
                         "output then differs from tckgen's arithmetic in the last bits; measured slower than "
                         "eager on the CPU: see docs/benchmarks.md)")
-    t.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager", "fixed"],
+    t.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager"],
                    help=ENGINE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
     dg = t.add_argument_group("DIPY-style deterministic tracking (--algorithm closest_peak | det_max; "
@@ -567,7 +567,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     q.add_argument("--state-dtype", choices=["float32", "float64"], help=STATE_HELP)
     q.add_argument("--threads", type=int, default=2)
-    q.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager", "fixed"],
+    q.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager"],
                    help=ENGINE_HELP)
     q.set_defaults(func=cmd_parity)
     b = sub.add_parser("bench", help="time tractfunc against tckgen (and DIPY) on the same data and cores",
@@ -585,7 +585,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1, help="runs per tool; the best is reported")
     b.add_argument("--workers", type=int, default=1,
                    help="tractfunc processes sharing the --threads cores (e.g. 2 workers x 1 thread)")
-    b.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager", "fixed"],
+    b.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager"],
                    help="tractfunc's engine (as for track; default auto: the native kernel for float32 on the CPU)")
     b.add_argument("--json", help="write all results to this JSON file")
     b.set_defaults(func=cmd_bench)

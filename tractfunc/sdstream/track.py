@@ -17,6 +17,7 @@ from ..core.params import TrackParams
 from ..core.seeds import random_directions
 from ..core import tracks as T
 from ..core.tracks import Tracks
+from ..errors import TractfuncError
 from . import engine as E
 from .eager import track_chunk
 from .fixed import track_fixed
@@ -95,6 +96,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         field = field._replace(table=None)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
+    if compiled and (params.rk4 or params.peak_polish or job.grad):
+        raise TractfuncError("compiled=True fuses the eager engine's Euler Newton move without gradients; it does "
+                             "not apply to RK4, peak polishing or a differentiable run")
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)

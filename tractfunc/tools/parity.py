@@ -252,7 +252,7 @@ class ParityResult(NamedTuple):
     within_1: float
     seconds: float
     identical: float = float("nan")   # fraction of streamlines equal to tckgen's bit for bit
-    backend: str = ""
+    engine: str = ""   # the engine that re-tracked (tractfunc.track)
 
 
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
