@@ -10,6 +10,8 @@ an HTML comment on the line just above the fence (<!-- docs-test: no-run -->):
   is counted, and there must be few of them (``MAX_NO_RUN``);
 * ``slow``: the block takes more than 10 s; it runs only with ``-m slow``.
 
+The selected blocks start together, ``TRACTFUNC_DOCS_WORKERS`` (2) at a time, one thread each.
+
 ```bash blocks are not executed; every ``tractfunc SUBCOMMAND`` they name must exist
 (``python -m tractfunc.cli SUBCOMMAND --help`` exits 0).
 """
@@ -19,6 +21,7 @@ import os
 import re
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
 
@@ -32,6 +35,7 @@ FILES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 TIMEOUT_S = 60          # per block; a block over 10 s is marked slow
 SLOW_TIMEOUT_S = 600
 MAX_NO_RUN = 3
+WORKERS = int(os.environ.get("TRACTFUNC_DOCS_WORKERS", "2"))   # blocks run at once
 README_MAX_LINES = 150
 
 FENCE = re.compile(r"^(\s*)```\s*([\w+-]*)\s*(.*?)\s*$")
@@ -117,23 +121,40 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
-def test_python_block_runs_alone(block: Block, tmp_path):
-    if "../shared/data" in block.code and not (SHARED / "data").is_dir():
-        msg = f"{block.name} needs the real data at {SHARED / 'data'}"
-        pytest.fail(msg) if IN_CI else pytest.skip(msg)
-    cwd = tmp_path / "checkout"
+def _run(block: Block, tmp: Path) -> subprocess.CompletedProcess:
+    """Run one block in a fresh interpreter; cwd ``tmp/checkout`` next to ``tmp/shared`` -> ../shared."""
+    cwd = tmp / "checkout"
     cwd.mkdir()
     if SHARED.is_dir():
-        (tmp_path / "shared").symlink_to(SHARED, target_is_directory=True)
+        (tmp / "shared").symlink_to(SHARED, target_is_directory=True)
     script = cwd / "block.py"
     script.write_text(block.code)
     timeout = SLOW_TIMEOUT_S if "slow" in block.flags else TIMEOUT_S
+    return subprocess.run([sys.executable, str(script)], cwd=cwd, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="session")
+def block_runs(request, tmp_path_factory):
+    """Every selected block started up front, WORKERS at a time (each block in its own subprocess, one
+    thread each), so the blocks' start-up (imports, the phantom) overlaps on a multi-core machine."""
+    selected = [item.callspec.params["block"] for item in request.session.items
+                if getattr(item, "originalname", "") == "test_python_block_runs_alone"]
+    pool = ThreadPoolExecutor(max_workers=WORKERS)
+    futures = {b.name: pool.submit(_run, b, tmp_path_factory.mktemp("block")) for b in selected}
+    yield futures
+    pool.shutdown(wait=True, cancel_futures=True)
+
+
+@pytest.mark.parametrize("block", [_param(b) for b in RUNNABLE])
+def test_python_block_runs_alone(block: Block, block_runs):
+    if "../shared/data" in block.code and not (SHARED / "data").is_dir():
+        msg = f"{block.name} needs the real data at {SHARED / 'data'}"
+        pytest.fail(msg) if IN_CI else pytest.skip(msg)
     try:
-        r = subprocess.run([sys.executable, str(script)], cwd=cwd, env=_env(), capture_output=True, text=True,
-                           timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"{block.name}: over {timeout} s")
+        r = block_runs[block.name].result()
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"{block.name}: over {e.timeout} s")
     if r.returncode != 0:
         pytest.fail(f"{block.name} exited {r.returncode}; stderr tail:\n{r.stderr[-3000:]}", pytrace=False)
     if block.output is not None and not _same_output(r.stdout, block.output):
