@@ -205,3 +205,28 @@ def test_links_resolve():
             if "://" not in target and not (f.parent / target).exists():
                 missing.append(f"{f.relative_to(ROOT)} -> {target}")
     assert not missing, missing
+
+
+def _resolves(dotted: str) -> bool:
+    """Whether ``tractfunc.a.b.c`` names an importable module or an attribute of one."""
+    import importlib
+    parts = dotted.split(".")
+    for n in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:n]))
+        except ImportError:
+            continue
+        try:
+            for attr in parts[n:]:
+                obj = getattr(obj, attr)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+def test_named_python_api_exists():
+    """Every `tractfunc.x.y` the text names (in backticks) is a module or an attribute that exists."""
+    names = {m for f in FILES for m in re.findall(r"`(tractfunc(?:\.[A-Za-z_]\w*)+)", f.read_text())}
+    missing = sorted(n for n in names if not _resolves(n))
+    assert not missing, f"named in the docs but not in the package: {missing}"
