@@ -216,6 +216,8 @@ def _resolves(dotted: str) -> bool:
             obj = importlib.import_module(".".join(parts[:n]))
         except ImportError:
             continue
+        if not Path(getattr(obj, "__file__", "") or ROOT).resolve().is_relative_to(ROOT):
+            return False   # found elsewhere on the path (another checkout), not in this one
         try:
             for attr in parts[n:]:
                 obj = getattr(obj, attr)
