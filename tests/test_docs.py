@@ -170,22 +170,30 @@ def test_every_block_has_a_language():
     assert not bare, f"code fences without a language (python, bash, text, ...): {bare}"
 
 
-def _subcommands() -> list[str]:
-    names = set()
+def _subcommands() -> dict[str, set[str]]:
+    """{subcommand: the --options given to it} over every ```bash block."""
+    uses: dict[str, set[str]] = {}
     for b in BLOCKS:
-        if b.lang in ("bash", "sh", "shell", "console"):
-            names |= set(re.findall(r"(?:^|[\s/;&|(])tractfunc(?:\.cli)?\s+([a-z][\w-]*)", b.code, re.M))
-    return sorted(names)
+        if b.lang not in ("bash", "sh", "shell", "console"):
+            continue
+        for line in b.code.replace("\\\n", " ").splitlines():
+            line = line.split(" #")[0]
+            for sub, rest in re.findall(r"(?:^|[\s/;&|(])tractfunc(?:\.cli)?\s+([a-z][\w-]*)(.*)", line):
+                uses.setdefault(sub, set()).update(re.findall(r"(?<![\w-])--[a-z][\w-]*", rest))
+    return uses
 
 
 SUBCOMMANDS = _subcommands()
 
 
-@pytest.mark.parametrize("sub", SUBCOMMANDS)
+@pytest.mark.parametrize("sub", sorted(SUBCOMMANDS))
 def test_bash_blocks_name_real_subcommands(sub):
+    """`tractfunc SUB --help` exits 0 and lists every option the bash blocks give SUB."""
     r = subprocess.run([sys.executable, "-m", "tractfunc.cli", sub, "--help"], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, f"`tractfunc {sub} --help` exited {r.returncode}: {r.stderr[-1000:]}"
+    unknown = sorted(o for o in SUBCOMMANDS[sub] if not re.search(re.escape(o) + r"(?![\w-])", r.stdout))
+    assert not unknown, f"`tractfunc {sub}` options in the docs that its --help does not list: {unknown}"
 
 
 def test_readme_front_door():
