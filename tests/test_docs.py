@@ -117,7 +117,7 @@ def _env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     env.setdefault("MPLBACKEND", "Agg")
-    env.setdefault("OMP_NUM_THREADS", "1")   # one block at a time; idle intra-op threads spin on a shared machine
+    env.setdefault("OMP_NUM_THREADS", "1")   # blocks run side by side; idle intra-op threads spin on shared cores
     return env
 
 
