@@ -209,17 +209,17 @@ def track_case(phantom_field):
     keep = torch.nonzero(pk.amp > 0.3).squeeze(1)[:6]
     assert keep.numel() == 6
     return dict(fod=fod, affine=ph.affine, seeds=pts[keep].numpy(), dirs=dirs[keep].numpy(),
-                peak_dirs=pk.dir[keep].numpy(), params=tf.resolve([2, 2, 2]))
+                peak_dirs=pk.dir[keep].numpy(), params=tf.resolve([2, 2, 2], precomputed=False))
 
 
 @pytest.mark.parametrize("scheme", ["euler", "rk4"])
 def test_one_step_values_and_gradients_match_torch(tfj, track_case, scheme):
     k = track_case
-    prm = tf.resolve([2, 2, 2], rk4=scheme == "rk4")
+    prm = tf.resolve([2, 2, 2], rk4=scheme == "rk4", precomputed=False)
     W = _rng(11).standard_normal((6, 3))
 
     def jl(s, p):
-        m = getattr(tfj, scheme)(s, p, k["peak_dirs"], affine=k["affine"], params=prm)
+        m = getattr(tfj, scheme)(s, prm, p, k["peak_dirs"], affine=k["affine"])
         return jnp.sum(jnp.sin(m.pos) * W) + jnp.sum(m.dir * W) + jnp.sum(m.amp ** 2)
 
     def tl(s, p):
@@ -234,7 +234,7 @@ def _track_losses(tfj, k, T, temperature=None):
     W = _rng(12).standard_normal((6, 2 * T + 1, 3))
 
     def jl(s, p):
-        r = tfj.track_fixed(s, p, k["dirs"], affine=k["affine"], params=k["params"], n_steps=T,
+        r = tfj.track_fixed(s, k["params"], p, k["dirs"], T, affine=k["affine"],
                             temperature=temperature)
         return jnp.sum(r.weights[..., None] * jnp.sin(r.vertices) * W)
 
@@ -251,7 +251,7 @@ def test_track_fixed_gradient_wrt_seeds_and_fod_matches_torch(tfj, track_case):
     coefficient, equals torch autograd's; outputs keep their dtypes and shapes."""
     k = track_case
     T = 8
-    r = tfj.track_fixed(k["fod"], k["seeds"], k["dirs"], affine=k["affine"], params=k["params"], n_steps=T)
+    r = tfj.track_fixed(k["fod"], k["params"], k["seeds"], k["dirs"], T, affine=k["affine"])
     ref = tf.track_fixed(tf.make_field(torch.from_numpy(k["fod"]), k["affine"], precomputed=False), k["params"],
                          torch.from_numpy(k["seeds"]), torch.from_numpy(k["dirs"]), T)
     for a, b in zip(r, ref):
@@ -279,8 +279,8 @@ def test_jit_and_vmap_give_the_eager_results(tfj, track_case):
 
 def test_track_fixed_rejects_mismatched_inputs(tfj, track_case):
     k = track_case
-    kw = dict(affine=k["affine"], params=k["params"], n_steps=2)
+    kw = dict(affine=k["affine"])
     with pytest.raises(TractfuncError, match="expected one dtype"):
-        tfj.track_fixed(k["fod"], k["seeds"].astype(np.float32), k["dirs"], **kw)
+        tfj.track_fixed(k["fod"], k["params"], k["seeds"].astype(np.float32), k["dirs"], 2, **kw)
     with pytest.raises(TractfuncError, match=r"expected both \(B, 3\)"):
-        tfj.track_fixed(k["fod"], k["seeds"][:, :2], k["dirs"][:, :2], **kw)
+        tfj.track_fixed(k["fod"], k["params"], k["seeds"][:, :2], k["dirs"][:, :2], 2, **kw)
