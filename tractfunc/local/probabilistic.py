@@ -44,7 +44,6 @@ from typing import NamedTuple, Optional
 import numpy as np
 import torch
 
-from ..core.sphere import fibonacci_sphere as points
 from .getters import DEFAULT_SH_FRAME, PmfGetter, build_getter, forward_flip, unit_nonzero
 from .peaks import Sphere, make_sphere
 
@@ -52,12 +51,16 @@ Tensor = torch.Tensor
 
 
 def fibonacci_sphere(n: int = 2000) -> Sphere:
-    """Near-uniform full sphere of ``n`` vertices (:func:`tractfunc.core.sphere.fibonacci_sphere`; float64),
-    with the edges of its convex hull (for :mod:`tractfunc.local.peaks`).  Deterministic."""
+    """Near-uniform full sphere of ``n`` vertices (golden-angle spiral; float64), with the edges of its
+    convex hull (for :mod:`tractfunc.local.peaks`).  Deterministic."""
     if n < 4:
         raise ValueError(f"fibonacci_sphere needs n >= 4 vertices, got {n}")
     from scipy.spatial import ConvexHull
-    v = points(n).numpy()
+    k = np.arange(n, dtype=np.float64)
+    z = 1 - (2 * k + 1) / n
+    r = np.sqrt(1 - z * z)
+    phi = k * math.pi * (3 - math.sqrt(5))   # the mirror image of core.sphere's lattice: kept, the sampled
+    v = np.stack([r * np.cos(phi), r * np.sin(phi), z], -1)   # directions (and tests' draws) depend on it
     tri = ConvexHull(v).simplices
     edges = np.concatenate([tri[:, [0, 1]], tri[:, [1, 2]], tri[:, [2, 0]]])
     return make_sphere(v, np.unique(np.sort(edges, 1), axis=0))
