@@ -1,0 +1,73 @@
+"""Checks of ``tractfunc track``'s inputs that need no tracking: the seed and streamline limits, and whether any
+seed can land inside the FOD's field of view and the mask at all (reading image headers, the seed image and the
+mask; not the FOD's data).  Each failure is a one-line :class:`TractfuncError` raised before any work starts.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+from .. import io
+from ..core import seeds as S
+from ..errors import TractfuncError
+
+DEFAULT_SELECT = 5000       # tckgen's -select default
+SEEDS_PER_SELECT = 1000     # tckgen's -seeds default: 1000 x select
+
+
+def limits(a) -> Tuple[int, float]:
+    """(select, max_seeds) of a ``--seed-image`` run in tckgen's terms: select 0 = no limit on streamlines,
+    max_seeds inf = no limit on seeds.  ``--select`` defaults to 5000, or to 0 when only ``--seeds`` is given;
+    ``--seeds`` defaults to 1000 x select; ``--seeds 0`` means no limit.  Both unlimited is an error (tckgen
+    would track until killed)."""
+    select = a.select if a.select is not None else (0 if a.seeds else DEFAULT_SELECT)
+    if a.seeds is None:
+        max_seeds = float(SEEDS_PER_SELECT * select) if select else 0.0
+    else:
+        max_seeds = float(a.seeds) if a.seeds else float("inf")
+    if not select and not (0 < max_seeds < float("inf")):
+        raise TractfuncError("--select 0 (no limit on streamlines) needs --seeds N > 0; with neither limit tracking "
+                             "would never stop")
+    return select, max_seeds
+
+
+def _fod_grid(path: str):
+    from ..io.tractogram import reference_grid
+    affine, dims = reference_grid(path)   # header only
+    return affine, dims
+
+
+def check_track(a) -> None:
+    """Seed options of ``track`` (sd_stream and the DIPY-style algorithms): a seed image with a non-zero voxel
+    that can reach the FOD's field of view and the mask's non-zero voxels; seed points of which at least one
+    can; ``--seeds`` only with ``--seed-image``."""
+    if a.seed_points and a.seeds is not None:
+        raise TractfuncError("--seeds counts seeds drawn from --seed-image; with --seed-points every point is a "
+                             "seed (limit the streamlines with --select)")
+    if a.seed_image:
+        limits(a)
+    fod_affine, fod_dims = _fod_grid(a.fod)
+    mask = io.load_mask(a.mask) if getattr(a, "mask", None) else None
+    fov = np.ones(tuple(fod_dims), dtype=bool)
+    if a.seed_image:
+        seed = io.load_mask(a.seed_image)
+        if not seed.data.any():
+            raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
+        vox = S.seed_voxels(seed.data)
+        ok = S.reachable(vox, seed.affine, fov, fod_affine, margin=0.0)
+        if not ok.any():
+            raise TractfuncError(f"{a.seed_image}: none of its {len(vox)} seed voxels lies inside the FOD's field of "
+                                 f"view ({a.fod}); expected a seed image overlapping the FOD (same space)")
+        if mask is not None and not S.reachable(vox[ok], seed.affine, mask.data, mask.affine).any():
+            raise TractfuncError(f"{a.seed_image}: no seed voxel lies inside the mask {a.mask}; expected seeds "
+                                 "that overlap the mask's non-zero voxels")
+    elif a.seed_points:
+        pts = io.read_seed_points(a.seed_points)
+        inside = S.points_reach(pts, fov, fod_affine, margin=0.5)
+        if not inside.any():
+            raise TractfuncError(f"{a.seed_points}: all {len(pts)} seed points lie outside the FOD's field of view "
+                                 f"({a.fod}); expected scanner-mm points inside it")
+        if mask is not None and not S.points_reach(pts[inside], mask.data, mask.affine).any():
+            raise TractfuncError(f"{a.seed_points}: no seed point lies inside the mask {a.mask}; expected points in "
+                                 "its non-zero voxels")
