@@ -35,6 +35,8 @@ def limits(a) -> Tuple[int, float]:
 def _fod_grid(path: str):
     from ..io.tractogram import reference_grid
     affine, dims = reference_grid(path)   # header only
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise TractfuncError(f"{path}: affine is not invertible; expected a valid voxel-to-scanner transform")
     return affine, dims
 
 
