@@ -69,7 +69,7 @@ RANGES = {
     "cutoff": (0.0, True, None, False, "an FOD amplitude >= 0"),
     "min_length": (0.0, True, None, False, "a length >= 0 mm"),
     "max_length": (0.0, False, None, False, "a positive length in mm"),
-    "slab": (0.0, False, None, False, "a positive thickness in mm"),
+    "slab": (0.0, True, None, False, "a thickness >= 0 mm (0: everything, projected)"),
     "stop_threshold": (None, False, None, False, "a finite threshold"),
     "pmf_threshold": (0.0, True, 1.0, True, "a fraction in [0, 1]"),
     "relative_peak_threshold": (0.0, True, 1.0, True, "a fraction in [0, 1]"),

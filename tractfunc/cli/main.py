@@ -461,7 +461,8 @@ def cmd_info(a) -> int:
         if a.json == "-":
             print(out)
         else:
-            with open(a.json, "w") as fh:
+            from ..io.atomic import atomic_path
+            with atomic_path(a.json) as tmp, open(tmp, "w") as fh:
                 fh.write(out + "\n")
     return 0
 
@@ -702,8 +703,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", help="image drawn underneath (NIfTI or .mif; a 4-D image gives its first volume, "
                                         "e.g. the b=0 of a DWI or the l=0 term of an FOD)")
     r.add_argument("--max-streamlines", type=int, help="draw a random subset of at most this many streamlines")
-    r.add_argument("--slab", type=float, help="show only a slab this thick (mm) around the centre of each view "
-                                              "(default: everything, projected)")
+    r.add_argument("--slab", type=float, default=10.0,
+                   help="show only a slab this thick (mm) around the centre of each view (default 10; 0: "
+                        "everything, projected)")
     r.add_argument("--rng-seed", type=int, default=0, help="seed of the --max-streamlines subset (default 0)")
     cli_args.add_force(r)
     r.set_defaults(func=cmd_render)

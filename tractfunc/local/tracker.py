@@ -351,7 +351,7 @@ def track_command(a) -> int:
 def _load_scalar(path: str):
     """A 3-D scalar map (FA, GFA, ...) as an :class:`tractfunc.io.Image` of float64."""
     from .. import io
-    data, A, vox = io._read(path)
+    data, A, vox = io.images._read(path)
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim != 3:
