@@ -96,6 +96,8 @@ def check(a: argparse.Namespace) -> None:
     force = bool(getattr(a, "force", False))
     for name, path in outputs:
         what = _label(cmd, name)
+        if os.path.isdir(path):
+            raise TractfuncError(f"{path}: is a folder; expected a file name for {what}")
         exts = EXTENSIONS.get((cmd, name))
         if exts and extension(path).lower() not in exts:
             raise TractfuncError(f"{path}: unknown extension for {what}; expected {', '.join(exts)}")

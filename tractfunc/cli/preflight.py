@@ -50,6 +50,7 @@ def check_track(a) -> None:
     if a.seed_image:
         limits(a)
     fod_affine, fod_dims = _fod_grid(a.fod)
+    check_step(a, fod_affine, fod_dims)
     mask = io.load_mask(a.mask) if getattr(a, "mask", None) else None
     fov = np.ones(tuple(fod_dims), dtype=bool)
     if a.seed_image:
@@ -73,3 +74,27 @@ def check_track(a) -> None:
         if mask is not None and not S.points_reach(pts[inside], mask.data, mask.affine).any():
             raise TractfuncError(f"{a.seed_points}: no seed point lies inside the mask {a.mask}; expected points in "
                                  "its non-zero voxels")
+
+
+def position_resolution(affine, dims, float64: bool = False) -> Tuple[float, float]:
+    """(spacing of float32 (or float64) numbers at the largest |coordinate| of the image's field of view, that
+    coordinate) in mm: a step below the spacing cannot move a position stored in that precision."""
+    corners = np.array([[i, j, k] for i in (-0.5, dims[0] - 0.5) for j in (-0.5, dims[1] - 0.5)
+                        for k in (-0.5, dims[2] - 0.5)])
+    A = np.asarray(affine, dtype=np.float64)
+    far = float(np.abs(corners @ A[:3, :3].T + A[:3, 3]).max())
+    return float(np.spacing(np.float64(far) if float64 else np.float32(far))), far
+
+
+def check_step(a, affine, dims) -> None:
+    """--step must be able to move a position: at least the spacing of the state's floating-point numbers at
+    the far end of the FOD's field of view (float32 unless --dtype and --state-dtype are float64).  Below it
+    every step rounds back to where it started and each streamline would only end at its length limit."""
+    if getattr(a, "step", None) is None:
+        return
+    wide = getattr(a, "dtype", "float32") == "float64" and getattr(a, "state_dtype", "float32") == "float64"
+    res, far = position_resolution(affine, dims, wide)
+    if a.step < res:
+        raise TractfuncError(f"--step {a.step:g} mm is below the {'float64' if wide else 'float32'} resolution of "
+                             f"positions in this FOD's field of view ({res:.3g} mm at {far:.0f} mm from the origin); "
+                             f"expected a step of at least {res:.3g} mm")
