@@ -367,6 +367,8 @@ def _rejections(sink, generated: int, prm) -> str:
 
 
 def cmd_demo(a) -> int:
+    if a.seeds < 1:
+        raise TractfuncError(f"--seeds {a.seeds}: expected a number of seeds >= 1 to track the phantom from")
     import torch
     from ..core import field as F
     from ..tools.phantom import make_phantom, save_phantom

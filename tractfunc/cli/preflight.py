@@ -44,6 +44,7 @@ def check_track(a) -> None:
     """Seed options of ``track`` (sd_stream and the DIPY-style algorithms): a seed image with a non-zero voxel
     that can reach the FOD's field of view and the mask's non-zero voxels; seed points of which at least one
     can; ``--seeds`` only with ``--seed-image``."""
+    check_device(getattr(a, "device", "cpu"))
     if a.seed_points and a.seeds is not None:
         raise TractfuncError("--seeds counts seeds drawn from --seed-image; with --seed-points every point is a "
                              "seed (limit the streamlines with --select)")
@@ -98,3 +99,25 @@ def check_step(a, affine, dims) -> None:
         raise TractfuncError(f"--step {a.step:g} mm is below the {'float64' if wide else 'float32'} resolution of "
                              f"positions in this FOD's field of view ({res:.3g} mm at {far:.0f} mm from the origin); "
                              f"expected a step of at least {res:.3g} mm")
+
+
+def check_device(name: str) -> None:
+    """--device: a torch device that exists on this machine (torch is imported only for a device other than
+    the CPU)."""
+    if name == "cpu":
+        return
+    import torch
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise TractfuncError(f"--device {name}: not a torch device; expected cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise TractfuncError(f"--device {name}: no CUDA device is available here; expected --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise TractfuncError(f"--device {name}: this machine has {n} CUDA device(s) (cuda:0 .. cuda:{n - 1})")
+    elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise TractfuncError(f"--device {name}: MPS is not available here; expected --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise TractfuncError(f"--device {name}: unsupported device type {dev.type!r}; expected cpu, cuda or mps")
