@@ -362,3 +362,37 @@ def test_empty_tractograms(ph, tmp_path, capsys):
     rc, _, err = cli(capsys, "track", ph["fod"], tmp_path / "o.tck", "--seed-image",
                      _shifted(ph["mask"], tmp_path / "zero.nii.gz", keep=(slice(0, 0),) * 3))
     one_line_error(rc, err, "no non-zero voxel")
+
+
+# other inputs users hit --------------------------------------------------------------------------------------------
+
+
+def test_a_device_that_is_not_here_is_refused_up_front(ph, tmp_path, capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    for dev, words in (("cuda", "no CUDA device"), ("cuda:3", "no CUDA device"), ("gpu0", "not a torch device")):
+        rc, _, err = cli(capsys, "track", ph["fod"], tmp_path / "o.tck", "--seed-image", ph["mask"], "--device", dev)
+        one_line_error(rc, err, "--device", words)
+
+
+def test_extreme_lengths(ph, tmp_path, capsys):
+    """A max length beyond any vertex count is no limit; a min length above the max accepts nothing (an error
+    naming the rule); infinities are refused by the public resolve() as by the command line."""
+    from tractfunc.core.params import resolve
+    assert resolve((2, 2, 2), max_length=1e30).max_points == 2 ** 62
+    for kw in ({"max_length": float("inf")}, {"min_length": float("inf")}, {"max_length": float("nan")}):
+        with pytest.raises(ValueError, match="finite"):
+            resolve((2, 2, 2), **kw)
+    rc, _, err = cli(capsys, "track", ph["fod"], tmp_path / "a.tck", "--seed-image", ph["mask"], "--select", "3",
+                     "--max-length", "1e30")
+    assert rc == 0, err
+    rc, _, err = cli(capsys, "track", ph["fod"], tmp_path / "b.tck", "--seed-image", ph["mask"], "--seeds", "50",
+                     "--min-length", "50", "--max-length", "20")
+    one_line_error(rc, err, "shorter than the minimum length")
+
+
+def test_demo_needs_seeds(tmp_path, capsys):
+    rc, _, err = cli(capsys, "demo", "--out", tmp_path / "d", "--seeds", "0")
+    one_line_error(rc, err, "--seeds")
+    assert not (tmp_path / "d").exists()
