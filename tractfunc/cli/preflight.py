@@ -48,8 +48,8 @@ def check_track(a) -> None:
     if a.seed_points and a.seeds is not None:
         raise TractfuncError("--seeds counts seeds drawn from --seed-image; with --seed-points every point is a "
                              "seed (limit the streamlines with --select)")
-    if a.seed_image:
-        limits(a)
+    if a.seed_image and getattr(a, "algorithm", "sd_stream") == "sd_stream":
+        limits(a)   # the DIPY-style algorithms draw --seeds (default 1000) and keep --select of them
     fod_affine, fod_dims = _fod_grid(a.fod)
     check_step(a, fod_affine, fod_dims)
     mask = io.load_mask(a.mask) if getattr(a, "mask", None) else None
