@@ -387,7 +387,9 @@ def cmd_demo(a) -> int:
     dt = time.time() - t0
     arrays = [l.double().numpy() for l in res.streamlines]
     out_tck = os.path.join(a.out, "phantom.tck")
-    io.write_tractogram(out_tck, arrays, img, {"method": "SD_Stream (tractfunc)", "step_size": prm.step})
+    io.write_tractogram(out_tck, arrays, img, {"method": "SDStream", "step_size": np.float32(prm.step),
+                                               "command_history": tck_header.command_history(a.argv),
+                                               "timestamp": tck_header.timestamp()})
     png = os.path.join(a.out, "phantom.png")
     from ..tools.render import render
     render(np.concatenate(arrays) if arrays else np.zeros((0, 3)), np.array([len(x) for x in arrays], dtype=np.int64),
