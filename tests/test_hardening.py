@@ -61,7 +61,8 @@ def test_track_refuses_an_existing_output_unless_forced(ph, tmp_path, capsys):
     rc, _, err = cli(capsys, "track", ph["fod"], out, "--seed-image", ph["mask"], "--select", "10")
     one_line_error(rc, err, "already exists", "--force")
     assert out.read_bytes() == b"precious"
-    rc, _, err = cli(capsys, "track", ph["fod"], out, "--seed-image", ph["mask"], "--select", "10", "--force", "--quiet")
+    rc, _, err = cli(capsys, "track", ph["fod"], out, "--seed-image", ph["mask"], "--select", "10", "--force",
+                     "--quiet")
     assert rc == 0, err
     assert len(nib.streamlines.load(str(out)).streamlines) == 10 and not leftovers(tmp_path)
 

@@ -353,8 +353,8 @@ def cmd_track(a) -> int:
     if a.output_seeds and leader:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
     if not a.quiet and leader:
-        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{generated}; "
-              f"{_rejections(sink, generated, prm)})")
+        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = "
+              f"{sink.count}/{generated}; {_rejections(sink, generated, prm)})")
     return 0
 
 

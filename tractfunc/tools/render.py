@@ -139,7 +139,8 @@ def render(vertices: np.ndarray, lengths: np.ndarray, png: str, background=None,
             keep = np.abs(mid[:, view.depth] - centre[view.depth]) <= slab / 2
         ax.scatter(mid[keep, view.h], mid[keep, view.v], c=col[keep], s=ps, linewidths=0)   # one call per view
         drawn.append(int(keep.sum()))
-        ax.set_xlim(centre[view.h] - half, centre[view.h] + half), ax.set_ylim(centre[view.v] - half, centre[view.v] + half)
+        ax.set_xlim(centre[view.h] - half, centre[view.h] + half)
+        ax.set_ylim(centre[view.v] - half, centre[view.v] + half)
         ax.set_aspect("equal")
         ax.set_title(view.title + ("" if slab is None else f" ({slab:g} mm slab)"), color="white")
         ax.set_xlabel(view.hlabel, color="white"), ax.set_ylabel(view.vlabel, color="white")
