@@ -36,11 +36,12 @@ def demo_outputs(folder: str) -> List[str]:
                                               "phantom.png")]
 
 
-def _label(cmd: str, name: str) -> str:
-    positional = {"fod", "output", "input", "tractogram", "dwi", "bval", "bvec", "files"}
-    if name in positional and not (cmd in ("fod", "track") and name == "mask"):
-        return name.upper()
-    return "--" + name.replace("_", "-")
+_POSITIONAL = {"fod", "output", "input", "tractogram", "dwi", "bval", "bvec", "files"}
+
+
+def _label(name: str) -> str:
+    """How the usage line names an argument: ``OUTPUT`` for a positional, ``--output-seeds`` for an option."""
+    return name.upper() if name in _POSITIONAL else "--" + name.replace("_", "-")
 
 
 def _paths(a: argparse.Namespace, names) -> List[Tuple[str, str]]:
@@ -95,7 +96,7 @@ def check(a: argparse.Namespace) -> None:
             return
     force = bool(getattr(a, "force", False))
     for name, path in outputs:
-        what = _label(cmd, name)
+        what = _label(name)
         if os.path.isdir(path):
             raise TractfuncError(f"{path}: is a folder; expected a file name for {what}")
         exts = EXTENSIONS.get((cmd, name))
@@ -103,11 +104,11 @@ def check(a: argparse.Namespace) -> None:
             raise TractfuncError(f"{path}: unknown extension for {what}; expected {', '.join(exts)}")
         for iname, ipath in inputs:
             if _same(path, ipath):
-                raise TractfuncError(f"{path}: {what} is also the input {_label(cmd, iname)}; expected a different "
+                raise TractfuncError(f"{path}: {what} is also the input {_label(iname)}; expected a different "
                                      "output file (not even --force overwrites an input)")
         check_output(path, what, force)
     for i, (n1, p1) in enumerate(outputs):
         for n2, p2 in outputs[i + 1:]:
             if _same(p1, p2):
-                raise TractfuncError(f"{p1}: given as both {_label(cmd, n1)} and {_label(cmd, n2)}; expected two "
+                raise TractfuncError(f"{p1}: given as both {_label(n1)} and {_label(n2)}; expected two "
                                      "different files")
