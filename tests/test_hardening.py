@@ -397,3 +397,57 @@ def test_demo_needs_seeds(tmp_path, capsys):
     rc, _, err = cli(capsys, "demo", "--out", tmp_path / "d", "--seeds", "0")
     one_line_error(rc, err, "--seeds")
     assert not (tmp_path / "d").exists()
+
+
+# the pure helpers behind the checks ------------------------------------------------------------------------------
+
+
+def _affine(rng):
+    q, _ = np.linalg.qr(rng.standard_normal((3, 3)))
+    A = np.eye(4)
+    A[:3, :3] = q * rng.uniform(0.5, 3.0, 3)
+    A[:3, 3] = rng.uniform(-20, 20, 3)
+    return A
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_reachable_never_misses_a_seed_that_lands_in_the_target(seed):
+    """The up-front test is conservative: any point drawn inside a seed voxel whose nearest target voxel is
+    non-zero belongs to a seed voxel reported reachable (random oblique grids, sparse targets)."""
+    from tractfunc.core import seeds as S
+    rng = np.random.default_rng(seed)
+    A_seed, A_tgt = _affine(rng), _affine(rng)
+    target = rng.random((9, 8, 7)) < 0.03
+    vox = np.argwhere(np.ones((6, 6, 6), bool))
+    ok = S.reachable(vox, A_seed, target, A_tgt)
+    pick = rng.integers(0, len(vox), 20000)
+    pts = S.voxel_points(vox, pick, rng.random((20000, 3)) - 0.5, A_seed)
+    inv = np.linalg.inv(A_tgt)
+    ijk = np.rint(pts @ inv[:3, :3].T + inv[:3, 3]).astype(int)
+    inside = np.all((ijk >= 0) & (ijk < target.shape), axis=1)
+    hit = np.zeros(len(pts), bool)
+    hit[inside] = target[tuple(ijk[inside].T)]
+    assert ok[pick[hit]].all()
+    assert S.points_reach(pts[hit], target, A_tgt).all()
+    A_far = A_seed.copy()
+    A_far[:3, 3] += 1e4   # the same seed grid 10 m away
+    assert not S.reachable(vox, A_far, target, A_tgt).any()
+
+
+def test_tck_header_layout_follows_tckgen(tmp_path):
+    """Keys sorted, multi-line values split, roi lines last, the data offset 65 bytes past 'datatype' rounded to
+    4, plain counts; an interrupted writer leaves nothing."""
+    from tractfunc.io.images import TckWriter
+    out = tmp_path / "h.tck"
+    with TckWriter(str(out), {"zeta": 1, "alpha": np.float32(0.1), "roi": ["seed a", "mask b"], "multi": "x\ny",
+                              "total_count": 9}) as w:
+        w.write([np.zeros((2, 3))] * 3)
+    raw = out.read_bytes()
+    head = raw[:raw.index(b"END\n") + 4].decode()
+    assert head.splitlines() == ["mrtrix tracks    ", "alpha: 0.100000001", "multi: x", "multi: y", "zeta: 1",
+                                 "roi: seed a", "roi: mask b", "datatype: Float32LE", head.splitlines()[8],
+                                 "count: 3", "total_count: 9", "END"]
+    offset = int(head.splitlines()[8].split()[-1])
+    assert offset == len(head[:head.index("file:")]) + 65 + (-(len(head[:head.index("file:")]) + 65)) % 4
+    assert set(raw[len(head):offset]) <= {0}
+    assert len(nib.streamlines.load(str(out)).streamlines) == 3
