@@ -74,3 +74,13 @@ def phantom_seeds(f, n, seed, dtype=torch.float32):
 def unit(v):
     v = np.asarray(v, dtype=np.float64)
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
+
+
+def tck_content(path) -> bytes:
+    """A .tck file's bytes without what differs between two runs of the same job: the ``command_history``
+    (output names), ``timestamp`` and ``file`` (data offset) header lines."""
+    raw = open(path, "rb").read()
+    end = raw.index(b"\nEND\n") + 5
+    keep = [ln for ln in raw[:end].split(b"\n") if not ln.startswith((b"command_history:", b"timestamp:", b"file:"))]
+    offset = int(next(ln for ln in raw[:end].split(b"\n") if ln.startswith(b"file:")).split()[-1])
+    return b"\n".join(keep) + raw[offset:]

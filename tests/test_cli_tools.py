@@ -164,7 +164,7 @@ def _coloured(rgb):
 def test_render_philips_tractogram(philips_tracks, tmp_path):
     d, tck, _ = philips_tracks
     png = tmp_path / "p.png"
-    p = run("render", str(tck), str(png), "--background", os.path.join(PHILIPS, "dwi_FA.nii.gz"))
+    p = run("render", str(tck), str(png), "--background", os.path.join(PHILIPS, "dwi_FA.nii.gz"), "--slab", "0")
     assert "300 of 300 streamlines drawn, 1500 x 540 pixels" in p.stdout
     rgb = _png(png)
     assert rgb.shape == (540, 1500, 3)

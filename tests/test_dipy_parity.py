@@ -389,7 +389,7 @@ def test_cli_det_max(tmp_path):
         for a, b in zip(tck, ref):
             np.testing.assert_allclose(a, b, atol=1e-4)
     assert cli.main(["track", str(tmp_path / "fod.nii.gz"), str(out), "--algorithm", "closest_peak", "--seed-points",
-                     str(tmp_path / "seeds.txt"), "--quiet"]) == 2     # no stopping criterion: one-line error
+                     str(tmp_path / "seeds.txt"), "--quiet", "--force"]) == 2   # no stopping criterion: one-line error
 
 
 def test_soft_tracking_jacobian_matches_finite_differences():

@@ -1,5 +1,12 @@
 """The command line (``tractfunc ...``, ``python -m tractfunc.cli``): a thin layer over the library.
-Nothing in the package imports it."""
+Nothing in the package imports it.
+
+  main       the subcommands and their parser
+  args       argparse without abbreviations, the subcommand's usage on errors, numeric option ranges
+  outputs    what each command reads and writes; --force and the output checks made before any work
+  preflight  track's seed/streamline limits and whether any seed can reach the FOD and the mask
+  header     the .tck header of ``track`` in tckgen's keys and formats
+"""
 
 
 def main(argv=None):

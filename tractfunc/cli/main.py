@@ -21,6 +21,7 @@ from .. import io
 from ..core import params as P, seeds as S
 from ..errors import TractfuncError
 from ..tools.inputs import native_kernel, state_dtype, torch_inputs
+from . import args as cli_args, header as tck_header, outputs, preflight
 
 
 STATE_HELP = ("precision in which positions, directions, Newton iterates and FOD samples are kept between "
@@ -91,6 +92,7 @@ class _Sink:
         self.path, self.fod, self.header, self.shard = path, fod, header, shard
         self.count = 0
         self.rejected = 0   # seeds rejected at the seed point (outside the mask or image, no peak)
+        self.outside = 0    # of which seed points skipped outside the FOD image (--outside skip)
         self.seed_pts, self.sidx = [], []
         self.lines = []
         self.segments = []   # per add(): (first byte, end byte, streamlines) of this rank's part
@@ -150,7 +152,6 @@ class _Sink:
 
 def _track_points(a, fod, run, gen, sink, report):
     pts = io.read_seed_points(a.seed_points)
-    n_all = len(pts)
     outside = ~_inside_image(fod, pts)
     dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
     if dirs is None:   # tckgen draws a random start direction per seed
@@ -164,17 +165,22 @@ def _track_points(a, fod, run, gen, sink, report):
             sys.stderr.write(f"tractfunc track: {what}; skipped (--outside skip)\n")
         pts, dirs = pts[~outside], dirs[~outside]
         sink.rejected += int(outside.sum())
+        sink.outside += int(outside.sum())
+    n_used = int(outside.sum())
     for start in range(0, len(pts), a.chunk):
         if a.select and sink.count >= a.select:
             break
         sl = slice(start, start + a.chunk)
         batch = run(pts[sl], dirs[sl])
-        sink.rejected += int((~batch.seed_ok).sum())
         ids = batch.seed_ids
         keep = len(ids) if not a.select else min(len(ids), a.select - sink.count)
+        # seeds up to the one that produced the select-th streamline count as used (as with --seed-image)
+        used = int(ids[keep - 1]) + 1 if a.select and keep and sink.count + keep >= a.select else len(batch.seed_ok)
+        sink.rejected += int((~batch.seed_ok[:used]).sum())
+        n_used += used
         sink.add(batch, keep, [pts[sl][i] for i in ids[:keep].tolist()])
         report(min(sl.stop, len(pts)), len(pts), sink.count)
-    return n_all
+    return n_used
 
 
 def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
@@ -183,17 +189,19 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
     seed_img = io.load_mask(a.seed_image)
     if not seed_img.data.any():
         raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
-    select = a.select if a.select is not None else (0 if a.seeds else 5000)
-    max_seeds = a.seeds if a.seeds else 1000 * select
+    select, max_seeds = preflight.limits(a)   # tckgen's meanings: --select 0 / --seeds 0 = no limit
+    hopeless = preflight.SEEDS_PER_SELECT * max(select, 1)   # unlimited seeds: give up if none accepted by then
     n_seeds = 0
     while n_seeds < max_seeds and (not select or sink.count < select):
+        if sink.count == 0 and n_seeds >= hopeless:
+            break
         # size the next chunk from the acceptance rate so far (tckgen seeds until --select is reached)
         # (first guess 0.7: typical white-matter seeding); the PyTorch tracker overshoots a little rather
         # than run a tiny extra batch, whose per-tick overhead would dominate; the native kernel has no
         # such overhead and tops up in small batches instead of tracking seeds for nothing
         rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.7
         want = overshoot * (select - sink.count) / rate if select else max_seeds
-        n = int(min(max(want, min_batch), a.chunk, max_seeds - n_seeds))
+        n = int(min(max(want, min_batch), a.chunk, max_seeds - n_seeds, hopeless))
         pts = S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
         batch = run(pts, S.random_directions_np(n, gen))
         keep = batch.seed_ids.tolist()
@@ -207,13 +215,12 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
         n_seeds += used
         sink.rejected += int((~batch.seed_ok[:used]).sum())
         sink.add(batch, len(keep), [pts[i] for i in keep])
-        report(n_seeds if not select else sink.count, max_seeds if not select else select, sink.count, n_seeds)
+        report(n_seeds if not select else sink.count, int(max_seeds) if not select else select, sink.count, n_seeds)
     return n_seeds
 
 
 def cmd_track(a) -> int:
-    if a.threads is not None and a.threads < 1:
-        raise TractfuncError(f"--threads must be a positive number of threads, got {a.threads}")
+    preflight.check_track(a)   # limits, and whether any seed can land in the FOD and the mask: before any work
     if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
         if a.chunk < 1:
             raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
@@ -266,9 +273,11 @@ def cmd_track(a) -> int:
 
     leader = shard is None or shard.rank == 0
     report = _progress(leader and not a.quiet and sys.stderr.isatty())
-    header = {"method": "SD_Stream (tractfunc)", "step_size": prm.step, "max_angle": prm.angle,
-              "threshold": prm.cutoff, "min_dist": prm.min_length, "max_dist": prm.max_length,
-              "rk4": int(prm.rk4), "source": a.fod}
+    if a.seed_points:
+        limit_seeds, limit_tracks = 0, a.select or 0
+    else:
+        limit_tracks, limit_seeds = preflight.limits(a)
+    header = tck_header.track_header(a, prm, 0 if limit_seeds == float("inf") else int(limit_seeds), limit_tracks)
     sink = _Sink(a.output, fod, header, shard)
 
     def run(pts: np.ndarray, dirs: np.ndarray) -> distributed.Batch:
@@ -284,25 +293,39 @@ def cmd_track(a) -> int:
         else:
             batching = dict(overshoot=1.02, min_batch=64) if native else {}
             n_seeds = _track_image(a, run, gen, sink, report, **batching)
+        # tckgen's total_count: streamlines generated (written + rejected for their length), not seeds
+        generated = max(n_seeds - sink.rejected, sink.count)
+        if sink.count == 0:
+            raise TractfuncError(f"no streamline accepted from {n_seeds} seeds: {_rejections(sink, generated, prm)}; "
+                                 "nothing written")
     except BaseException:
         sink.abort()
         raise
     finally:
         if pool is not None:
             pool.close()
-    sink.close(n_seeds)
+    sink.close(generated)
     if shard is not None:
         shard.close()
     if a.output_seeds and leader:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
     if not a.quiet and leader:
-        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = {sink.count}/{n_seeds}; "
-              f"{sink.rejected} seeds rejected at the seed point: outside the mask or image, or no FOD peak "
-              "above the cutoff)")
+        print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = "
+              f"{sink.count}/{generated}; {_rejections(sink, generated, prm)})")
     return 0
 
 
+def _rejections(sink, generated: int, prm) -> str:
+    """The per-reason counts of a run: seeds rejected at the seed point, streamlines rejected for length."""
+    where = f" ({sink.outside} seed points outside the FOD image)" if sink.outside else ""
+    return (f"{sink.rejected} seeds rejected at the seed point: outside the mask or image, or no FOD peak above "
+            f"the cutoff {prm.cutoff:.6g}{where}; {generated - sink.count} streamlines shorter than the minimum "
+            f"length {prm.min_length:.6g} mm")
+
+
 def cmd_demo(a) -> int:
+    if a.seeds < 1:
+        raise TractfuncError(f"--seeds {a.seeds}: expected a number of seeds >= 1 to track the phantom from")
     import torch
     from ..core import field as F
     from ..tools.phantom import make_phantom, save_phantom
@@ -321,7 +344,9 @@ def cmd_demo(a) -> int:
     dt = time.time() - t0
     arrays = [l.double().numpy() for l in res.streamlines()]
     out_tck = os.path.join(a.out, "phantom.tck")
-    io.write_tractogram(out_tck, arrays, img, {"method": "SD_Stream (tractfunc)", "step_size": prm.step})
+    io.write_tractogram(out_tck, arrays, img, {"method": "SDStream", "step_size": np.float32(prm.step),
+                                               "command_history": tck_header.command_history(a.argv),
+                                               "timestamp": tck_header.timestamp()})
     png = os.path.join(a.out, "phantom.png")
     from ..tools.render import render
     render(np.concatenate(arrays) if arrays else np.zeros((0, 3)), np.array([len(x) for x in arrays], dtype=np.int64),
@@ -397,7 +422,8 @@ def cmd_info(a) -> int:
         if a.json == "-":
             print(out)
         else:
-            with open(a.json, "w") as fh:
+            from ..io.atomic import atomic_path
+            with atomic_path(a.json) as tmp, open(tmp, "w") as fh:
                 fh.write(out + "\n")
     return 0
 
@@ -482,7 +508,7 @@ def cmd_render(a) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tractfunc", description="Differentiable SD_Stream tractography in PyTorch.")
+    p = cli_args.Parser(prog="tractfunc", description="Differentiable SD_Stream tractography in PyTorch.")
     sub = p.add_subparsers(dest="cmd", required=True)
     t = sub.add_parser("track", help="track streamlines (tckgen -algorithm SD_Stream equivalent)",
                        epilog=EXAMPLES_TRACK, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -526,6 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager"],
                    help=ENGINE_HELP)
     t.add_argument("--quiet", action="store_true", help="no progress or summary")
+    cli_args.add_force(t)
     dg = t.add_argument_group("DIPY-style deterministic tracking (--algorithm closest_peak | det_max; "
                               "docs/dipy_getters.md)")
     dg.add_argument("--algorithm", default="sd_stream",
@@ -556,6 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="tractfunc_demo", help="output folder (default ./tractfunc_demo)")
     d.add_argument("--seeds", type=int, default=2000)
     d.add_argument("--rng-seed", type=int, default=0)
+    cli_args.add_force(d)
     d.set_defaults(func=cmd_demo)
     q = sub.add_parser("parity", help="run tckgen SD_Stream and re-track its streamlines; report agreement",
                        epilog=EXAMPLES_PARITY, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -588,11 +616,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--engine", default="auto", choices=["auto", "native", "follow", "eager"],
                    help="tractfunc's engine (as for track; default auto: the native kernel for float32 on the CPU)")
     b.add_argument("--json", help="write all results to this JSON file")
+    cli_args.add_force(b)
     b.set_defaults(func=cmd_bench)
     n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",
                        epilog=EXAMPLES_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
     n.add_argument("files", nargs="+", help="tractograms (.tck, .trk or .trx)")
     n.add_argument("--json", help="write the summary as JSON to this file ('-': stdout) instead of the text")
+    cli_args.add_force(n)
     n.set_defaults(func=cmd_info)
     c = sub.add_parser("convert", help="convert between .tck, .trk and .trx (coordinates kept in scanner mm)",
                        epilog=EXAMPLES_CONVERT, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -601,6 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--reference", help="reference image (NIfTI or .mif, or a .trk/.trx) giving the voxel grid "
                                        "that .trk/.trx output records; needed when the input is a .tck")
     c.add_argument("--quiet", action="store_true", help="no summary line")
+    cli_args.add_force(c)
     c.set_defaults(func=cmd_convert)
     f = sub.add_parser("fod", help="FODs from a single-shell DWI (DIPY CSD) in the MRtrix3 basis, for tracking "
                                    "without MRtrix3",
@@ -621,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CSD non-negativity threshold, fraction of the mean FOD amplitude (default 0, as MRtrix3 "
                         "dwi2fod; DIPY's default is 0.1)")
     f.add_argument("--jobs", type=int, default=1, help="processes fitting voxels in parallel (default 1)")
+    cli_args.add_force(f)
     f.set_defaults(func=cmd_fod)
     r = sub.add_parser("render", help="PNG of a tractogram: direction-coloured streamlines on three orthogonal views",
                        epilog=EXAMPLES_RENDER, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -629,21 +661,50 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--background", help="image drawn underneath (NIfTI or .mif; a 4-D image gives its first volume, "
                                         "e.g. the b=0 of a DWI or the l=0 term of an FOD)")
     r.add_argument("--max-streamlines", type=int, help="draw a random subset of at most this many streamlines")
-    r.add_argument("--slab", type=float, help="show only a slab this thick (mm) around the centre of each view "
-                                              "(default: everything, projected)")
+    r.add_argument("--slab", type=float, default=10.0,
+                   help="show only a slab this thick (mm) around the centre of each view (default 10; 0: "
+                        "everything, projected)")
     r.add_argument("--rng-seed", type=int, default=0, help="seed of the --max-streamlines subset (default 0)")
+    cli_args.add_force(r)
     r.set_defaults(func=cmd_render)
     return p
 
 
 def main(argv: Optional[list] = None) -> int:
+    """Parse, check every option and output before any work, run; errors are one line on stderr (exit 2),
+    an interrupt exits 130; no traceback (TRACTFUNC_DEBUG=1 shows the one of an unexpected error)."""
     p = build_parser()
     a = p.parse_args(argv)
+    a.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        cli_args.check_ranges(a)
+        if getattr(a, "threads", None) == 0:
+            a.threads = 1   # tckgen -nthreads 0: no extra threads, the work runs on the main thread
+        outputs.check(a)
         return a.func(a)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"tractfunc {a.cmd}: interrupted; no output written\n")
+        return 130
     except (TractfuncError, ValueError, FileNotFoundError) as e:
-        sys.stderr.write(f"tractfunc {a.cmd}: error: {e}\n")
+        sys.stderr.write(f"tractfunc {a.cmd}: error: {_one_line(e)}\n")
         return 2
+    except MemoryError as e:
+        sys.stderr.write(f"tractfunc {a.cmd}: error: out of memory ({_one_line(e) or 'allocation failed'})\n")
+        return 2
+    except OSError as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        sys.stderr.write(f"tractfunc {a.cmd}: error: {where}{e.strerror or _one_line(e)}\n")
+        return 2
+    except Exception as e:   # a bug: still one line, the traceback on request
+        if os.environ.get("TRACTFUNC_DEBUG"):
+            raise
+        sys.stderr.write(f"tractfunc {a.cmd}: internal error: {type(e).__name__}: {_one_line(e)} "
+                         "(TRACTFUNC_DEBUG=1 shows the traceback; please report it)\n")
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
     min_dist = f32(min_length) if min_length is not None else f32(f32(MIN_LENGTH_VOXELS) * f32(vox))
     if not (np.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive number of mm, got {step}")
-    if not (0 < angle <= 180):
+    if not (0 < angle <= 180):   # NaN fails too
         raise ValueError(f"angle must be in (0, 180] degrees, got {angle}")
     if not (np.isfinite(cutoff) and cutoff >= 0):
         raise ValueError(f"cutoff must be a non-negative FOD amplitude, got {cutoff}")
@@ -122,8 +122,8 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         import torch   # only here: resolving parameters does not need torch otherwise
         if state_dtype not in (torch.float32, torch.float64):
             raise ValueError(f"state_dtype must be None, torch.float32 or torch.float64, got {state_dtype!r}")
-    if not (min_dist >= 0 and max_dist > 0):
-        raise ValueError(f"lengths must be non-negative (max > 0), got min {min_dist}, max {max_dist}")
+    if not (np.isfinite(min_dist) and np.isfinite(max_dist) and min_dist >= 0 and max_dist > 0):
+        raise ValueError(f"lengths must be finite and non-negative (max > 0) mm, got min {min_dist}, max {max_dist}")
     angle_rad = f32(float(angle) * (math.pi / 180.0))
     cos_angle = cosf(angle_rad)
     min_radius = f32(step / (f32(2.0) * sinf(f32(f32(0.5) * angle_rad))))
@@ -132,6 +132,8 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         f32(f32(2.0) * min_radius * sinf(f32(f32(0.5) * angle_minradius)))
     max_points = (3 + int(math.ceil(f32(max_dist / min_step)))) if min_step else 2 ** 62
     min_points = 1 + int(math.ceil(f32(min_dist / step)))
+    # int64 in the kernels: a budget beyond 2^62 vertices is no limit at all (memory follows the streamlines)
+    max_points, min_points = min(max_points, 2 ** 62), min(min_points, 2 ** 62)
     return TrackParams(
         step=float(step) if step_tensor is None else step_tensor, cutoff=float(cutoff),
         cos_angle_step=-1.0 if rk4 else float(cos_angle),

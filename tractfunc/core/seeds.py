@@ -70,3 +70,40 @@ def random_directions(n: int, generator: Optional["torch.Generator"] = None, dty
 def random_directions_np(n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 3) float64 unit vectors uniform on the sphere (normalised Gaussian draws)."""
     return unit_rows(rng.standard_normal((n, 3)))
+
+
+
+def _any_in_boxes(tgt: np.ndarray, centre: np.ndarray, radius: np.ndarray) -> np.ndarray:
+    """Whether each box [centre - radius, centre + radius] (n, 3) in voxel coordinates of the bool image
+    ``tgt`` (X, Y, Z) holds a True voxel; by a summed-volume table (8 look-ups per box)."""
+    dims = np.array(tgt.shape)
+    lo = np.clip(np.ceil(centre - radius), 0, dims).astype(np.int64)
+    hi = np.clip(np.floor(centre + radius) + 1, 0, dims).astype(np.int64)   # half-open [lo, hi)
+    table = np.zeros(tuple(dims + 1), dtype=np.int64)
+    table[1:, 1:, 1:] = tgt.cumsum(0).cumsum(1).cumsum(2)
+    total = np.zeros(len(centre), dtype=np.int64)
+    for corner in range(8):
+        pick = [hi[:, k] if corner >> k & 1 else lo[:, k] for k in range(3)]
+        total += (-1) ** (3 - bin(corner).count("1")) * table[pick[0], pick[1], pick[2]]
+    return (total > 0) & np.all(hi > lo, axis=1)
+
+
+def reachable(voxels: np.ndarray, seed_affine, target, target_affine, margin: float = 1.0) -> np.ndarray:
+    """Which seed voxels can hold a seed on or next to a non-zero voxel of ``target``.
+
+    voxels: (M, 3) int voxel indices of the seed image; seed_affine / target_affine: (4, 4) voxel -> scanner
+    mm; target: (X, Y, Z) image (non-zero = reachable; an all-ones image gives its field of view).  A seed
+    voxel counts when the axis-aligned box (in target voxels) around its whole extent, widened by ``margin``
+    voxels (the trilinear neighbours), holds a non-zero target voxel: conservative, never False for a seed
+    voxel that can reach the target.  Returns (M,) bool."""
+    T = np.linalg.inv(np.asarray(target_affine, dtype=np.float64)) @ np.asarray(seed_affine, dtype=np.float64)
+    c = np.asarray(voxels, dtype=np.float64).reshape(-1, 3) @ T[:3, :3].T + T[:3, 3]
+    return _any_in_boxes(np.asarray(target) != 0, c, 0.5 * np.abs(T[:3, :3]).sum(1) + margin)
+
+
+def points_reach(points: np.ndarray, target, target_affine, margin: float = 1.0) -> np.ndarray:
+    """:func:`reachable` for seed points (n, 3) scanner mm: whether each lies within ``margin`` voxels of a
+    non-zero voxel of ``target`` (X, Y, Z) with voxel -> scanner ``target_affine`` (4, 4).  Returns (n,) bool."""
+    inv = np.linalg.inv(np.asarray(target_affine, dtype=np.float64))
+    c = np.asarray(points, dtype=np.float64).reshape(-1, 3) @ inv[:3, :3].T + inv[:3, 3]
+    return _any_in_boxes(np.asarray(target) != 0, c, np.full(3, float(margin)))

@@ -176,31 +176,35 @@ def _rows3(rows, path, what):
 
 def write_tractogram(path: str, streamlines: Sequence[np.ndarray], reference: Image,
                      header: Optional[dict] = None) -> None:
-    """Write streamlines ((n_i, 3) scanner mm) to .tck or .trk (by extension) with nibabel, or to .trx with
-    trx-python.
+    """Write streamlines ((n_i, 3) scanner mm) to .tck (tckgen's header layout, :class:`TckWriter`), .trk
+    (nibabel) or .trx (trx-python), by extension; atomically (a temporary file renamed into place, so a
+    failure leaves ``path`` as it was).
 
     ``reference`` supplies the voxel grid a .trk or .trx records; ``header`` entries are stored as
     tckgen-like key: value properties in a .tck and as extra string fields of a .trx's header.json (a
     .trk has no place for them)."""
+    from .atomic import atomic_path
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in (".tck", ".trk", ".trx"):
+        raise TractfuncError(f"{path}: unknown tractogram extension {ext!r}; expected .tck, .trk or .trx")
+    if ext == ".tck":
+        with TckWriter(path, header) as w:
+            w.write(streamlines)
+        return
     import nibabel as nib
     from nibabel.streamlines import Tractogram
-    ext = os.path.splitext(path)[1].lower()
+    if reference is None:
+        raise TractfuncError(f"{path}: {ext} needs a reference grid (an image)")
     tg = Tractogram([np.asarray(s, dtype=np.float32) for s in streamlines], affine_to_rasmm=np.eye(4))
-    if ext == ".tck":
-        f = nib.streamlines.TckFile(tg)
-        for k, v in (header or {}).items():
-            f.header[k] = str(v)
-    elif ext == ".trx":
-        return _write_trx(path, tg, reference, header or {})
-    elif ext == ".trk":
+    with atomic_path(path) as tmp:
+        if ext == ".trx":
+            _write_trx(tmp, tg, reference, header or {})
+            return
         hdr = {nib.streamlines.Field.VOXEL_TO_RASMM: reference.affine,
                nib.streamlines.Field.VOXEL_SIZES: np.asarray(reference.voxel_sizes, dtype=np.float32),
                nib.streamlines.Field.DIMENSIONS: np.asarray(reference.data.shape[:3], dtype=np.int16),
                nib.streamlines.Field.VOXEL_ORDER: "".join(nib.aff2axcodes(reference.affine))}
-        f = nib.streamlines.TrkFile(tg, header=hdr)
-    else:
-        raise TractfuncError(f"{path}: unknown tractogram extension {ext!r}; expected .tck, .trk or .trx")
-    f.save(path)
+        nib.streamlines.TrkFile(tg, header=hdr).save(tmp)
 
 
 TRX_REQUIRED = ("DIMENSIONS", "VOXEL_TO_RASMM", "NB_VERTICES", "NB_STREAMLINES")
@@ -225,47 +229,83 @@ def _write_trx(path: str, tg, reference: Image, header: dict) -> None:
     try:
         trx.header["VOXEL_TO_RASMM"] = ref["VOXEL_TO_RASMM"].tolist()
         trx.header["DIMENSIONS"] = ref["DIMENSIONS"].tolist()
-        trx.header.update({str(k): str(v) for k, v in header.items() if k not in TRX_REQUIRED})
+        trx.header.update({str(k): "\n".join(tck_value(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+                           for k, v in header.items() if k not in TRX_REQUIRED})   # as the .tck header writes them
         tmm.save(trx, path)
     finally:
         trx.close()
 
 
+def tck_value(value) -> str:
+    """A header value as tckgen prints it: booleans 0/1, integers plainly, floats with 9 significant digits
+    (tckgen's float32 precision: 0.1 -> ``0.100000001``, 60.0 -> ``60``), anything else as text."""
+    if isinstance(value, (bool, np.bool_)):
+        return str(int(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(np.float32(value)) if isinstance(value, np.float32) else float(value):.9g}"
+    return str(value)
+
+
+_ROI_KEYS = ("comment", "roi", "prior_roi")   # written after the sorted properties, as tckgen does
+_OWN_TCK_KEYS = ("count", "total_count", "datatype", "file")
+
+
+def tck_header_text(header: Optional[dict]) -> str:
+    """The text lines of a .tck header before ``datatype``, in tckgen's order: ``mrtrix tracks`` (padded to
+    tckgen's 17 characters), the properties sorted by key (one ``key: line`` per line of a multi-line value),
+    then ``comment``, ``roi`` and ``prior_roi`` entries (a value may be a list: one line each)."""
+    header = dict(header or {})
+    lines = ["mrtrix tracks    "]
+
+    def emit(key, value):
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            for line in tck_value(v).split("\n"):
+                lines.append(f"{key}: {line}")
+
+    for k in sorted(k for k in header if k not in _OWN_TCK_KEYS and k not in _ROI_KEYS):
+        emit(k, header[k])
+    for k in _ROI_KEYS:
+        if k in header:
+            emit(k, header[k])
+    return "\n".join(lines) + "\n"
+
+
 class TckWriter:
     """Stream streamlines to a .tck file chunk by chunk, in bounded memory.
 
-    Writes to ``path + ".partial"`` and renames it to ``path`` only in :meth:`close` (after patching the
-    ``count`` field and writing the end marker), so an interrupted run leaves no file at ``path`` rather
-    than a truncated one.  Use as a context manager: on an exception the partial file is removed.
+    Writes to ``path + ".partial"`` and renames it to ``path`` only in :meth:`close` (after writing the
+    final ``count`` / ``total_count`` and the end marker), so an interrupted run leaves no file at ``path``
+    (and an existing file there untouched) rather than a truncated one.  Use as a context manager: on an
+    exception the partial file is removed.
 
-    ``header`` entries become tckgen-like ``key: value`` properties.  Streamlines: (n_i, 3) scanner mm."""
-
-    _COUNT_WIDTH = 12
+    The header is laid out as tckgen lays it out (:func:`tck_header_text`, then ``datatype: Float32LE``,
+    ``file: . OFFSET`` with the offset 65 bytes past the ``datatype`` line rounded up to 4, ``count: N``,
+    ``total_count: M``, ``END``; zeros up to the offset), so ``tckinfo`` and other parsers read the same keys
+    and plain numbers.  ``header`` entries become ``key: value`` properties.  Streamlines: (n_i, 3) scanner mm."""
 
     def __init__(self, path: str, header: Optional[dict] = None):
         if os.path.splitext(path)[1].lower() != ".tck":
             raise TractfuncError(f"{path}: streaming output needs a .tck file")
         self.path, self.tmp = path, path + ".partial"
         self.count = 0
-        lines = ["mrtrix tracks"] + [f"{k}: {v}" for k, v in (header or {}).items()
-                                      if k not in ("count", "total_count", "datatype", "file")]
-        lines += ["datatype: Float32LE", "count: " + "0" * self._COUNT_WIDTH,
-                  "total_count: " + "0" * self._COUNT_WIDTH]
-        body = "\n".join(lines) + "\n"
-        # the offset counts its own digits: grow until stable
-        offset = len(body) + len("file: . \nEND\n") + 1
-        while True:
-            head = body + f"file: . {offset}\nEND\n"
-            if len(head.encode()) <= offset:
-                break
-            offset += 1
-        head = head.encode() + b"\0" * (offset - len(head.encode()))
-        self._count_at = head.index(b"\ncount: ") + len("\ncount: ")
-        self._total_at = head.index(b"\ntotal_count: ") + len("\ntotal_count: ")
-        self.total_count = (header or {}).get("total_count")   # seeds tried (tckgen); None: written as count
-        self.data_start = len(head)   # byte offset of the first vertex
-        self._fh = open(self.tmp, "wb")
-        self._fh.write(head)
+        head = (tck_header_text(header) + "datatype: Float32LE\n").encode()
+        offset = len(head) + 65
+        offset += (4 - offset % 4) % 4
+        head += f"file: . {offset}\ncount: ".encode()
+        self._count_at = len(head)
+        head += b"0\nEND\n"
+        head += b"\0" * (offset - len(head))
+        self.total_count = (header or {}).get("total_count")   # streamlines generated (tckgen); None: count
+        self.data_start = offset   # byte offset of the first vertex
+        try:
+            self._fh = open(self.tmp, "wb")
+            self._fh.write(head)
+        except OSError as e:
+            self.abort()
+            raise TractfuncError(f"{path}: cannot be written ({e.strerror or e})") from None
 
     def write(self, streamlines: Sequence[np.ndarray]) -> None:
         """Append streamlines (each (n_i, 3)); each is followed by the NaN delimiter."""
@@ -284,7 +324,10 @@ class TckWriter:
     def write_raw(self, data: bytes, count: int) -> None:
         """Append ``count`` streamlines already encoded (float32 LE rows, each streamline NaN-terminated),
         e.g. a byte range copied from another .tck body."""
-        self._fh.write(data)
+        try:
+            self._fh.write(data)
+        except OSError as e:   # a full disk: one line, the partial file removed by abort()
+            raise TractfuncError(f"{self.path}: cannot be written ({e.strerror or e})") from None
         self.count += count
 
     def tell(self) -> int:
@@ -292,18 +335,26 @@ class TckWriter:
         return self._fh.tell()
 
     def close(self) -> None:
-        """Write the end marker, the final count and ``total_count``, then move the file into place."""
-        self._fh.write(np.full(3, np.inf, dtype="<f4").tobytes())
+        """Write the end marker, the final ``count`` and ``total_count``, then move the file into place."""
         total = self.count if self.total_count is None else self.total_count
-        for at, value in ((self._count_at, self.count), (self._total_at, total)):
-            self._fh.seek(at)
-            self._fh.write(str(int(value)).zfill(self._COUNT_WIDTH).encode())
-        self._fh.close()
-        os.replace(self.tmp, self.path)
+        try:
+            self._fh.write(np.full(3, np.inf, dtype="<f4").tobytes())
+            self._fh.seek(self._count_at)
+            self._fh.write(f"{int(self.count)}\ntotal_count: {int(total)}\nEND\n".encode())
+            self._fh.close()
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self.abort()
+            raise TractfuncError(f"{self.path}: cannot be written ({e.strerror or e})") from None
 
     def abort(self) -> None:
-        if not self._fh.closed:
-            self._fh.close()
+        """Close and remove the partial file (``path`` itself is never touched)."""
+        fh = getattr(self, "_fh", None)
+        if fh is not None and not fh.closed:
+            try:
+                fh.close()
+            except OSError:
+                pass
         if os.path.exists(self.tmp):
             os.remove(self.tmp)
 
@@ -319,8 +370,10 @@ class TckWriter:
 
 
 def write_seeds_csv(path: str, seed_points: np.ndarray, seed_index: Sequence[int]) -> None:
-    """tckgen ``-output_seeds`` format: ``Track_index,Seed_index,Pos_x,Pos_y,Pos_z,`` per accepted track."""
-    with open(path, "w") as fh:
+    """tckgen ``-output_seeds`` format: ``Track_index,Seed_index,Pos_x,Pos_y,Pos_z,`` per accepted track
+    (written atomically)."""
+    from .atomic import atomic_path
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         fh.write("#Track_index,Seed_index,Pos_x,Pos_y,Pos_z,\n")
         for i, (p, s) in enumerate(zip(seed_points, seed_index)):
             fh.write(f"{i},{int(s)},{p[0]:.9g},{p[1]:.9g},{p[2]:.9g},\n")

@@ -38,7 +38,7 @@ if TYPE_CHECKING:   # torch is imported only by the functions that take tensors
 _SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
 # No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-_ABI = 1
+_ABI = 2
 SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
 _lib = None
 _error: Optional[str] = None
@@ -128,8 +128,12 @@ def _load():
         lib.sd_al_size.restype = ctypes.c_int32
         lib.sd_track_batch.restype = ctypes.c_int32
         lib.sd_track_batch.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
-                                       ctypes.c_void_p, ctypes.c_int32]
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                       ctypes.c_int32]
+        lib.sd_gather.restype = None
+        lib.sd_gather.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+        lib.sd_release.restype = None
+        lib.sd_release.argtypes = [ctypes.c_int64, ctypes.c_void_p]
         lib.sd_peaks.restype = None
         lib.sd_peaks.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                  ctypes.c_void_p]
@@ -323,7 +327,6 @@ class Kernel:
         c.rk4 = int(params.rk4)
         c.max_points, c.min_points = params.max_points, params.min_points
         self.config = c
-        self.cap = params.max_points + 1
         self.threads = threads
 
     @classmethod
@@ -345,20 +348,30 @@ class Kernel:
         """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.
 
         Returns (vertices (V, 3) float32 streamline after streamline in tckgen order, lengths (A,),
-        accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool)."""
+        accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool).
+        Memory follows the streamlines traced (each grows as it is tracked), not ``max_points``; MemoryError
+        when they do not fit."""
         seeds = np.ascontiguousarray(seeds, dtype=np.float32)
         dirs = np.ascontiguousarray(dirs, dtype=np.float32)
         S = len(seeds)
         threads = threads or self.threads or _default_threads()
-        out = np.empty((S, self.cap, 3), dtype=np.float32)
+        lines = np.zeros(S, dtype=np.uintp)   # the C side's malloc'd streamlines (float *)
         lengths = np.zeros(S, dtype=np.int64)
         sidx = np.zeros(S, dtype=np.int64)
         reasons = np.zeros((S, 2), dtype=np.int32)
-        self.lib.sd_track_batch(ctypes.byref(self.config), S, seeds.ctypes.data, dirs.ctypes.data,
-                                out.ctypes.data, self.cap, lengths.ctypes.data, sidx.ctypes.data,
-                                reasons.ctypes.data, int(threads))
+        rc = self.lib.sd_track_batch(ctypes.byref(self.config), S, seeds.ctypes.data, dirs.ctypes.data,
+                                     lines.ctypes.data, lengths.ctypes.data, sidx.ctypes.data, reasons.ctypes.data,
+                                     int(threads))
+        if rc == -2:
+            raise MemoryError(f"out of memory tracking {S} seeds (streamlines longer than memory allows; "
+                              "a smaller --chunk or --max-length bounds them)")
+        try:
+            verts = np.empty((int(lengths.sum()), 3), dtype=np.float32)
+        except MemoryError:
+            self.lib.sd_release(S, lines.ctypes.data)
+            raise
+        self.lib.sd_gather(S, lines.ctypes.data, lengths.ctypes.data, verts.ctypes.data)
         acc = lengths > 0
-        verts = out[np.arange(self.cap)[None, :] < lengths[:, None]]
         return verts, lengths[acc], np.nonzero(acc)[0], sidx[acc], reasons.astype(np.int64), acc
 
     def seed_steps(self, seeds: np.ndarray, dirs: np.ndarray):

@@ -120,7 +120,8 @@ def run(fod: str, seed_image: str, mask: str, select: int, threads: int, dtype: 
     if "tckgen" in best and "tractfunc" in best:
         results["ratio_wall_tractfunc_over_tckgen"] = best["tractfunc"]["wall_s"] / best["tckgen"]["wall_s"]
     if json_path:
-        with open(json_path, "w") as fh:
+        from ..io.atomic import atomic_path
+        with atomic_path(json_path) as tmp, open(tmp, "w") as fh:
             json.dump(results, fh, indent=2)
     return results
 

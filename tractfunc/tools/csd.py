@@ -271,7 +271,9 @@ def save_fod(path: str, fod: np.ndarray, reference) -> None:
     img.header.set_zooms(tuple(reference.header.get_zooms()[:3]) + (1.0,))
     img.header.set_xyzt_units(*reference.header.get_xyzt_units())
     img.header["descrip"] = b"tractfunc fod: DIPY CSD, MRtrix3 SH basis"
-    nib.save(img, path)
+    from ..io.atomic import atomic_path
+    with atomic_path(path) as tmp:   # a failure (full disk, Ctrl-C) leaves no partial file
+        nib.save(img, tmp)
 
 
 def fod_from_files(dwi: str, bval: str, bvec: str, out: str, mask: Optional[str] = None, lmax: int = 8,

@@ -69,6 +69,9 @@ def save_phantom(ph: Phantom, prefix: str) -> dict:
     """Write ``prefix_fod.nii.gz``, ``prefix_mask.nii.gz`` and return their paths."""
     import nibabel as nib
     paths = {"fod": prefix + "_fod.nii.gz", "mask": prefix + "_mask.nii.gz"}
-    nib.save(nib.Nifti1Image(ph.fod, ph.affine), paths["fod"])
-    nib.save(nib.Nifti1Image(ph.mask.astype(np.uint8), ph.affine), paths["mask"])
+    from ..io.atomic import atomic_path
+    with atomic_path(paths["fod"]) as tmp:
+        nib.save(nib.Nifti1Image(ph.fod, ph.affine), tmp)
+    with atomic_path(paths["mask"]) as tmp:
+        nib.save(nib.Nifti1Image(ph.mask.astype(np.uint8), ph.affine), tmp)
     return paths

@@ -101,8 +101,11 @@ def render(vertices: np.ndarray, lengths: np.ndarray, png: str, background=None,
 
     background: None or (data (X, Y, Z), affine (4, 4)): its mean across each view's slab, in grey;
     slab: thickness (mm) of the slab around the centre (the background's centre, else the streamlines')
-    that each view shows (None: everything, projected).  Writes ``png`` (``size`` inches x ``dpi``) and
-    returns {'segments': drawn per view (3,), 'pixels': (width, height)}."""
+    that each view shows (None: everything, projected).  The three views share one scale (mm per pixel):
+    each shows a square of the largest extent around the centre.  Writes ``png`` (``size`` inches x ``dpi``,
+    atomically) and returns {'segments': drawn per view (3,), 'pixels': (width, height), 'mm_per_pixel':
+    (3, 2) horizontal and vertical scale of each view}."""
+    from ..io.atomic import atomic_path
     from matplotlib.figure import Figure   # no pyplot: the caller's backend and figures are left alone
     mid, col = segments(vertices, lengths)
     if background is not None:
@@ -116,6 +119,7 @@ def render(vertices: np.ndarray, lengths: np.ndarray, png: str, background=None,
         raise TractfuncError("nothing to draw: the tractogram has no segment and no background was given")
     extent = np.stack([pts.min(0), pts.max(0)], 1)
     centre = extent.mean(1)
+    half = max(float((extent[:, 1] - extent[:, 0]).max()) / 2, 1.0)   # one square box, so one scale for all
     res = float(np.min(np.sqrt((affine[:3, :3] ** 2).sum(0)))) if background is not None else 1.0
     fig = Figure(figsize=tuple(size), facecolor="black")   # saved through its own Agg canvas
     axes = fig.subplots(1, 3)
@@ -135,7 +139,8 @@ def render(vertices: np.ndarray, lengths: np.ndarray, png: str, background=None,
             keep = np.abs(mid[:, view.depth] - centre[view.depth]) <= slab / 2
         ax.scatter(mid[keep, view.h], mid[keep, view.v], c=col[keep], s=ps, linewidths=0)   # one call per view
         drawn.append(int(keep.sum()))
-        ax.set_xlim(extent[view.h]), ax.set_ylim(extent[view.v])
+        ax.set_xlim(centre[view.h] - half, centre[view.h] + half)
+        ax.set_ylim(centre[view.v] - half, centre[view.v] + half)
         ax.set_aspect("equal")
         ax.set_title(view.title + ("" if slab is None else f" ({slab:g} mm slab)"), color="white")
         ax.set_xlabel(view.hlabel, color="white"), ax.set_ylabel(view.vlabel, color="white")
@@ -143,8 +148,15 @@ def render(vertices: np.ndarray, lengths: np.ndarray, png: str, background=None,
     fig.suptitle(title or "streamlines coloured by direction (RGB = |x|,|y|,|z|); neurological orientation",
                  color="white")
     fig.tight_layout()
-    fig.savefig(png, dpi=dpi, facecolor=fig.get_facecolor())
-    return {"segments": drawn, "pixels": (int(round(size[0] * dpi)), int(round(size[1] * dpi)))}
+    with atomic_path(png) as tmp:
+        fig.savefig(tmp, dpi=dpi, facecolor=fig.get_facecolor(), format="png")
+    scales = []
+    for ax in axes:   # the drawn scale: data range over the panel's size in pixels (after the equal aspect)
+        box = ax.get_window_extent()
+        (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+        scales.append(((x1 - x0) / box.width, (y1 - y0) / box.height))
+    return {"segments": drawn, "pixels": (int(round(size[0] * dpi)), int(round(size[1] * dpi))),
+            "mm_per_pixel": scales}
 
 
 def load_background(path: str):
@@ -169,9 +181,13 @@ def render_file(tractogram: str, png: str, background: Optional[str] = None, max
         raise TractfuncError(f"{png}: expected a .png output path")
     if max_streamlines is not None and max_streamlines < 1:
         raise TractfuncError(f"--max-streamlines must be positive, got {max_streamlines}")
-    if slab is not None and not slab > 0:
-        raise TractfuncError(f"--slab must be a positive thickness in mm, got {slab}")
+    if slab is not None and not (np.isfinite(slab) and slab >= 0):
+        raise TractfuncError(f"--slab {slab}: expected a thickness >= 0 mm (0: everything, projected)")
+    slab = slab or None
     t = load_tractogram(tractogram)
+    if not len(t.lengths) and not background:
+        raise TractfuncError(f"{tractogram}: no streamline to draw and no --background; expected a non-empty "
+                             "tractogram or a background image")
     idx = subsample(t.lengths, max_streamlines, np.random.default_rng(rng_seed))
     verts, lengths = select(t.vertices, t.lengths, idx)
     bg = load_background(background) if background else None

@@ -406,13 +406,36 @@ static int iterate(const sd_config *c, walker *w) {
     return R_CONTINUE;
 }
 
-/* One half: append vertices to out (n already there), return the termination code. */
-static int half(const sd_config *c, walker *w, float *out, int64_t *n) {
+/* A streamline's vertices (3 floats each), grown on demand: memory follows the streamlines actually traced,
+ * not the vertex budget max_points (which may be astronomically large, e.g. for a huge maximum length). */
+typedef struct {
+    float *v;
+    int64_t cap;    /* vertices */
+} growbuf;
+
+/* Room for at least n vertices; 0 when out of memory (the buffer is then unchanged). */
+static int reserve(growbuf *b, int64_t n) {
+    if (n <= b->cap) return 1;
+    int64_t cap = b->cap ? b->cap : 1024;
+    while (cap < n) cap *= 2;
+    float *v = (float *)realloc(b->v, (size_t)cap * 3 * sizeof(float));
+    if (!v) return 0;
+    b->v = v;
+    b->cap = cap;
+    return 1;
+}
+
+#define R_NO_MEMORY (-1)
+
+/* One half: append vertices to out (n already there), return the termination code (R_NO_MEMORY when the
+ * buffer could not grow). */
+static int half(const sd_config *c, walker *w, growbuf *out, int64_t *n) {
     int t;
     do {
         t = iterate(c, w);
         if (t == R_CONTINUE) {
-            memcpy(out + 3 * *n, w->pos, 3 * sizeof(float));
+            if (!reserve(out, *n + 1)) return R_NO_MEMORY;
+            memcpy(out->v + 3 * *n, w->pos, 3 * sizeof(float));
             (*n)++;
             if (*n >= c->max_points) t = R_MAX_LENGTH;
         }
@@ -420,9 +443,9 @@ static int half(const sd_config *c, walker *w, float *out, int64_t *n) {
     return t;
 }
 
-/* Track one seed.  out: room for max_points + 1 vertices.  Returns the vertex count (0 when rejected);
- * seed_index: the seed vertex's index; reasons[2]: termination of each half (or seed rejected). */
-static int64_t track_one(const sd_config *c, walker *w, const float *seed, const float *init_dir, float *out,
+/* Track one seed into out (grown as needed).  Returns the vertex count (0 when rejected, -1 when out of
+ * memory); seed_index: the seed vertex's index; reasons[2]: termination of each half (or seed rejected). */
+static int64_t track_one(const sd_config *c, walker *w, const float *seed, const float *init_dir, growbuf *out,
                          int64_t *seed_index, int32_t *reasons) {
     memcpy(w->pos, seed, sizeof w->pos);
     memcpy(w->dir, init_dir, sizeof w->dir);
@@ -435,15 +458,18 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     if (find_peak(c, w) == 0.0f) return 0;
     const float seed_dir[3] = {w->dir[0], w->dir[1], w->dir[2]};
     int64_t n = 1;
-    memcpy(out, w->pos, 3 * sizeof(float));
-    reasons[0] = half(c, w, out, &n);
+    if (!reserve(out, 1)) return -1;
+    float *v = out->v;
+    memcpy(v, w->pos, 3 * sizeof(float));
+    if ((reasons[0] = half(c, w, out, &n)) == R_NO_MEMORY) return -1;
+    v = out->v;
     /* reverse the forward half so it ends at the seed */
     for (int64_t i = 0, j = n - 1; i < j; i++, j--)
-        for (int k = 0; k < 3; k++) { float t = out[3 * i + k]; out[3 * i + k] = out[3 * j + k]; out[3 * j + k] = t; }
+        for (int k = 0; k < 3; k++) { float t = v[3 * i + k]; v[3 * i + k] = v[3 * j + k]; v[3 * j + k] = t; }
     *seed_index = n - 1;
-    memcpy(w->pos, out + 3 * (n - 1), 3 * sizeof(float));
+    memcpy(w->pos, v + 3 * (n - 1), 3 * sizeof(float));
     for (int k = 0; k < 3; k++) w->dir[k] = -seed_dir[k];
-    reasons[1] = half(c, w, out, &n);
+    if ((reasons[1] = half(c, w, out, &n)) == R_NO_MEMORY) return -1;
     if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
     return n;
 }
@@ -455,32 +481,46 @@ typedef struct {
     const sd_config *c;
     int64_t n;
     const float *seeds, *dirs;
-    float *out;
-    int64_t cap;
+    float **lines;   /* (n,) one malloc'd (lengths[i], 3) array per accepted seed, else NULL */
     int64_t *lengths, *seed_index;
     int32_t *reasons;
-    int64_t next;   /* shared work counter */
+    int64_t next;    /* shared work counter */
+    int32_t failed;  /* set when memory ran out */
 } batch_job;
 
 static void *worker(void *arg) {
     batch_job *j = (batch_job *)arg;
     walker w;
+    growbuf buf = {NULL, 0};   /* this thread's scratch streamline */
     for (;;) {
         int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (i >= j->n) break;
-        j->lengths[i] = track_one(j->c, &w, j->seeds + 3 * i, j->dirs + 3 * i, j->out + 3 * j->cap * i,
-                                  j->seed_index + i, j->reasons + 2 * i);
+        j->lines[i] = NULL;
+        if (__atomic_load_n(&j->failed, __ATOMIC_RELAXED)) { j->lengths[i] = 0; continue; }
+        int64_t len = track_one(j->c, &w, j->seeds + 3 * i, j->dirs + 3 * i, &buf, j->seed_index + i,
+                                j->reasons + 2 * i);
+        if (len > 0) {
+            float *copy = (float *)malloc((size_t)len * 3 * sizeof(float));
+            if (copy) memcpy(copy, buf.v, (size_t)len * 3 * sizeof(float));
+            else len = -1;
+            j->lines[i] = copy;
+        }
+        if (len < 0) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); len = 0; }
+        j->lengths[i] = len;
     }
+    free(buf.v);
     return NULL;
 }
 
-/* Track n seeds on nthreads threads.  out: (n, cap, 3) with cap >= max_points + 1; lengths (n,) vertex
- * counts (0 = rejected); seed_index (n,); reasons (n, 2).  Returns 0, or -1 when a thread could not
- * be started (the work is then done on the calling thread). */
-int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const float *dirs, float *out,
-                       int64_t cap, int64_t *lengths, int64_t *seed_index, int32_t *reasons, int32_t nthreads) {
+/* Track n seeds on nthreads threads.  lines (n,): receives a malloc'd (lengths[i], 3) float array per
+ * accepted seed (NULL otherwise), to be passed to sd_gather (which copies and frees them); lengths (n,)
+ * vertex counts (0 = rejected); seed_index (n,); reasons (n, 2).  Returns 0; -1 when a thread could not be
+ * started (the work is then done on the calling thread, same result); -2 when memory ran out (every line
+ * is then freed and every length set to 0). */
+int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const float *dirs, float **lines,
+                       int64_t *lengths, int64_t *seed_index, int32_t *reasons, int32_t nthreads) {
     pthread_once(&consts_once, init_consts);
-    batch_job j = {c, n, seeds, dirs, out, cap, lengths, seed_index, reasons, 0};
+    batch_job j = {c, n, seeds, dirs, lines, lengths, seed_index, reasons, 0, 0};
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 256) nthreads = 256;
     pthread_t th[256];
@@ -491,7 +531,28 @@ int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const 
     }
     worker(&j);
     for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
+    if (j.failed) {
+        for (int64_t i = 0; i < n; i++) { free(lines[i]); lines[i] = NULL; lengths[i] = 0; }
+        return -2;
+    }
     return rc;
+}
+
+/* Copy the n streamlines of sd_track_batch one after another into out (sum of lengths, 3) and free them. */
+void sd_gather(int64_t n, float **lines, const int64_t *lengths, float *out) {
+    for (int64_t i = 0; i < n; i++) {
+        if (lines[i]) {
+            memcpy(out, lines[i], (size_t)lengths[i] * 3 * sizeof(float));
+            out += 3 * lengths[i];
+            free(lines[i]);
+            lines[i] = NULL;
+        }
+    }
+}
+
+/* Free the streamlines of sd_track_batch without copying them. */
+void sd_release(int64_t n, float **lines) {
+    for (int64_t i = 0; i < n; i++) { free(lines[i]); lines[i] = NULL; }
 }
 
 /* The seed peak and the first vertex of each half, as tckgen would produce them from start direction
@@ -586,4 +647,4 @@ int64_t sd_repack(const float *src, const int64_t *st, const int64_t *dim, float
     return j.bad;
 }
 
-int32_t sd_abi_version(void) { return 1; }
+int32_t sd_abi_version(void) { return 2; }
