@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
-from tractfunc.cli.main import main
+from tractfunc.cli.commands import main
 
 # option -> (values in range, values out of range); an example draws one of the latter now and then
 NUMBERS = {

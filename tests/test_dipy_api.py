@@ -264,7 +264,7 @@ def test_local_tracking_seed_ids_chunks_and_one_affine():
 
 
 def test_sh_frame_default_shared_by_api_and_cli():
-    from tractfunc.cli.main import build_parser
+    from tractfunc.cli.commands import build_parser
     a = build_parser().parse_args(["track", "f.nii", "o.tck", "--algorithm", "det_max", "--seed-points", "s.txt"])
     assert a.sh_frame is None                                          # resolved to the API's default
     import inspect
@@ -304,7 +304,7 @@ def test_cli_lengths_in_mm_and_default_frame(tmp_path):
     convert; with the default --sh-frame the CLI writes what the API tracks with its defaults."""
     import importlib
     import nibabel as nib
-    cli = importlib.import_module("tractfunc.cli.main")
+    cli = importlib.import_module("tractfunc.cli.commands")
     sh = _tiny_field()
     A = np.diag([-2.0, 2.0, 2.5, 1.0])
     A[:3, 3] = [10.0, -4.0, 3.0]

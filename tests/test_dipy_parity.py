@@ -367,7 +367,7 @@ def test_local_tracking_parity_large(dataset, kind, dtype):
 def test_cli_det_max(tmp_path):
     """``tractfunc track --algorithm det_max | closest_peak`` writes what the API tracks from the same seeds."""
     import nibabel as nib
-    cli = importlib.import_module("tractfunc.cli.main")
+    cli = importlib.import_module("tractfunc.cli.commands")
     d = _fibercup()
     A = d["affine"]
     nib.save(nib.Nifti1Image(d["sh"].astype(np.float32), A), str(tmp_path / "fod.nii.gz"))

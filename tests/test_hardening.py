@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import require_tckgen
-from tractfunc.cli.main import build_parser, main
+from tractfunc.cli.commands import build_parser, main
 
 
 def cli(capsys, *args):

@@ -287,7 +287,7 @@ def test_cli_prob_and_ifod1_reproducible(tmp_path, phantom_files):
     """``tractfunc track --algorithm prob | ifod1``: same --rng-seed -> the same streamlines, another seed ->
     other streamlines; ifod1 runs."""
     import nibabel as nib
-    from tractfunc.cli.main import main
+    from tractfunc.cli.commands import main
     _, paths = phantom_files
 
     def run(alg, seed, name):   # in-process: torch is loaded already (the subprocess route is test_cli's)

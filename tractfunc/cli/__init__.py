@@ -10,5 +10,5 @@ Nothing in the package imports it.
 
 
 def main(argv=None):
-    from .main import main as _main
+    from .commands import main as _main
     return _main(argv)

@@ -1,5 +1,5 @@
 """``tractfunc track --algorithm closest_peak | det_max | prob | ifod1``: the DIPY family on the command line
-(:mod:`tractfunc.local`), reading files through :mod:`tractfunc.io`.  Only :mod:`tractfunc.cli.main` imports it."""
+(:mod:`tractfunc.local`), reading files through :mod:`tractfunc.io`.  Only :mod:`tractfunc.cli.commands` imports it."""
 from __future__ import annotations
 
 import sys
