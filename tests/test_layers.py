@@ -165,6 +165,8 @@ def layer_violations(module: str, path: str, imports, modules) -> list:
         theirs = _part(imp.target)
         if theirs == mine:
             continue
+        if theirs is None and imp.names and all(n.startswith("__") for n in imp.names):
+            continue                                # package metadata (__version__) is no re-export
         if theirs is None:
             out.append(Violation(path, imp.line, f"imports the public re-export {PACKAGE} (import the defining "
                                                  f"module)"))
