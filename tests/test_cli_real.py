@@ -18,7 +18,7 @@ def test_parity_subcommand_on_real_data():
     m = re.search(r"300 streamlines, ([\d.]+)% bit-identical, ([\d.]+)% within 0.1 mm, ([\d.]+)% within 1 mm, "
                   r"(\d+) seeds lost", p.stdout)
     assert m, p.stdout
-    assert "native tracker" in p.stdout
+    assert "native engine" in p.stdout
     assert float(m.group(3)) >= 99.0 and int(m.group(4)) == 0 and float(m.group(1)) > 30
 
 

@@ -159,3 +159,23 @@ def test_results_share_one_type(phantom_field):
     lines = fx.to_tracks().streamlines()
     kept = [fx.vertices[i][fx.valid[i]] for i in range(5) if fx.accepted[i]]
     assert len(lines) == len(kept) > 0 and all(torch.equal(a, b) for a, b in zip(lines, kept))
+
+
+def test_local_tracking_packs_into_tracks(phantom_field):
+    """The DIPY family's LocalTracks packs into the same tf.Tracks: the same streamlines, the seed at seed_index."""
+    from tractfunc.local import getters, tracker
+    f = phantom_field
+    ph = f["ph"]
+    sh = torch.as_tensor(ph.fod, dtype=torch.float64)
+    g = getters.deterministic_maximum(sh, max_angle=30, sh_basis="mrtrix", affine=ph.affine, sh_frame="scanner")
+    vox = torch.nonzero(torch.as_tensor(ph.seed_mask))[::400].double()
+    seeds = vox @ torch.as_tensor(ph.affine[:3, :3]).T + torch.as_tensor(ph.affine[:3, 3])
+    res = tracker.local_tracking(g, tracker.binary_criterion(torch.as_tensor(ph.mask)), seeds, step_size=0.5,
+                                 maxlen=60)
+    t = res.to_tracks()
+    assert isinstance(t, tf.Tracks) and t.engine == "local" and len(t.lengths) > 3
+    lines = res.streamlines()
+    assert len(lines) == len(t.streamlines())
+    for a, b, sid, si in zip(lines, t.streamlines(), t.seed_ids.tolist(), t.seed_index.tolist()):
+        assert torch.equal(torch.as_tensor(a), b)
+        assert torch.allclose(b[si], seeds[sid], atol=1e-9)

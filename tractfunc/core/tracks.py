@@ -27,7 +27,9 @@ class Tracks(NamedTuple):
     weights: (V,) survival weight of each vertex (soft stopping: the product of the step factors from the seed
         out to the vertex), or None for hard stopping (every vertex weighs 1).
     engine: which engine produced the streamlines ("native", "follow", "eager" or "fixed", see
-        :func:`tractfunc.track`), "local" for the DIPY family.
+        :func:`tractfunc.track`), "local" for the DIPY family (``LocalTracks.to_tracks()``: a seed may give
+        several streamlines there, so ``reasons`` (A, 2) holds each streamline's DIPY end status codes and
+        ``accepted`` (A,) is all True).
     """
     vertices: Tensor
     lengths: Tensor

@@ -42,6 +42,7 @@ import torch
 
 from ..core.arrays import as_tensor
 from ..core.tracing import is_tracing
+from ..core.tracks import Tracks
 from ..errors import TractfuncError
 from .criteria import Status, as_criterion, binary_criterion, threshold_criterion  # noqa: F401 (re-exported)
 
@@ -126,7 +127,7 @@ def join(fwd: Half, bwd: Half) -> tuple[Tensor, Tensor]:
 
 def bidirectional(getter, criterion, p0: Tensor, d0: Tensor, has_dir: Tensor, voxel_size: Tensor, step_size,
                   steps: int, generator: Optional[torch.Generator] = None, early_exit: bool = True,
-                  max_points: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor]:
+                  max_points: Optional[int] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Both halves from p0 (M, 3) voxel coords along d0 (M, 3), assembled as DIPY does.
 
     Args:
@@ -139,7 +140,7 @@ def bidirectional(getter, criterion, p0: Tensor, d0: Tensor, has_dir: Tensor, vo
 
     Returns:
         (points (M, L, 3) voxel coords, row i valid below lengths[i]; lengths (M,) int64; status (M, 2)
-        int64 end :class:`Status` of the forward and backward halves).
+        int64 end :class:`Status` of the forward and backward halves; seed_index (M,) int64 row of the seed).
     """
     def finish(h: Half) -> Half:
         n = h.n if max_points is None else torch.clamp(h.n, max=max_points)
@@ -148,7 +149,7 @@ def bidirectional(getter, criterion, p0: Tensor, d0: Tensor, has_dir: Tensor, vo
     bwd = finish(track_half(getter, criterion, p0, backward_start(fwd, d0), voxel_size, step_size, steps, generator,
                             early_exit))
     pts, lengths = join(fwd, bwd)
-    return pts, lengths, torch.stack([fwd.status, bwd.status], -1)
+    return pts, lengths, torch.stack([fwd.status, bwd.status], -1), bwd.n - 1
 
 
 def ends_valid(status: Tensor) -> Tensor:
@@ -164,12 +165,25 @@ class LocalTracks(NamedTuple):
     (M, 2) int64 :class:`Status` at the end of the forward and backward halves (TRACKPOINT both for a
     one-point streamline); kept: (M,) bool, what DIPY yields.  In eager mode the rows are exactly the kept
     streamlines (``kept`` all True, every field row-aligned with :meth:`streamlines`); under ``torch.func``
-    / ``torch.compile`` (no data-dependent shapes) all rows are returned and ``kept`` marks DIPY's."""
+    / ``torch.compile`` (no data-dependent shapes) all rows are returned and ``kept`` marks DIPY's.
+    seed_index: (M,) int64 row of the seed point inside each streamline."""
     points: Tensor
     lengths: Tensor
     seed_ids: Tensor
     status: Tensor
     kept: Tensor
+    seed_index: Optional[Tensor] = None
+
+    def to_tracks(self) -> Tracks:
+        """The kept streamlines packed as :class:`tractfunc.Tracks` (engine "local"; differentiable). For the DIPY
+        family a seed may give several streamlines (``max_cross``), so ``reasons`` (A, 2) holds each kept
+        streamline's end :class:`Status` codes (forward, backward) and ``accepted`` (A,) is all True."""
+        rows = torch.nonzero(self.kept).squeeze(-1)
+        valid = torch.arange(self.points.shape[1], device=self.points.device) < self.lengths.unsqueeze(-1)
+        sel = valid & self.kept.unsqueeze(-1)
+        si = self.seed_index if self.seed_index is not None else torch.zeros_like(self.lengths)
+        return Tracks(self.points[sel], self.lengths[rows], self.seed_ids[rows], si[rows], self.status[rows],
+                      torch.ones_like(self.kept[rows]), None, "local")
 
     def streamlines(self) -> List[np.ndarray]:
         """The kept streamlines as a list of (n_i, 3) float64 NumPy arrays (what DIPY yields), aligned with
@@ -297,8 +311,8 @@ def local_tracking(getter, criterion, seeds, affine=None, step_size=None, maxlen
         sv = seeds[start:start + int(chunk_size)] @ inv[:3, :3].T + inv[:3, 3]
         init = None if initial_directions is None else initial_directions[start:start + int(chunk_size)]
         sid, d0, has_dir = _starts(getter, sv, max_cross, init)
-        pts, lengths, status = bidirectional(getter, crit, sv[sid], d0, has_dir, vs, step_size, maxlen, generator,
-                                             early_exit)
+        pts, lengths, status, sidx = bidirectional(getter, crit, sv[sid], d0, has_dir, vs, step_size, maxlen,
+                                                   generator, early_exit)
         valid = ends_valid(status) & (lengths >= minlen) & (lengths <= maxlen) & has_dir
         kept = torch.ones_like(valid) if return_all else valid
         if not tracing and bool(kept.all()):   # eager: trimmed to the longest
@@ -306,12 +320,13 @@ def local_tracking(getter, criterion, seeds, affine=None, step_size=None, maxlen
         elif not tracing:                      # eager: only DIPY's streamlines, trimmed to the longest
             rows = torch.nonzero(kept).squeeze(-1)
             width = int(lengths[rows].max()) if rows.numel() else 1
-            pts, lengths, sid, status, kept = pts[rows, :width], lengths[rows], sid[rows], status[rows], kept[rows]
-        parts.append((pts @ Af[:3, :3].T + Af[:3, 3], lengths, sid + start, status, kept))
+            pts, lengths, sid, status, kept, sidx = (pts[rows, :width], lengths[rows], sid[rows], status[rows],
+                                                     kept[rows], sidx[rows])
+        parts.append((pts @ Af[:3, :3].T + Af[:3, 3], lengths, sid + start, status, kept, sidx))
     if not parts:
         z = torch.zeros(0, dtype=torch.int64, device=device)
         return LocalTracks(torch.zeros(0, 1, 3, dtype=dtype, device=device), z, z, z.reshape(0, 2),
-                           z.bool())
+                           z.bool(), z)
     width = max(p[0].shape[1] for p in parts)
     pts = _pad_cat([p[0] for p in parts], width) if len(parts) > 1 else parts[0][0]
-    return LocalTracks(pts, *(torch.cat([p[i] for p in parts]) for i in range(1, 5)))
+    return LocalTracks(pts, *(torch.cat([p[i] for p in parts]) for i in range(1, 6)))

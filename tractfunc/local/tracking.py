@@ -139,8 +139,8 @@ def _run(getter: PmfGetter, seed_positions, sc, affine, seed_directions, min_len
         for start in range(0, rows.shape[0], chunk):
             r, d, ok = rows[start:start + chunk], d0[start:start + chunk], has_dir[start:start + chunk]
             with torch.no_grad():
-                pts, n, status = bidirectional(getter, crit, seeds_vox[r], d, ok, vs_t, float(step_size),
-                                               max_pts - 1, gen, True, max_pts - 1)
+                pts, n, status, _ = bidirectional(getter, crit, seeds_vox[r], d, ok, vs_t, float(step_size),
+                                                  max_pts - 1, gen, True, max_pts - 1)
             keep = ((ends_valid(status) & ok) | bool(return_all)) & (n >= min_pts) & (n <= max_pts)
             idx = torch.nonzero(keep).squeeze(-1)
             world = (pts[idx] @ Af[:3, :3].T + Af[:3, 3]).cpu().numpy().astype(np.float64, copy=False)
