@@ -108,5 +108,5 @@ def test_float64_reproduces_tckgen_given_the_start(tmp_path, rk4, n):
     r = parity.compare(parity.load_reference(tck, csv), d["fod"], d["mask"], rk4, torch.float64, start=START,
                        state_dtype=None)
     print(f"float64 rk4={rk4}: max {r.distances.max():.2e} mm, median {np.median(r.distances):.2e} mm")
-    assert r.backend == "torch, native decisions" and r.lost == 0 and r.too_short == 0
+    assert r.engine == "follow" and r.lost == 0 and r.too_short == 0
     assert float(r.distances.max()) < 0.05

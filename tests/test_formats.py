@@ -335,4 +335,4 @@ def test_mif_fod_bit_identical_to_tckgen_on_the_same_mif(philips_run, philips_mi
     parity.run_tckgen(str(fod), tck, csv, philips_run["seed"], str(mask), 300, nthreads=0, rng_seed=3,
                       seed_direction=start)
     r = parity.compare(parity.load_reference(tck, csv), str(fod), str(mask), False, start=start)
-    assert r.backend == "native" and r.lost == 0 and r.identical == 1.0
+    assert r.engine == "native" and r.lost == 0 and r.identical == 1.0

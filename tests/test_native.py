@@ -169,7 +169,7 @@ def _fixed_start(tmp_path, fod, seed_img, mask, n, rk4, rng_seed):
     parity.run_tckgen(fod, tck, csv, seed_img, mask, n, rk4=rk4, nthreads=0, rng_seed=rng_seed, seed_direction=START)
     r = parity.compare(parity.load_reference(tck, csv), fod, mask, rk4, start=START)
     print(f"rk4={rk4}: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, lost {r.lost}")
-    assert r.backend == "native" and r.lost == 0
+    assert r.engine == "native" and r.lost == 0
     return r
 
 
