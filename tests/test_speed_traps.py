@@ -80,3 +80,22 @@ def test_one_volume_sized_buffer_per_call_and_same_gradients(phantom_field, engi
     for got, ref in zip(grads["C"], (leaf.grad, s.grad)):
         assert float(got.abs().max()) > 0
         assert float((got - ref).abs().max()) <= 1e-10 * float(ref.abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sh_jet_contractions_equal_einsum_bit_for_bit(dtype):
+    """The exact SH jet's contractions are batched matmuls (trap 4: einsum's planning cost); they give the
+    einsum results bit for bit, so the PyTorch engines' float32/float64 output does not move."""
+    from tractfunc.core import sh
+    g = torch.Generator().manual_seed(3)
+    c = torch.randn(257, 45, generator=g, dtype=dtype)
+    u = torch.nn.functional.normalize(torch.randn(257, 3, generator=g, dtype=dtype), dim=-1)
+    B, dB, d2B = sh._jet(u, 8, order=2)
+    j = sh.sh_jet(c, u)
+    gref = torch.einsum("...k,...ki->...i", c, dB)
+    Href = torch.einsum("...k,...kij->...ij", c, d2B)
+    P = torch.eye(3, dtype=dtype) - u.unsqueeze(-1) * u.unsqueeze(-2)
+    assert torch.equal(j.grad, (P @ gref.unsqueeze(-1)).squeeze(-1))
+    assert torch.equal(j.hess, P @ Href @ P - (u * gref).sum(-1)[..., None, None] * P)
+    lj = sh.exact_line_jet(c, u)
+    assert torch.equal(lj.curv, torch.einsum("...i,...ij,...j->...", lj.gdir, j.hess, lj.gdir))

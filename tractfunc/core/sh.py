@@ -160,8 +160,10 @@ def sh_jet(coeffs: Tensor, u: Tensor) -> SphereJet:
     coeffs, u = as_tensor(coeffs), as_tensor(u)
     B, dB, d2B = _jet(u, lmax_for(coeffs.shape[-1]), order=2)
     amp = (B * coeffs).sum(-1)
-    g = torch.einsum("...k,...ki->...i", coeffs, dB)
-    H = torch.einsum("...k,...kij->...ij", coeffs, d2B)
+    # contractions as batched matmuls (einsum's planning cost a sizeable share of a tracking step; same sums)
+    c = coeffs.unsqueeze(-2)                                                          # (..., 1, N)
+    g = (c @ dB).squeeze(-2)                                                          # (..., 3)
+    H = (c @ d2B.flatten(-2)).unflatten(-1, (3, 3)).squeeze(-3)                       # (..., 3, 3)
     eye = torch.eye(3, dtype=u.dtype, device=u.device)
     P = eye - u.unsqueeze(-1) * u.unsqueeze(-2)
     radial = (u * g).sum(-1)
@@ -263,7 +265,7 @@ def exact_line_jet(coeffs: Tensor, u: Tensor) -> LineJet:
     j = sh_jet(coeffs, u)
     gn = torch.linalg.vector_norm(j.grad, dim=-1)
     gdir = _safe_unit(j.grad, gn)
-    curv = torch.einsum("...i,...ij,...j->...", gdir, j.hess, gdir)
+    curv = ((gdir.unsqueeze(-2) @ j.hess) @ gdir.unsqueeze(-1))[..., 0, 0]
     return LineJet(j.amp, gdir, gn, curv)
 
 
