@@ -152,6 +152,18 @@ class SphereJet(NamedTuple):
     hess: Tensor
 
 
+def _contract(coeffs: Tensor, dB: Tensor, d2B: Tensor):
+    """sum_k c_k dB_k (..., 3) and sum_k c_k d2B_k (..., 3, 3) as one ``bmm`` each: the kernel einsum reduces
+    these contractions to, whatever the batch shape (so the sums are einsum's, bit for bit), without einsum's
+    per-call planning (a sizeable share of a tracking step)."""
+    lead = torch.broadcast_shapes(coeffs.shape[:-1], dB.shape[:-2])
+    n = coeffs.shape[-1]
+    c = coeffs.expand(*lead, n).reshape(-1, 1, n)
+    g = torch.bmm(c, dB.expand(*lead, n, 3).reshape(-1, n, 3)).reshape(*lead, 3)
+    H = torch.bmm(c, d2B.expand(*lead, n, 3, 3).reshape(-1, n, 9)).reshape(*lead, 3, 3)
+    return g, H
+
+
 def sh_jet(coeffs: Tensor, u: Tensor) -> SphereJet:
     """Exact, pole-safe amplitude, tangent gradient and tangent Hessian of an SH series at ``u``.
 
@@ -160,10 +172,7 @@ def sh_jet(coeffs: Tensor, u: Tensor) -> SphereJet:
     coeffs, u = as_tensor(coeffs), as_tensor(u)
     B, dB, d2B = _jet(u, lmax_for(coeffs.shape[-1]), order=2)
     amp = (B * coeffs).sum(-1)
-    # contractions as batched matmuls (einsum's planning cost a sizeable share of a tracking step; same sums)
-    c = coeffs.unsqueeze(-2)                                                          # (..., 1, N)
-    g = (c @ dB).squeeze(-2)                                                          # (..., 3)
-    H = (c @ d2B.flatten(-2)).unflatten(-1, (3, 3)).squeeze(-3)                       # (..., 3, 3)
+    g, H = _contract(coeffs, dB, d2B)
     eye = torch.eye(3, dtype=u.dtype, device=u.device)
     P = eye - u.unsqueeze(-1) * u.unsqueeze(-2)
     radial = (u * g).sum(-1)
@@ -265,7 +274,7 @@ def exact_line_jet(coeffs: Tensor, u: Tensor) -> LineJet:
     j = sh_jet(coeffs, u)
     gn = torch.linalg.vector_norm(j.grad, dim=-1)
     gdir = _safe_unit(j.grad, gn)
-    curv = ((gdir.unsqueeze(-2) @ j.hess) @ gdir.unsqueeze(-1))[..., 0, 0]
+    curv = torch.einsum("...i,...ij,...j->...", gdir, j.hess, gdir)
     return LineJet(j.amp, gdir, gn, curv)
 
 
