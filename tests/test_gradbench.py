@@ -3,12 +3,12 @@ every route is measured against the native forward of the same run."""
 import json
 import math
 
-from tractfunc.tools import gradbench
+from tractfunc.cli.main import main
 
 
 def test_quick_run_reports_every_route_with_a_positive_ratio(tmp_path, capsys):
     out = tmp_path / "grad.json"
-    assert gradbench.main(["--quick", "--json", str(out)]) == 0
+    assert main(["bench", "--grad", "--quick", "--json", str(out)]) == 0   # the command line's hook
     res = json.loads(out.read_text())
     assert set(res) >= {"setup", "machine", "native_vertices_per_s", "rows", "soft_over_hard_speed"}
     rows = res["rows"]
