@@ -139,14 +139,18 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
     engine (and of the Jacobian); threads: ``torch.set_num_threads`` (the native kernel uses the same count);
     max_length, min_length: mm, tckgen's -maxlength / -minlength for every route (None: its defaults; the
     quick run caps the length so that the eager and follow routes stay short)."""
-    import tractfunc as tf
+    from ..core.field import make_field, make_mask
+    from ..core.params import resolve
     from ..sdstream import jacobian
+    from ..sdstream.engine import Checkpoint, Soft
+    from ..sdstream.fixed import track_fixed
+    from ..sdstream.track import track
     prev_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         sh_np, affine, vs, mask_np, seeds64, dirs64, desc = load_inputs(data, n, seed)
         u64 = torch.tensor([0.48, -0.6, 0.64], dtype=torch.float64)
-        mask = tf.make_mask(torch.as_tensor(mask_np), affine, vs) if mask_np is not None else None
+        mask = make_mask(torch.as_tensor(mask_np), affine, vs) if mask_np is not None else None
         rows: List[Dict] = []
 
         def add(route, dtype, mode, secs, verts, mem=0, saved=None, extra=None):
@@ -161,18 +165,18 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
             return row
 
         # the reference: native forward, float32, tckgen's settings
-        f32 = tf.make_field(torch.as_tensor(sh_np), affine, precomputed=True, voxel_sizes=vs)
-        p_lut = tf.resolve(vs, max_length=max_length, min_length=min_length)
+        f32 = make_field(torch.as_tensor(sh_np), affine, precomputed=True, voxel_sizes=vs)
+        p_lut = resolve(vs, max_length=max_length, min_length=min_length)
         s32, d32 = seeds64.float(), dirs64.float()
-        secs, tr, mem = _best(lambda: tf.track(f32, p_lut, s32, d32, mask=mask, engine="native"), repeats)
+        secs, tr, mem = _best(lambda: track(f32, p_lut, s32, d32, mask=mask, engine="native"), repeats)
         ref = add("native", "float32", "forward", secs, tr.vertices.shape[0], mem)
         ref_vps = ref["vertices_per_s"]
 
         for dname in dtypes:
             dt = getattr(torch, dname)
-            base_exact = tf.make_field(torch.as_tensor(sh_np).to(dt), affine, precomputed=False, voxel_sizes=vs)
-            base_lut = tf.make_field(torch.as_tensor(sh_np).to(dt), affine, precomputed=True, voxel_sizes=vs)
-            p_exact = tf.resolve(vs, exact=True, max_length=max_length, min_length=min_length)
+            base_exact = make_field(torch.as_tensor(sh_np).to(dt), affine, precomputed=False, voxel_sizes=vs)
+            base_lut = make_field(torch.as_tensor(sh_np).to(dt), affine, precomputed=True, voxel_sizes=vs)
+            p_exact = resolve(vs, exact=True, max_length=max_length, min_length=min_length)
             u = u64.to(dt)
 
             def inputs(lut):
@@ -183,21 +187,21 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
 
             def call(route, fld, s, d):
                 if route == "fixed":
-                    return tf.track(fld, p_exact, s, d, mask=mask, engine="fixed", n_steps=steps,
-                                    gradient=tf.Checkpoint(checkpoint))
+                    return track(fld, p_exact, s, d, mask=mask, engine="fixed", n_steps=steps,
+                                    gradient=Checkpoint(checkpoint))
                 if route == "fixed_soft":
-                    return tf.track(fld, p_exact, s, d, mask=mask, engine="fixed", n_steps=steps,
-                                    gradient=tf.Checkpoint(checkpoint), stopping=tf.Soft(temperature))
+                    return track(fld, p_exact, s, d, mask=mask, engine="fixed", n_steps=steps,
+                                    gradient=Checkpoint(checkpoint), stopping=Soft(temperature))
                 if route == "eager":
-                    return tf.track(fld, p_exact, s, d, mask=mask, engine="eager")
-                return tf.track(fld, p_lut, s, d, mask=mask, engine="follow")
+                    return track(fld, p_exact, s, d, mask=mask, engine="eager")
+                return track(fld, p_lut, s, d, mask=mask, engine="follow")
 
             for route in routes:
                 if route == "seed_jacobian":
                     fld = base_exact
                     s, d = seeds64.to(dt), dirs64.to(dt)
                     d = d / torch.linalg.vector_norm(d, dim=-1, keepdim=True)
-                    valid = int(tf.track_fixed(fld, p_exact, s, d, steps, mask).valid.sum())
+                    valid = int(track_fixed(fld, p_exact, s, d, steps, mask).valid.sum())
 
                     def jac():
                         return jacobian.seed_jacobian(fld, p_exact, s, d, steps, mask)
