@@ -617,6 +617,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tractfunc's engine (as for track; default auto: the native kernel for float32 on the CPU)")
     b.add_argument("--json", help="write all results to this JSON file")
     cli_args.add_force(b)
+    b.add_argument("--grad", action="store_true",
+                   help="instead: differentiable routes vs the native forward in one run (tractfunc.tools.gradbench; "
+                        "options --data --n --steps --threads --dtype --quick --json; see docs/benchmarks.md)")
     b.set_defaults(func=cmd_bench)
     n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",
                        epilog=EXAMPLES_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -673,6 +676,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[list] = None) -> int:
     """Parse, check every option and output before any work, run; errors are one line on stderr (exit 2),
     an interrupt exits 130; no traceback (TRACTFUNC_DEBUG=1 shows the one of an unexpected error)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["bench"] and "--grad" in args:   # differentiable speed: tractfunc.tools.gradbench's own options
+        from ..tools import gradbench
+        return gradbench.main([x for x in args[1:] if x != "--grad"])
     p = build_parser()
     a = p.parse_args(argv)
     a.argv = list(sys.argv[1:] if argv is None else argv)

@@ -36,6 +36,14 @@ class FODField(NamedTuple):
         return fodgrad.sample(self.sh, self.nonzero, vox, self.grad_token, self.grad_sink)
 
 
+def contiguous_field(field: FODField) -> FODField:
+    """``field`` with C-contiguous ``sh`` and ``nonzero`` (differentiably: ``Tensor.contiguous`` passes the
+    gradient back to the caller's tensor unchanged).  Sampling gathers rows of ``sh.reshape(-1, N)``, which for
+    any other layout -- a Fortran-ordered ``torch.from_numpy`` of a NIfTI array, passed as
+    ``field._replace(sh=leaf)`` -- copies the whole volume at every sample; once here instead."""
+    return field._replace(sh=field.sh.contiguous(), nonzero=field.nonzero.contiguous())
+
+
 class MaskField(NamedTuple):
     """mask: (X, Y, Z) bool; world_to_voxel: (4, 4) float64 inverse affine of the mask image;
     voxel_sizes: as in :class:`FODField`."""

@@ -152,6 +152,18 @@ class SphereJet(NamedTuple):
     hess: Tensor
 
 
+def _contract(coeffs: Tensor, dB: Tensor, d2B: Tensor):
+    """sum_k c_k dB_k (..., 3) and sum_k c_k d2B_k (..., 3, 3) as one ``bmm`` each: the kernel einsum reduces
+    these contractions to, whatever the batch shape (so the sums are einsum's, bit for bit), without einsum's
+    per-call planning (a sizeable share of a tracking step)."""
+    lead = torch.broadcast_shapes(coeffs.shape[:-1], dB.shape[:-2])
+    n = coeffs.shape[-1]
+    c = coeffs.expand(*lead, n).reshape(-1, 1, n)
+    g = torch.bmm(c, dB.expand(*lead, n, 3).reshape(-1, n, 3)).reshape(*lead, 3)
+    H = torch.bmm(c, d2B.expand(*lead, n, 3, 3).reshape(-1, n, 9)).reshape(*lead, 3, 3)
+    return g, H
+
+
 def sh_jet(coeffs: Tensor, u: Tensor) -> SphereJet:
     """Exact, pole-safe amplitude, tangent gradient and tangent Hessian of an SH series at ``u``.
 
@@ -160,8 +172,7 @@ def sh_jet(coeffs: Tensor, u: Tensor) -> SphereJet:
     coeffs, u = as_tensor(coeffs), as_tensor(u)
     B, dB, d2B = _jet(u, lmax_for(coeffs.shape[-1]), order=2)
     amp = (B * coeffs).sum(-1)
-    g = torch.einsum("...k,...ki->...i", coeffs, dB)
-    H = torch.einsum("...k,...kij->...ij", coeffs, d2B)
+    g, H = _contract(coeffs, dB, d2B)
     eye = torch.eye(3, dtype=u.dtype, device=u.device)
     P = eye - u.unsqueeze(-1) * u.unsqueeze(-2)
     radial = (u * g).sum(-1)

@@ -11,8 +11,9 @@ from typing import Callable, Optional
 
 import torch
 
+from ..core import fodgrad
 from ..core.arrays import as_tensor
-from ..core.field import FODField, MaskField
+from ..core.field import FODField, MaskField, contiguous_field
 from ..core.params import TrackParams
 from ..core.seeds import random_directions
 from ..core import tracks as T
@@ -94,6 +95,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     check_inputs(field, seeds, init_dirs)
     if not params.precomputed:
         field = field._replace(table=None)
+    field = contiguous_field(field)   # a Fortran-ordered sh (torch.from_numpy of a NIfTI) would be copied per sample
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
     if compiled and (params.rk4 or params.peak_polish or job.grad):
@@ -110,6 +112,10 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         kernel = native.Kernel.from_field(field, params, mask)
     elif name == "follow":
         kernel = decision_kernel(field, params, mask)
+    if name in ("eager", "follow"):   # one compact FOD-gradient buffer for the whole call (fixed attaches its own)
+        token, sink = fodgrad.attach(field.sh)
+        if sink is not None:
+            field = field._replace(grad_token=token, grad_sink=sink)
     soft = stopping is not None
     parts, offsets, n_acc = [], [], 0
     with contextlib.nullcontext() if job.grad else torch.no_grad():
