@@ -36,7 +36,7 @@ def toshiba(tmp_path_factory):
                 "-mask", os.path.join(d, s + "_brainmask.nii.gz"), "-quiet", "-force"]
     resp = str(out / "response.txt")
     subprocess.run(["dwi2response", "tournier", os.path.join(d, SERIES[0] + ".nii.gz"), resp, "-lmax", "2",
-                    *grad(SERIES[0])], check=True)
+                    *grad(SERIES[0]), "-scratch", str(out)], check=True, cwd=str(out))
     fods, masks = {}, {}
     for s in SERIES:
         path = str(out / f"{s}_fod.nii.gz")
