@@ -84,3 +84,16 @@ def tck_content(path) -> bytes:
     keep = [ln for ln in raw[:end].split(b"\n") if not ln.startswith((b"command_history:", b"timestamp:", b"file:"))]
     offset = int(next(ln for ln in raw[:end].split(b"\n") if ln.startswith(b"file:")).split()[-1])
     return b"\n".join(keep) + raw[offset:]
+
+
+START = (0.3, 0.5, 0.81)   # a fixed start direction (tckgen -seed_direction), not on an axis
+
+
+def run_cli(*args, check=True):
+    """``python -m tractfunc.cli ARGS`` in a subprocess; AssertionError with its stderr on a non-zero exit."""
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, "-m", "tractfunc.cli", *args], capture_output=True, text=True)
+    if check and p.returncode != 0:
+        raise AssertionError(f"exit {p.returncode}: {p.stderr}")
+    return p

@@ -1,5 +1,5 @@
 """The tckgen-facing subcommands (`parity`, `bench`, `track --dtype float64`) run as subprocesses on the real
-Philips data (the other subcommands' real-data subprocess tests: tests/test_cli_tools.py, tests/test_formats.py)."""
+Philips data (the other subcommands' real-data subprocess tests: tests/cli/test_cli_tools.py, tests/io/test_formats.py)."""
 import json
 import re
 
@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 
 from conftest import require_philips, require_tckgen
-from test_cli import run
+from conftest import run_cli as run
 
 
 def test_parity_subcommand_on_real_data():

@@ -274,7 +274,7 @@ def test_sh_frame_default_shared_by_api_and_cli():
 
 def test_local_imports_only_core_and_errors():
     """The layer rule: tractfunc/local imports only tractfunc.core, tractfunc.errors and itself."""
-    root = os.path.join(HERE, "..", "tractfunc", "local")
+    root = os.path.join(HERE, "..", "..", "tractfunc", "local")
     for path in glob.glob(os.path.join(root, "*.py")):
         for node in ast.walk(ast.parse(open(path).read())):
             if isinstance(node, ast.ImportFrom) and node.level > 0:
@@ -292,7 +292,7 @@ def test_coming_from_dipy_doc_block_runs_and_prints_what_the_text_shows(capsys):
     """docs/dipy_getters.md's "Coming from DIPY" block runs on its own and prints the lines shown under it."""
     _dipy()
     import re
-    text = open(os.path.join(HERE, "..", "docs", "dipy_getters.md")).read()
+    text = open(os.path.join(HERE, "..", "..", "docs", "dipy_getters.md")).read()
     m = re.search(r"## Coming from DIPY.*?```python\n(.*?)```\n\nprints\n\n```(?:text)?\n(.*?)```", text, re.S)
     assert m, "the section's code block and its printed output"
     exec(compile(m.group(1), "dipy_getters.md", "exec"), {})

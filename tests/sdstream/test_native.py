@@ -20,7 +20,7 @@ from tractfunc.sdstream.track import track
 
 from conftest import IN_CI, phantom_seeds, require_philips, require_tckgen, unit
 
-START = (0.3, 0.5, 0.81)   # any fixed start direction, not on an axis
+from conftest import START  # noqa: E402  (a fixed start direction, not on an axis)
 
 
 def _kernel_available():
@@ -196,7 +196,7 @@ def test_cli_default_is_native_and_matches_torch_route(tmp_path, phantom_files):
     both routes) and streamlines agreeing to float32 rounding."""
     _kernel_available()
     import nibabel as nib
-    from test_cli import run
+    from conftest import run_cli as run
     ph, paths = phantom_files
     outs = {}
     for be in ("auto", "eager"):

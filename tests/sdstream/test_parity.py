@@ -4,10 +4,10 @@ Acceptance bar (issue #3): >= 99.5% of streamlines within 0.1 mm and >= 99.9% wi
 Hausdorff), no seed lost.  tckgen does not record the random direction each seed's peak search starts
 from, and SD_Stream flips termination decisions under perturbations far below what the first step
 reveals (~1e-5 rad), so the start is reconstructed with tckgen's own arithmetic
-(:func:`tractfunc.tools.parity.reconstruct_native`); tests/test_native.py covers the case where tckgen is given
+(:func:`tractfunc.tools.parity.reconstruct_native`); tests/sdstream/test_native.py covers the case where tckgen is given
 the start (-seed_direction) and every streamline must be bit-identical.
 
-Measured on 10 000 streamlines (`pytest -m slow tests/test_parity.py -s`, MRTRIX_RNG_SEED 7 and 11):
+Measured on 10 000 streamlines (`pytest -m slow tests/sdstream/test_parity.py -s`, MRTRIX_RNG_SEED 7 and 11):
 native float32 Euler 99.97 / 99.93 %, RK4 99.96 / 99.98 % within 1 mm (67 % / 77 % of streamlines bit-identical:
 the rest started from a reconstructed direction that is not tckgen's to the last bit).  The PyTorch tracker
 (differentiable path, any dtype) sums in another order than tckgen, so it flips about 0.1 % of decisions

@@ -9,14 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import require_philips, require_tckgen, tck_content
+from conftest import require_philips, require_tckgen, run_cli, tck_content
 
 
-def run(*args, check=True):
-    p = subprocess.run([sys.executable, "-m", "tractfunc.cli", *args], capture_output=True, text=True)
-    if check and p.returncode != 0:
-        raise AssertionError(f"exit {p.returncode}: {p.stderr}")
-    return p
+run = run_cli
 
 
 def test_help_lists_subcommands_and_examples():

@@ -99,7 +99,7 @@ def test_float64_reproduces_tckgen_given_the_start(tmp_path, rk4, n):
     drifts ~1e-2 mm over the longest ones), none lost."""
     from conftest import require_philips, require_tckgen
     from tractfunc.tools import parity
-    from test_native import START
+    from conftest import START
     require_tckgen()
     d = require_philips()
     tck, csv = str(tmp_path / "ref.tck"), str(tmp_path / "seeds.csv")

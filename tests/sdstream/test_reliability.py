@@ -338,7 +338,7 @@ def test_float32_and_float64_agree_except_near_decision_boundaries():
     """The same seeds on real data in float32 (the native kernel, tckgen's arithmetic) and float64 (the
     PyTorch tracker, full precision, taking its own decisions): streamlines agree except where a
     termination decision sits at rounding level (measured on 1000 seeds: the same 727 accepted, none beyond 1 mm, 99.86 % within
-    1e-3 mm; on the 10 000 tckgen seeds of tests/test_parity.py the two differ from tckgen on 0.07 % and
+    1e-3 mm; on the 10 000 tckgen seeds of tests/sdstream/test_parity.py the two differ from tckgen on 0.07 % and
     0.14 %)."""
     from conftest import require_philips
     from tractfunc.core import field as F, params as P
