@@ -3,7 +3,7 @@ every route is measured against the native forward of the same run."""
 import json
 import math
 
-from tractfunc.cli.main import main
+from tractfunc.cli.commands import main
 
 
 def test_quick_run_reports_every_route_with_a_positive_ratio(tmp_path, capsys):
