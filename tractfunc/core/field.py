@@ -36,12 +36,16 @@ class FODField(NamedTuple):
         return fodgrad.sample(self.sh, self.nonzero, vox, self.grad_token, self.grad_sink)
 
 
-def contiguous_field(field: FODField) -> FODField:
-    """``field`` with C-contiguous ``sh`` and ``nonzero`` (differentiably: ``Tensor.contiguous`` passes the
-    gradient back to the caller's tensor unchanged).  Sampling gathers rows of ``sh.reshape(-1, N)``, which for
-    any other layout -- a Fortran-ordered ``torch.from_numpy`` of a NIfTI array, passed as
-    ``field._replace(sh=leaf)`` -- copies the whole volume at every sample; once here instead."""
-    return field._replace(sh=field.sh.contiguous(), nonzero=field.nonzero.contiguous())
+def tracking_field(field: FODField, params) -> FODField:
+    """``field`` as every tracker reads it under ``params`` (:class:`tractfunc.core.params.TrackParams`).
+
+    The lookup table is dropped unless ``params.precomputed`` (so ``resolve(..., exact=True)`` alone gives exact
+    SH, whatever table the field was built with), and ``sh`` / ``nonzero`` are made C-contiguous, differentiably
+    (``Tensor.contiguous`` passes the gradient back to the caller's tensor unchanged): sampling gathers rows of
+    ``sh.reshape(-1, N)``, which for any other layout -- a Fortran-ordered ``torch.from_numpy`` of a NIfTI array,
+    passed as ``field._replace(sh=leaf)`` -- copies the whole volume at every sample; once here instead."""
+    table = field.table if params.precomputed else None
+    return field._replace(sh=field.sh.contiguous(), nonzero=field.nonzero.contiguous(), table=table)
 
 
 class MaskField(NamedTuple):

@@ -15,7 +15,7 @@ from torch.utils.checkpoint import checkpoint as _checkpoint
 
 from ..core import fodgrad
 from ..core.arrays import as_tensor
-from ..core.field import FODField, MaskField, contiguous_field
+from ..core.field import FODField, MaskField, tracking_field
 from ..core.integrate import strongest_peak
 from ..core.params import TrackParams
 from ..core.stop import CONTINUE, Reason
@@ -116,9 +116,7 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
         :class:`FixedTracks` with T = ``n_steps``; ``.to_tracks()`` packs it.
     """
     seeds = as_tensor(seeds)
-    if not params.precomputed:
-        field = field._replace(table=None)
-    field = contiguous_field(field)   # one copy of a non-contiguous sh, not one per sample
+    field = tracking_field(field, params)
     if init_dirs is None:
         init_dirs = strongest_peak(field, seeds, polish=params.peak_polish)
     init_dirs = as_tensor(init_dirs)

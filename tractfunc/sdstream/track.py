@@ -13,7 +13,7 @@ import torch
 
 from ..core import fodgrad
 from ..core.arrays import as_tensor
-from ..core.field import FODField, MaskField, contiguous_field
+from ..core.field import FODField, MaskField, tracking_field
 from ..core.params import TrackParams
 from ..core.seeds import random_directions
 from ..core import tracks as T
@@ -93,9 +93,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     seeds = as_tensor(seeds)
     init_dirs = None if init_dirs is None else as_tensor(init_dirs)
     check_inputs(field, seeds, init_dirs)
-    if not params.precomputed:
-        field = field._replace(table=None)
-    field = contiguous_field(field)   # a Fortran-ordered sh (torch.from_numpy of a NIfTI) would be copied per sample
+    field = tracking_field(field, params)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
     if compiled and (params.rk4 or params.peak_polish or job.grad):
