@@ -151,6 +151,15 @@ def _run(getter: PmfGetter, seed_positions, sc, affine, seed_directions, min_len
     return stream()
 
 
+def _getter(cls, field, max_angle, pmf_threshold):
+    """``cls`` (a PMF getter) on ``field`` with DIPY's seed-peak settings; its ValueError as a one-line
+    TractfuncError."""
+    try:
+        return cls(field, max_angle, pmf_threshold, **_SEED_PEAKS)
+    except ValueError as e:
+        raise TractfuncError(str(e)) from None
+
+
 def deterministic_tracking(seed_positions, sc, affine, *, seed_directions=None, sh=None, pam=None, sf=None,
                            min_len=2, max_len=500, step_size=0.2, voxel_size=None, max_angle=20,
                            pmf_threshold=0.1, sphere=None, basis_type=None, legacy=True, nbr_threads=0,
@@ -180,10 +189,7 @@ def deterministic_tracking(seed_positions, sc, affine, *, seed_directions=None, 
         A generator of (n, 3) float64 world-coordinate streamlines (or pairs), in seed order.
     """
     field = _field(sh, sf, pam, sphere, basis_type, legacy, dtype, device)
-    try:
-        getter = DeterministicMaximumGetter(field, max_angle, pmf_threshold, **_SEED_PEAKS)
-    except ValueError as e:
-        raise TractfuncError(str(e)) from None
+    getter = _getter(DeterministicMaximumGetter, field, max_angle, pmf_threshold)
     return _run(getter, seed_positions, sc, affine, seed_directions, min_len, max_len, step_size, voxel_size,
                 random_seed, seed_buffer_fraction, return_all, save_seeds, chunk_size, generator)
 
@@ -203,9 +209,6 @@ def probabilistic_tracking(seed_positions, sc, affine, *, seed_directions=None, 
         A generator of (n, 3) float64 world-coordinate streamlines (or ``(streamline, seed)`` pairs).
     """
     field = _field(sh, sf, pam, sphere, basis_type, legacy, dtype, device)
-    try:
-        getter = ProbabilisticGetter(field, max_angle, pmf_threshold, **_SEED_PEAKS)
-    except ValueError as e:
-        raise TractfuncError(str(e)) from None
+    getter = _getter(ProbabilisticGetter, field, max_angle, pmf_threshold)
     return _run(getter, seed_positions, sc, affine, seed_directions, min_len, max_len, step_size, voxel_size,
                 random_seed, seed_buffer_fraction, return_all, save_seeds, chunk_size, generator)
