@@ -97,3 +97,14 @@ def run_cli(*args, check=True):
     if check and p.returncode != 0:
         raise AssertionError(f"exit {p.returncode}: {p.stderr}")
     return p
+
+
+def seed_voxel_points(ph, n: int, rng) -> np.ndarray:
+    """(n, 3) scanner-mm centres of n distinct voxels of the phantom's seed region, drawn from ``rng``."""
+    vox = np.argwhere(ph.seed_mask)[rng.choice(int(ph.seed_mask.sum()), n, replace=False)]
+    return vox @ ph.affine[:3, :3].T + ph.affine[:3, 3]
+
+
+def leftovers(folder) -> list:
+    """Temporary or partial files a write could leave behind in ``folder``."""
+    return [n for n in os.listdir(folder) if ".~tmp-" in n or n.endswith(".partial")]

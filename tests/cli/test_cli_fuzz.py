@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, event, given, settings, strategies as st
 
+from conftest import leftovers, seed_voxel_points
 from tractfunc.cli.commands import main
 
 # option -> (values in range, values out of range); an example draws one of the latter now and then
@@ -33,8 +34,7 @@ def fuzz_inputs(phantom_files, tmp_path_factory):
     ph, paths = phantom_files
     d = tmp_path_factory.mktemp("fuzz_inputs")
     g = np.random.default_rng(1)
-    vox = np.argwhere(ph.seed_mask)[g.choice(int(ph.seed_mask.sum()), 12, replace=False)]
-    pts = vox @ ph.affine[:3, :3].T + ph.affine[:3, 3]
+    pts = seed_voxel_points(ph, 12, g)
     np.savetxt(d / "pts.txt", pts)
     np.savetxt(d / "dirs.txt", g.standard_normal((12, 3)))
     np.savetxt(d / "far.txt", pts + 500.0)
@@ -134,4 +134,4 @@ def test_random_tool_options_end_in_a_file_or_a_clean_error(fuzz_inputs, tmp_pat
     else:
         assert rc == 2 and len(err.strip().splitlines()) == 1 and "internal error" not in err, (argv, err)
         assert (out.read_bytes() == b"old") if exists else not out.exists()
-    assert not [n for n in os.listdir(d) if ".~tmp-" in n or n.endswith(".partial")]
+    assert not leftovers(d)

@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import require_tckgen
+from conftest import leftovers, require_tckgen, seed_voxel_points
 from tractfunc.cli.commands import build_parser, main
 
 
@@ -33,20 +33,14 @@ def one_line_error(rc, err, *words):
         assert w in err, err
 
 
-def leftovers(folder):
-    """Temporary or partial files a write could leave behind."""
-    return [n for n in os.listdir(folder) if ".~tmp-" in n or n.endswith(".partial")]
-
-
 @pytest.fixture(scope="module")
 def ph(phantom_files, tmp_path_factory):
     """Phantom FOD / mask paths, seed points inside the seed region and a small tractogram."""
     p, paths = phantom_files
     d = tmp_path_factory.mktemp("hard")
     g = np.random.default_rng(0)
-    vox = np.argwhere(p.seed_mask)[g.choice(int(p.seed_mask.sum()), 30, replace=False)]
     pts = d / "pts.txt"
-    np.savetxt(pts, vox @ p.affine[:3, :3].T + p.affine[:3, 3])
+    np.savetxt(pts, seed_voxel_points(p, 30, g))
     tck = d / "small.tck"
     assert main(["track", paths["fod"], str(tck), "--seed-image", paths["mask"], "--select", "20", "--quiet"]) == 0
     return dict(p=p, fod=paths["fod"], mask=paths["mask"], pts=str(pts), tck=str(tck), dir=d)
