@@ -1,0 +1,61 @@
+"""Shared inputs of the tests/maps tests (imported by them; a second conftest.py would clash with tests/conftest.py):
+a small tckgen tractogram on the Philips data, generated once per session, and a small synthetic grid with
+random smooth streamlines."""
+import os
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import PHILIPS, require_philips, require_tckgen
+
+N_PARITY = 500   # streamlines of the parity tractogram (tckgen SD_Stream, fixed -seed)
+
+
+def mrtrix(*args):
+    """Run an MRtrix3 command quietly on one thread (fixed random seed); AssertionError with its stderr on failure."""
+    p = subprocess.run([*args, "-quiet", "-force", "-nthreads", "0"], capture_output=True, text=True,
+                       env={**os.environ, "MRTRIX_RNG_SEED": "1"})
+    assert p.returncode == 0, f"{args[0]} failed: {p.stderr}"
+
+
+_CACHE = {}
+
+
+@pytest.fixture(scope="session")
+def philips_tck(tmp_path_factory):
+    """{'tck': 500 tckgen SD_Stream streamlines, 'weights': random weights (text), 'dir': their folder, 'fa',
+    '5tt', 'fod', 'seed', 'mask': data paths}; made once per session (modules importing it share the files)."""
+    data = require_philips()
+    require_tckgen("tckgen")
+    if "philips" in _CACHE:
+        return _CACHE["philips"]
+    d = tmp_path_factory.mktemp("maps")
+    tck = str(d / "t.tck")
+    mrtrix("tckgen", "-algorithm", "SD_Stream", data["fod"], tck, "-seed_image", data["seed"], "-mask", data["mask"],
+           "-select", str(N_PARITY))
+    w = str(d / "w.txt")
+    np.savetxt(w, np.random.default_rng(0).uniform(0.1, 3.0, N_PARITY))
+    _CACHE["philips"] = {"tck": tck, "weights": w, "dir": str(d), "fa": os.path.join(PHILIPS, "dwi_FA.nii.gz"),
+                         "5tt": os.path.join(PHILIPS, "dwi_5tt.nii.gz"), **data}
+    return _CACHE["philips"]
+
+
+GRID_AFFINE = np.array([[-1.5, 0, 0, 12.0], [0, 1.5, 0, -4.0], [0, 0, 2.0, -5.0], [0, 0, 0, 1.0]])
+GRID_DIMS = (10, 10, 8)
+
+
+def random_tracks(n, seed=0, dtype=torch.float64, jitter=0.02):
+    """n random smooth streamlines (2 to 40 vertices, 0.3 mm steps) inside GRID: (vertices (V, 3), lengths (n,))."""
+    rng = np.random.default_rng(seed)
+    vs, ls = [], []
+    for _ in range(n):
+        L = int(rng.integers(2, 40))
+        p0 = GRID_AFFINE[:3, :3] @ (rng.uniform(0, 1, 3) * (np.array(GRID_DIMS) - 1)) + GRID_AFFINE[:3, 3]
+        d = rng.normal(size=3)
+        d /= np.linalg.norm(d)
+        steps = d * 0.3 + jitter * rng.normal(size=(L, 3))
+        vs.append(p0 + np.cumsum(steps, 0))
+        ls.append(L)
+    return torch.tensor(np.concatenate(vs).astype(np.float32), dtype=dtype), torch.tensor(ls)
