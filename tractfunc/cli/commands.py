@@ -1,5 +1,5 @@
-"""Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render`` -- a thin layer
-over the Python API.
+"""Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render | map | sample |
+connectome`` -- a thin layer over the Python API (the last three: :mod:`tractfunc.cli.maps`).
 
 ``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.sdstream.native`) without importing torch;
 other settings (float64, CUDA, ``--engine eager``, ``--compile``, ``--workers``, torchrun) run a
@@ -670,6 +670,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rng-seed", type=int, default=0, help="seed of the --max-streamlines subset (default 0)")
     cli_args.add_force(r)
     r.set_defaults(func=cmd_render)
+    from . import maps as map_cli
+    map_cli.add_parsers(sub, cli_args.add_force)
     return p
 
 

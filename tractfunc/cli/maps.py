@@ -1,0 +1,106 @@
+"""``tractfunc map | sample | connectome``: tractogram -> data on the command line (:mod:`tractfunc.maps`), with
+MRtrix3's option names (tckmap, tcksample, tck2connectome) and outputs MRtrix3 reads back (NIfTI, text, CSV).
+Only :mod:`tractfunc.cli.commands` imports it."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from .. import io
+from ..errors import TractfuncError
+
+
+def load_tracks(path: str):
+    """The tractogram at ``path`` (.tck/.trk/.trx) as a :class:`tractfunc.TrackFile`; an empty one is an error."""
+    from ..io.tractogram import load_tractogram
+    tf = load_tractogram(path)
+    if len(tf.lengths) == 0:
+        raise TractfuncError(f"{path}: tractogram holds no streamline; expected at least one")
+    return tf
+
+
+def read_weights(path: str, n: int) -> np.ndarray:
+    """Per-streamline weights (tck_weights_in: numbers separated by white space or commas, '#' comments) -> (n,)
+    float64; a count other than ``n`` or a non-finite value is a one-line error."""
+    if not os.path.exists(path):
+        raise TractfuncError(f"{path}: no such file")
+    try:
+        with open(path) as fh:
+            text = " ".join(line.split("#", 1)[0].replace(",", " ") for line in fh)
+        w = np.array([float(x) for x in text.split()], dtype=np.float64)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise TractfuncError(f"{path}: cannot be read as streamline weights ({e})") from None
+    if w.size != n:
+        raise TractfuncError(f"{path}: {w.size} weights for {n} streamlines; expected one weight per streamline")
+    if not np.isfinite(w).all():
+        raise TractfuncError(f"{path}: {int((~np.isfinite(w)).sum())} weights are NaN/Inf; expected finite weights")
+    return w
+
+
+def step_size(tf) -> float:
+    """The tractogram's header step size (mm), NaN when absent (tckmap then does not upsample)."""
+    try:
+        return float(tf.header.get("step_size", "nan"))
+    except ValueError:
+        return float("nan")
+
+
+def header_of(path: str):
+    """The nibabel header of a NIfTI template (kept in the output), None for .mif."""
+    from ..io import mif
+    if mif.is_mif(path):
+        return None
+    import nibabel as nib
+    return nib.load(path).header
+
+
+def cmd_map(a) -> int:
+    import torch
+    from ..maps import density
+    if a.precise and a.ends_only:
+        raise TractfuncError("--precise and --ends-only are mutually exclusive (as in tckmap)")
+    tf = load_tracks(a.tracks)
+    data, A, vox = io.read_image(a.template)
+    w = read_weights(a.tck_weights_in, len(tf.lengths)) if a.tck_weights_in else None
+    mode = "length" if a.precise else "ends" if a.ends_only else "count"
+    out = density((torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths)), A, data.shape[:3], mode=mode,
+                  dec=a.dec, weights=None if w is None else torch.from_numpy(w), step_size=step_size(tf),
+                  upsample=a.upsample, spacing=vox).numpy()
+    integer = mode != "length" and not a.dec and w is None   # tckmap's default datatype
+    out = out.astype(np.uint32 if integer else np.float32)
+    io.save_nifti(a.output, out, A, vox, descrip=f"tractfunc map ({mode}{', dec' if a.dec else ''})",
+                  reference_header=header_of(a.template))
+    if not a.quiet:
+        print(f"{a.output}: {mode} density of {len(tf.lengths)} streamlines on {'x'.join(map(str, data.shape[:3]))} "
+              f"voxels{' (DEC)' if a.dec else ''}; {int(np.count_nonzero(out))} non-zero values")
+    return 0
+
+
+def add_parsers(sub, add_force) -> None:
+    """Register ``map``, ``sample`` and ``connectome`` on the subcommand table ``sub``."""
+    m = sub.add_parser("map", help="track density image on a template grid (tckmap -template equivalent)",
+                       epilog=EXAMPLES_MAP, formatter_class=_raw())
+    m.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    m.add_argument("output", help="output image (.nii or .nii.gz)")
+    m.add_argument("--template", required=True, help="image whose grid the map is on (NIfTI or .mif)")
+    m.add_argument("--precise", action="store_true", help="streamline length in each voxel, mm (tckmap -precise)")
+    m.add_argument("--ends-only", action="store_true", help="map only the streamline endpoints (tckmap -ends_only)")
+    m.add_argument("--dec", action="store_true", help="directionally-encoded colour, 3 volumes (tckmap -dec)")
+    m.add_argument("--tck-weights-in", help="text file of per-streamline weights (tckmap -tck_weights_in)")
+    m.add_argument("--upsample", type=int, help="upsampling ratio (default: tckmap's, from the step size)")
+    m.add_argument("--quiet", action="store_true", help="no summary line")
+    add_force(m)
+    m.set_defaults(func=cmd_map)
+
+
+def _raw():
+    import argparse
+    return argparse.RawDescriptionHelpFormatter
+
+
+EXAMPLES_MAP = """examples:
+  tractfunc map tracks.tck tdi.nii.gz --template fa.nii.gz
+  tractfunc map tracks.tck length.nii.gz --template fa.nii.gz --precise --tck-weights-in sift2_weights.txt
+  tractfunc map tracks.tck dec.nii.gz --template fa.nii.gz --dec
+"""
