@@ -50,6 +50,7 @@ _EXPORTS = {
     "to_nibabel_tractogram": ("io.tractogram", "to_nibabel_tractogram"),
     # tractogram -> data (tckmap, tcksample, tck2connectome; hard and soft forms)
     "maps": ("maps", None), "density": ("maps.tdi", "density"), "soft_density": ("maps.tdi", "soft_density"),
+    "sample_stat": ("maps.sample", "sample_stat"), "soft_stat": ("maps.sample", "soft_stat"),
     # the DIPY family
     "closest_peak": ("local.getters", "closest_peak"), "deterministic_maximum": ("local.getters", "deterministic_maximum"),
     "local_tracking": ("local.tracker", "local_tracking"), "probabilistic": ("local.probabilistic", None),

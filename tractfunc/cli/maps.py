@@ -77,6 +77,32 @@ def cmd_map(a) -> int:
     return 0
 
 
+def write_text(path: str, rows, header: str = "", fmt: str = "%.10g", delimiter: str = " ") -> None:
+    """A text matrix/vector MRtrix3 reads (``# header`` line, then rows), written atomically."""
+    from ..io.atomic import atomic_path
+    arr = np.atleast_2d(np.asarray(rows))
+    with atomic_path(path) as tmp:
+        np.savetxt(tmp, arr, fmt=fmt, delimiter=delimiter, header=header, comments="# ")
+
+
+def cmd_sample(a) -> int:
+    import torch
+    from ..maps.sample import sample_stat
+    tf = load_tracks(a.tracks)
+    data, A, _ = io.read_image(a.image)
+    if data.ndim == 4 and data.shape[3] == 1:
+        data = data[..., 0]
+    if data.ndim != 3:
+        raise TractfuncError(f"{a.image}: image has shape {data.shape}; expected a 3-D scalar image")
+    img = torch.from_numpy(np.asarray(data, dtype=np.float32))    # tcksample samples float32 images
+    vals = sample_stat((torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths)), img, A, a.stat_tck,
+                       "nearest" if a.nointerp else "linear").numpy()
+    write_text(a.output, vals[None, :], header=f"tractfunc sample --stat-tck {a.stat_tck}: {a.image} along {a.tracks}")
+    if not a.quiet:
+        print(f"{a.output}: {a.stat_tck} of {a.image} along {len(vals)} streamlines")
+    return 0
+
+
 def add_parsers(sub, add_force) -> None:
     """Register ``map``, ``sample`` and ``connectome`` on the subcommand table ``sub``."""
     m = sub.add_parser("map", help="track density image on a template grid (tckmap -template equivalent)",
@@ -92,12 +118,28 @@ def add_parsers(sub, add_force) -> None:
     m.add_argument("--quiet", action="store_true", help="no summary line")
     add_force(m)
     m.set_defaults(func=cmd_map)
+    s = sub.add_parser("sample", help="statistic of an image along each streamline (tcksample -stat_tck equivalent)",
+                       epilog=EXAMPLES_SAMPLE, formatter_class=_raw())
+    s.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    s.add_argument("image", help="scalar image sampled (NIfTI or .mif), on its own grid")
+    s.add_argument("output", help="output text file: one value per streamline on one line (as tcksample)")
+    s.add_argument("--stat-tck", required=True, choices=["mean", "median", "min", "max"],
+                   help="per-streamline statistic (mean: length-weighted, as tcksample)")
+    s.add_argument("--nointerp", action="store_true", help="nearest voxel instead of trilinear (tcksample -nointerp)")
+    s.add_argument("--quiet", action="store_true", help="no summary line")
+    add_force(s)
+    s.set_defaults(func=cmd_sample)
 
 
 def _raw():
     import argparse
     return argparse.RawDescriptionHelpFormatter
 
+
+EXAMPLES_SAMPLE = """examples:
+  tractfunc sample tracks.tck fa.nii.gz mean_fa.txt --stat-tck mean
+  tractfunc sample tracks.tck fa.nii.gz min_fa.txt --stat-tck min --nointerp
+"""
 
 EXAMPLES_MAP = """examples:
   tractfunc map tracks.tck tdi.nii.gz --template fa.nii.gz

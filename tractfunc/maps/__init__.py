@@ -12,5 +12,6 @@ maps imports only :mod:`tractfunc.core` and :mod:`tractfunc.errors` (layer 2, be
 """
 from .grid import Grid, make_grid
 from .tdi import density, soft_density
+from .sample import sample_stat, soft_stat
 
-__all__ = ["Grid", "make_grid", "density", "soft_density"]
+__all__ = ["Grid", "make_grid", "density", "soft_density", "sample_stat", "soft_stat"]
