@@ -51,6 +51,7 @@ _EXPORTS = {
     # tractogram -> data (tckmap, tcksample, tck2connectome; hard and soft forms)
     "maps": ("maps", None), "density": ("maps.tdi", "density"), "soft_density": ("maps.tdi", "soft_density"),
     "sample_stat": ("maps.sample", "sample_stat"), "soft_stat": ("maps.sample", "soft_stat"),
+    "connectome": ("maps.connectome", "connectome"), "soft_connectome": ("maps.connectome", "soft_connectome"),
     # the DIPY family
     "closest_peak": ("local.getters", "closest_peak"), "deterministic_maximum": ("local.getters", "deterministic_maximum"),
     "local_tracking": ("local.tracker", "local_tracking"), "probabilistic": ("local.probabilistic", None),

@@ -59,3 +59,21 @@ def random_tracks(n, seed=0, dtype=torch.float64, jitter=0.02):
         vs.append(p0 + np.cumsum(steps, 0))
         ls.append(L)
     return torch.tensor(np.concatenate(vs).astype(np.float32), dtype=dtype), torch.tensor(ls)
+
+
+def parcellation(files) -> str:
+    """A parcellation on the Philips grid (cortical grey matter of the 5TT image cut into blocks, labels 1..32,
+    deep grey matter 33..48; some labels absent), written once next to the parity tractogram."""
+    import nibabel as nib
+    path = os.path.join(files["dir"], "parc.nii.gz")
+    if not os.path.exists(path):
+        t = nib.load(files["5tt"])
+        d = np.asarray(t.dataobj)
+        X, Y, Z = d.shape[:3]
+        ix, iy, iz = np.meshgrid(np.arange(X) * 4 // X, np.arange(Y) * 4 // Y, np.arange(Z) * 2 // Z, indexing="ij")
+        lab = np.zeros((X, Y, Z), np.uint32)
+        gm, deep = d[..., 0] > 0.5, d[..., 1] > 0.5
+        lab[gm] = (1 + ix + 4 * iy + 16 * iz)[gm]
+        lab[deep] = (33 + ix + 4 * iy)[deep]
+        nib.save(nib.Nifti1Image(lab, t.affine, t.header), path)
+    return path

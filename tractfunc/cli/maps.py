@@ -103,6 +103,42 @@ def cmd_sample(a) -> int:
     return 0
 
 
+def delimiter(path: str) -> str:
+    """MRtrix3's matrix delimiter for a file name: ',' for .csv, tab for .tsv, else a space."""
+    low = path.lower()
+    return "," if low.endswith(".csv") else "\t" if low.endswith(".tsv") else " "
+
+
+def cmd_connectome(a) -> int:
+    import torch
+    from ..maps.connectome import assign, connectome
+    if a.assignment_end_voxels and a.search_radius is not None:
+        raise TractfuncError("--assignment-end-voxels and --assignment-radial-search are mutually exclusive")
+    tf = load_tracks(a.tracks)
+    data, A, _ = io.read_image(a.nodes)
+    w = read_weights(a.tck_weights_in, len(tf.lengths)) if a.tck_weights_in else None
+    mode = "end_voxels" if a.assignment_end_voxels else "radial"
+    radius = 4.0 if a.search_radius is None else a.search_radius
+    tracks = (torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths))
+    try:
+        M = connectome(tracks, torch.from_numpy(np.asarray(data)), A, assignment=mode, radius=radius,
+                       weights=None if w is None else torch.from_numpy(w), scale_length=a.scale_length,
+                       scale_invnodevol=a.scale_invnodevol, symmetric=a.symmetric, zero_diagonal=a.zero_diagonal,
+                       keep_unassigned=a.keep_unassigned).numpy()
+    except TractfuncError as e:
+        raise TractfuncError(f"{a.nodes}: {e}") from None
+    write_text(a.output, M, fmt="%.17g", delimiter=delimiter(a.output))
+    pairs = None
+    if a.out_assignments:
+        pairs = assign(tracks, torch.from_numpy(np.asarray(data)), A, mode, radius).numpy()
+        write_text(a.out_assignments, pairs, header=f"tractfunc connectome: node pair of each streamline of {a.tracks}",
+                   fmt="%d")
+    if not a.quiet:
+        print(f"{a.output}: {M.shape[0]} x {M.shape[1]} connectome from {len(tf.lengths)} streamlines "
+              f"({mode}{f' {radius:g} mm' if mode == 'radial' else ''})")
+    return 0
+
+
 def add_parsers(sub, add_force) -> None:
     """Register ``map``, ``sample`` and ``connectome`` on the subcommand table ``sub``."""
     m = sub.add_parser("map", help="track density image on a template grid (tckmap -template equivalent)",
@@ -129,12 +165,38 @@ def add_parsers(sub, add_force) -> None:
     s.add_argument("--quiet", action="store_true", help="no summary line")
     add_force(s)
     s.set_defaults(func=cmd_sample)
+    c = sub.add_parser("connectome", help="endpoint connectome from a parcellation (tck2connectome equivalent)",
+                       epilog=EXAMPLES_CONNECTOME, formatter_class=_raw())
+    c.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    c.add_argument("nodes", help="parcellation image of integer node labels, 0 = none (NIfTI or .mif)")
+    c.add_argument("output", help="output matrix (.csv: comma-separated, .tsv: tabs, else spaces; as tck2connectome)")
+    c.add_argument("--assignment-end-voxels", action="store_true",
+                   help="node = label of the voxel holding each end (tck2connectome -assignment_end_voxels)")
+    c.add_argument("--assignment-radial-search", type=float, metavar="MM", dest="search_radius",
+                   help="nearest labelled voxel within this distance of each end (default: this, 4 mm)")
+    c.add_argument("--scale-length", action="store_true", help="scale each contribution by the streamline length")
+    c.add_argument("--scale-invnodevol", action="store_true",
+                   help="scale each contribution by the inverse of the two nodes' mean volume")
+    c.add_argument("--symmetric", action="store_true", help="mirror the upper triangle on output")
+    c.add_argument("--zero-diagonal", action="store_true", help="set the diagonal to zero on output")
+    c.add_argument("--keep-unassigned", action="store_true", help="keep node 0 (unassigned ends) as first row/column")
+    c.add_argument("--tck-weights-in", help="text file of per-streamline weights (tck2connectome -tck_weights_in)")
+    c.add_argument("--out-assignments", help="write the node pair of each streamline (text, one pair a line)")
+    c.add_argument("--quiet", action="store_true", help="no summary line")
+    add_force(c)
+    c.set_defaults(func=cmd_connectome)
 
 
 def _raw():
     import argparse
     return argparse.RawDescriptionHelpFormatter
 
+
+EXAMPLES_CONNECTOME = """examples:
+  tractfunc connectome tracks.tck parcels.nii.gz connectome.csv
+  tractfunc connectome tracks.tck parcels.nii.gz connectome.csv --tck-weights-in sift2.txt --symmetric --zero-diagonal
+  tractfunc connectome tracks.tck parcels.nii.gz connectome.csv --assignment-end-voxels --out-assignments pairs.txt
+"""
 
 EXAMPLES_SAMPLE = """examples:
   tractfunc sample tracks.tck fa.nii.gz mean_fa.txt --stat-tck mean

@@ -82,6 +82,34 @@ def first_mask(lengths: Tensor, V: int) -> Tensor:
     return m
 
 
+def padded_index(lengths: Tensor) -> Tuple[Tensor, Tensor]:
+    """(streamline id (V,), position inside it (V,)) of each vertex: where it goes in an (A, max length) array."""
+    sid = streamline_ids(lengths)
+    return sid, torch.arange(sid.numel(), device=lengths.device) - starts(lengths)[sid]
+
+
+def sequential_sum32(values: Tensor, lengths: Tensor) -> Tensor:
+    """(V,) per-vertex values -> (A,) float32 per-streamline sums added vertex by vertex in float32 (MRtrix3's
+    ``float`` accumulators round this way); a loop over the vertex position, batched over streamlines."""
+    A = lengths.numel()
+    L = int(lengths.max()) if A else 0
+    sid, pos = padded_index(lengths)
+    v = torch.zeros(A, max(L, 1), dtype=torch.float32, device=values.device).index_put((sid, pos),
+                                                                                     values.to(torch.float32))
+    total = torch.zeros(A, dtype=torch.float32, device=values.device)
+    for j in range(L):
+        total = total + v[:, j]
+    return total
+
+
+def segment_lengths(verts: Tensor, lengths: Tensor) -> Tensor:
+    """(V,) length of the segment ending at each vertex (0 at a streamline's first vertex), in verts' dtype."""
+    V = verts.shape[0]
+    seg = torch.linalg.vector_norm(verts[1:] - verts[:-1], dim=-1) if V > 1 else verts.new_zeros(0)
+    before = torch.cat([verts.new_zeros(1), seg])[:V]
+    return torch.where(first_mask(lengths, V), torch.zeros_like(before), before)
+
+
 def upsample_ratio(step_size: Optional[float], min_spacing: float, precise: bool) -> int:
     """tckmap's automatic upsampling ratio: ceil(step / (min voxel size x 0.1 (-precise) or 0.333)), 1 without a
     step size. MRtrix3 holds the step size and the factor in float32: repeated here so that a step of exactly a

@@ -20,7 +20,7 @@ import torch
 from ..core.arrays import as_tensor
 from ..core.interpolate import nearest_value, to_voxel, trilinear
 from ..errors import TractfuncError
-from .packed import first_mask, last_mask, packed, streamline_ids
+from .packed import last_mask, packed, padded_index, segment_lengths, sequential_sum32, streamline_ids
 
 Tensor = torch.Tensor
 STATS = ("mean", "median", "min", "max")
@@ -38,12 +38,10 @@ def vertex_values(verts: Tensor, image: Tensor, affine, interp: str = "linear") 
 
 def vertex_lengths(verts: Tensor, lengths: Tensor) -> Tensor:
     """(V,) half the summed length of the segments on either side of each vertex (tcksample's mean weights)."""
-    V = verts.shape[0]
-    first, last = first_mask(lengths, V), last_mask(lengths, V)
-    seg = torch.linalg.vector_norm(verts[1:] - verts[:-1], dim=-1) if V > 1 else verts.new_zeros(0)
-    before = torch.cat([verts.new_zeros(1), seg])[:V]
-    after = torch.cat([seg, verts.new_zeros(1)])[:V]
-    return 0.5 * (torch.where(first, torch.zeros_like(before), before) + torch.where(last, torch.zeros_like(after), after))
+    before = segment_lengths(verts, lengths)
+    after = torch.cat([before[1:], before.new_zeros(1)])[:before.shape[0]]
+    after = torch.where(last_mask(lengths, before.shape[0]), torch.zeros_like(after), after)
+    return 0.5 * (before + after)
 
 
 def _check(stat: str, interp: str, image) -> Tensor:
@@ -85,7 +83,7 @@ def sample_stat(tracks, image, affine, stat: str = "mean", interp: str = "linear
     vals = vertex_values(verts, image if image.is_floating_point() else image.double(), affine, interp)
     sid = streamline_ids(P.lengths)
     if stat == "mean" and vals.dtype == torch.float32:
-        return _sequential_mean32(vals, vertex_lengths(verts, P.lengths), P.lengths, sid)
+        return _sequential_mean32(vals, vertex_lengths(verts, P.lengths), P.lengths)
     if stat == "mean":
         return _segment_mean(vals, vertex_lengths(verts, P.lengths).to(vals.dtype), sid, A)
     if stat in ("min", "max"):
@@ -94,19 +92,10 @@ def sample_stat(tracks, image, affine, stat: str = "mean", interp: str = "linear
     return _segment_median(vals, P.lengths, sid)
 
 
-def _sequential_mean32(vals: Tensor, seg_len: Tensor, lengths: Tensor, sid: Tensor) -> Tensor:
-    """tcksample's float32 mean: integral and total length summed vertex by vertex in float32 (a loop over the
-    vertex position, batched over streamlines), so the result rounds as tcksample's does."""
-    A = lengths.numel()
-    L = int(lengths.max()) if A else 0
-    pos = torch.arange(vals.shape[0], device=vals.device) - (torch.cumsum(lengths, 0) - lengths)[sid]
-    v = torch.zeros(A, max(L, 1), dtype=torch.float32, device=vals.device).index_put((sid, pos), vals)
-    w = torch.zeros_like(v).index_put((sid, pos), seg_len.to(torch.float32))
-    integral = torch.zeros(A, dtype=torch.float32, device=vals.device)
-    total = torch.zeros_like(integral)
-    for j in range(L):
-        integral = integral + v[:, j] * w[:, j]
-        total = total + w[:, j]
+def _sequential_mean32(vals: Tensor, seg_len: Tensor, lengths: Tensor) -> Tensor:
+    """tcksample's float32 mean: integral and total length summed vertex by vertex in float32."""
+    w = seg_len.to(torch.float32)
+    integral, total = sequential_sum32(vals.to(torch.float32) * w, lengths), sequential_sum32(w, lengths)
     ok = total > 0
     return torch.where(ok, integral / torch.where(ok, total, torch.ones_like(total)), torch.zeros_like(total))
 
@@ -117,7 +106,7 @@ def _segment_median(vals: Tensor, lengths: Tensor, sid: Tensor) -> Tensor:
     ok = ~torch.isnan(vals)
     n = torch.zeros(A, dtype=torch.long, device=vals.device).index_add(0, sid, ok.long())
     L = int(lengths.max()) if A else 0
-    pos = torch.arange(vals.shape[0], device=vals.device) - (torch.cumsum(lengths, 0) - lengths)[sid]
+    _, pos = padded_index(lengths)
     grid = torch.full((A, max(L, 1)), float("inf"), dtype=vals.dtype, device=vals.device)
     grid = grid.index_put((sid, pos), torch.where(ok, vals, torch.full_like(vals, float("inf"))))
     srt = grid.sort(dim=1).values
