@@ -77,3 +77,10 @@ def test_probabilistic_gradients(tmp_path):
         hot, cold = est["gumbel_soft_T1"], est["gumbel_soft_T0.1"]
         assert hot["rel_bias"] > 5 * hot["rel_bias_floor"]                # Gumbel-softmax at T=1: biased
         assert hot["rel_std"] < cold["rel_std"]                           # ... with less variance
+
+
+def test_optimize_density(tmp_path):
+    r = run_quick("optimize_density.py", tmp_path)
+    assert r["misfit_after"] < 0.8 * r["misfit_before"]            # soft density pulled towards the target
+    assert r["hard_misfit_after"] < r["hard_misfit_before"]        # ... and tckmap's hard density with it
+    assert r["streamlines_after"] > 0.5 * r["n_seeds"]
