@@ -31,6 +31,7 @@ from ..errors import TractfuncError
 
 Tensor = torch.Tensor
 MODES = ("count", "length", "ends")
+CHUNK_VERTICES = 4_000_000   # vertices mapped at once by the hard form (after upsampling)
 
 
 def _check_mode(mode: str) -> None:
@@ -74,46 +75,63 @@ def density(tracks, affine, dims=None, *, mode: str = "count", dec: bool = False
     P = packed(tracks, weights)
     dev = P.vertices.device
     fr = frame(grid)
-    verts, lengths, _ = hermite_upsample(P.vertices.detach().to(torch.float32), P.lengths,
-                                         ratio_for(grid, mode, step_size, upsample))
-    if mode == "count":
-        pc = vertex_pieces(verts, lengths, fr)
-    elif mode == "ends":
-        pc = end_pieces(verts, lengths, fr)
-    else:
-        pc = precise_pieces(verts, lengths, grid, fr)
+    ratio = ratio_for(grid, mode, step_size, upsample)
     w = (P.weights.detach().double() if P.weights is not None
          else torch.ones(P.lengths.numel(), dtype=torch.float64, device=dev))
-    return _accumulate(pc, w, grid, fr, mode, dec)
+    total = torch.zeros(grid.n_voxels, dtype=torch.float64, device=dev)
+    value = torch.zeros(grid.n_voxels, 3, dtype=torch.float64, device=dev) if dec else None
+    for first, last, v0, v1 in chunks(P.lengths, CHUNK_VERTICES // ratio):   # bounded memory, same sums
+        verts, lengths, _ = hermite_upsample(P.vertices[v0:v1].detach().to(torch.float32), P.lengths[first:last],
+                                             ratio)
+        if mode == "count":
+            pc = vertex_pieces(verts, lengths, fr)
+        elif mode == "ends":
+            pc = end_pieces(verts, lengths, fr)
+        else:
+            pc = precise_pieces(verts, lengths, grid, fr)
+        _accumulate(pc, w[first:last], grid, fr, mode, total, value)
+    if not dec:
+        return total.reshape(grid.dims)
+    n = torch.linalg.vector_norm(value, dim=-1, keepdim=True)          # tckmap -dec: magnitude = density
+    value = torch.where(n > 0, value * (total[:, None] / n.clamp(min=1e-300)), value)
+    return value.reshape(*grid.dims, 3)
 
 
-def _accumulate(pc: Pieces, w: Tensor, grid: Grid, fr, mode: str, dec: bool) -> Tensor:
-    """Sum the pieces per (streamline, voxel) as tckmap's voxel sets do, then over streamlines."""
+def chunks(lengths: Tensor, max_vertices: int):
+    """(first streamline, end streamline, first vertex, end vertex) of consecutive blocks of streamlines holding
+    at most ``max_vertices`` vertices each (a longer streamline is a block of its own)."""
+    ends = torch.cumsum(lengths, 0).tolist()
+    first, v0 = 0, 0
+    for i, e in enumerate(ends):
+        if e - v0 > max_vertices and i > first:
+            yield first, i, v0, ends[i - 1]
+            first, v0 = i, ends[i - 1]
+    if first < len(ends):
+        yield first, len(ends), v0, ends[-1]
+
+
+def _accumulate(pc: Pieces, w: Tensor, grid: Grid, fr, mode: str, total: Tensor, value: Optional[Tensor]) -> None:
+    """Sum the pieces per (streamline, voxel) as tckmap's voxel sets do, then over streamlines, into ``total``
+    (N,) and, for DEC, ``value`` (N, 3) (in place; w: (A,) weights of the pieces' streamlines)."""
     flat, inside = to_flat(pc.vox, grid, fr)
-    keep = inside & torch.isfinite(pc.direction).all(-1) if (dec and mode == "count") else inside
+    keep = inside & torch.isfinite(pc.direction).all(-1) if (value is not None and mode == "count") else inside
     sid, flat, val, dirs = pc.sid[keep], flat[keep], pc.value[keep], pc.direction[keep]
     N = grid.n_voxels
     key = sid * N + flat
     uk, inv = torch.unique(key, return_inverse=True)
     ksid, kflat = uk // N, uk % N
     wk = w[ksid]
-    if mode == "count":
-        L = torch.ones_like(wk)
-    else:
-        L = torch.zeros_like(wk).index_add_(0, inv, val)
-    total = torch.zeros(N, dtype=torch.float64, device=w.device).index_add_(0, kflat, wk * L)
-    if not dec:
-        return total.reshape(grid.dims)
+    L = torch.ones_like(wk) if mode == "count" else torch.zeros_like(wk).index_add_(0, inv, val)
+    total.index_add_(0, kflat, wk * L)
+    if value is None:
+        return
     colour = torch.zeros(uk.numel(), 3, dtype=torch.float64, device=w.device)
     ok = torch.isfinite(dirs).all(-1)
     colour.index_add_(0, inv[ok], dirs[ok].abs())
     if mode == "count":   # tckmap normalises each streamline's colour in a voxel (non-precise mapping)
         n = torch.linalg.vector_norm(colour, dim=-1, keepdim=True)
         colour = torch.where(n > 0, colour / n.clamp(min=1e-300), colour)
-    value = torch.zeros(N, 3, dtype=torch.float64, device=w.device).index_add_(0, kflat, colour * (wk * L)[:, None])
-    n = torch.linalg.vector_norm(value, dim=-1, keepdim=True)
-    value = torch.where(n > 0, value * (total[:, None] / n.clamp(min=1e-300)), value)
-    return value.reshape(*grid.dims, 3)
+    value.index_add_(0, kflat, colour * (wk * L)[:, None])
 
 
 # ----------------------------------------------------------------------------------------------- soft form
