@@ -142,3 +142,19 @@ def test_chunked_mapping_gives_the_same_map(monkeypatch):
              (("count", True), ("length", True), ("ends", False))]
     for a, b in zip(whole, parts):
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_equals_cpu():
+    from tractfunc.maps import connectome, sample_stat
+    v, ln = random_tracks(20, seed=8)
+    vc, lc = v.cuda(), ln.cuda()
+    for kw in (dict(), dict(mode="length", dec=True), dict(mode="ends")):
+        assert torch.allclose(density((vc, lc), GRID_AFFINE, GRID_DIMS, **kw).cpu(),
+                              density((v, ln), GRID_AFFINE, GRID_DIMS, **kw))
+        assert torch.allclose(soft_density((vc, lc), GRID_AFFINE, GRID_DIMS, **kw).cpu(),
+                              soft_density((v, ln), GRID_AFFINE, GRID_DIMS, **kw))
+    img = torch.rand(GRID_DIMS, dtype=torch.float64)
+    assert torch.allclose(sample_stat((vc, lc), img.cuda(), GRID_AFFINE).cpu(), sample_stat((v, ln), img, GRID_AFFINE))
+    lab = (torch.rand(GRID_DIMS) * 4).long()
+    assert torch.equal(connectome((vc, lc), lab.cuda(), GRID_AFFINE).cpu(), connectome((v, ln), lab, GRID_AFFINE))
