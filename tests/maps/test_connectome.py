@@ -102,3 +102,25 @@ def test_cli_connectome(philips_tck, tmp_path):
     p = run_cli("connectome", philips_tck["tck"], bad, str(tmp_path / "b.csv"), check=False)
     assert p.returncode != 0 and "non-integer" in p.stderr and len(p.stderr.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "b.csv") and not leftovers(tmp_path)
+
+
+def test_parcellation_on_another_grid(philips_tck, tmp_path):
+    """A float parcellation of integer labels on a 1.5 mm grid (nearest-neighbour copy of the test parcellation):
+    used on its own grid, in scanner space, as tck2connectome uses it."""
+    require_tckgen("tck2connectome")
+    src = nib.load(parcellation(philips_tck))
+    lab = np.asarray(src.dataobj)
+    A = src.affine.copy()
+    A[:3, :3] = np.diag([-1.5, 1.5, 1.5])
+    dims = (150, 150, 100)
+    ijk = np.stack(np.meshgrid(*[np.arange(d) for d in dims], indexing="ij"), -1).reshape(-1, 3)
+    old = np.rint((ijk @ A[:3, :3].T + A[:3, 3] - src.affine[:3, 3]) @ np.linalg.inv(src.affine[:3, :3]).T).astype(int)
+    ok = ((old >= 0) & (old < lab.shape)).all(1)
+    fine = np.zeros(len(ijk), np.float32)
+    fine[ok] = lab[tuple(old[ok].T)]
+    path, out = str(tmp_path / "parc15.nii.gz"), str(tmp_path / "c.csv")
+    nib.save(nib.Nifti1Image(fine.reshape(dims), A), path)
+    mrtrix("tck2connectome", philips_tck["tck"], path, out)
+    tf = load_tractogram(philips_tck["tck"])
+    got = connectome(tf, torch.from_numpy(fine.reshape(dims)), A).numpy()
+    assert np.array_equal(got, np.loadtxt(out, delimiter=","))

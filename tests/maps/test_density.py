@@ -17,7 +17,8 @@ CASES = {"count": ([], {}), "precise": (["-precise"], dict(mode="length")), "end
          "dec": (["-dec"], dict(dec=True)), "dec_precise": (["-dec", "-precise"], dict(mode="length", dec=True))}
 
 
-@pytest.mark.parametrize("case,weighted", [(c, False) for c in CASES] + [("count", True), ("dec_precise", True)])
+# weighted -precise: tests/maps/test_cli_maps.py; every weighted case on 100k streamlines: test_maps_slow.py
+@pytest.mark.parametrize("case,weighted", [(c, False) for c in CASES] + [("count", True)])
 def test_tckmap_parity(philips_tck, case, weighted):
     require_tckgen("tckmap")
     opts, kw = CASES[case]
@@ -158,3 +159,29 @@ def test_cuda_equals_cpu():
     assert torch.allclose(sample_stat((vc, lc), img.cuda(), GRID_AFFINE).cpu(), sample_stat((v, ln), img, GRID_AFFINE))
     lab = (torch.rand(GRID_DIMS) * 4).long()
     assert torch.equal(connectome((vc, lc), lab.cuda(), GRID_AFFINE).cpu(), connectome((v, ln), lab, GRID_AFFINE))
+
+
+@pytest.mark.parametrize("template,case", [("iso1.25", "precise"), ("permuted", "dec")])
+def test_template_on_another_grid(philips_tck, tmp_path, template, case):
+    """A template on its own grid (finer voxels, or axes permuted and flipped): mapped in scanner space as tckmap
+    maps it (tckmap's upsampling ratio follows the template's voxel size, its frame the template's axes)."""
+    require_tckgen("tckmap")
+    fa = nib.load(philips_tck["fa"])
+    if template == "iso1.25":
+        A = fa.affine.copy()
+        A[:3, :3] = np.diag([-1.25, 1.25, 1.25])
+        img = nib.Nifti1Image(np.zeros((179, 179, 120), np.float32), A)
+    else:   # file axes (y, -x, z) of the FA grid
+        A = fa.affine[:, [1, 0, 2, 3]].copy()
+        A[:, 1] *= -1
+        A[:3, 3] = fa.affine[:3, 3] + fa.affine[:3, 0] * (fa.shape[0] - 1)
+        img = nib.Nifti1Image(np.zeros((fa.shape[1], fa.shape[0], fa.shape[2]), np.float32), A)
+    path, out = str(tmp_path / "template.nii.gz"), str(tmp_path / "ref.nii.gz")
+    nib.save(img, path)
+    opts, kw = CASES[case]
+    mrtrix("tckmap", philips_tck["tck"], out, "-template", path, *opts)
+    ref = np.asarray(nib.load(out).dataobj, dtype=np.float64)
+    tf = load_tractogram(philips_tck["tck"])
+    got = density(tf, A, img.shape, step_size=float(tf.header["step_size"]), **kw).numpy()
+    nz = ref != 0
+    assert np.array_equal(got != 0, nz) and np.max(np.abs(got[nz] - ref[nz]) / np.abs(ref[nz])) <= 1e-4
