@@ -31,15 +31,19 @@ def philips_tck(tmp_path_factory):
     require_tckgen("tckgen")
     if "philips" in _CACHE:
         return _CACHE["philips"]
-    d = tmp_path_factory.mktemp("maps")
-    tck = str(d / "t.tck")
-    mrtrix("tckgen", "-algorithm", "SD_Stream", data["fod"], tck, "-seed_image", data["seed"], "-mask", data["mask"],
-           "-select", str(N_PARITY))
-    w = str(d / "w.txt")
-    np.savetxt(w, np.random.default_rng(0).uniform(0.1, 3.0, N_PARITY))
-    _CACHE["philips"] = {"tck": tck, "weights": w, "dir": str(d), "fa": os.path.join(PHILIPS, "dwi_FA.nii.gz"),
-                         "5tt": os.path.join(PHILIPS, "dwi_5tt.nii.gz"), **data}
+    _CACHE["philips"] = make_tractogram(str(tmp_path_factory.mktemp("maps")), N_PARITY, data)
     return _CACHE["philips"]
+
+
+def make_tractogram(folder: str, n: int, data: dict, seed: int = 0) -> dict:
+    """n tckgen SD_Stream streamlines on the Philips data and n random weights in [0.1, 3] in ``folder``:
+    {'tck', 'weights', 'dir', 'fa', '5tt', 'fod', 'seed', 'mask'} paths."""
+    tck, w = os.path.join(folder, "t.tck"), os.path.join(folder, "w.txt")
+    mrtrix("tckgen", "-algorithm", "SD_Stream", data["fod"], tck, "-seed_image", data["seed"], "-mask", data["mask"],
+           "-select", str(n))
+    np.savetxt(w, np.random.default_rng(seed).uniform(0.1, 3.0, n))
+    return {"tck": tck, "weights": w, "dir": folder, "fa": os.path.join(PHILIPS, "dwi_FA.nii.gz"),
+            "5tt": os.path.join(PHILIPS, "dwi_5tt.nii.gz"), **data}
 
 
 GRID_AFFINE = np.array([[-1.5, 0, 0, 12.0], [0, 1.5, 0, -4.0], [0, 0, 2.0, -5.0], [0, 0, 0, 1.0]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import require_philips, require_tckgen
-from mapsdata import mrtrix, parcellation
+from mapsdata import make_tractogram, mrtrix, parcellation
 from tractfunc.io.tractogram import load_tractogram
 from tractfunc.maps import connectome, density, sample_stat
 
@@ -21,17 +21,9 @@ N_LARGE = 100_000
 def large(tmp_path_factory):
     data = require_philips()
     require_tckgen("tckgen")
-    d = tmp_path_factory.mktemp("maps_large")
-    tck = str(d / "t.tck")
-    mrtrix("tckgen", "-algorithm", "SD_Stream", data["fod"], tck, "-seed_image", data["seed"], "-mask", data["mask"],
-           "-select", str(N_LARGE))
-    w = str(d / "w.txt")
-    np.savetxt(w, np.random.default_rng(1).uniform(0.1, 3.0, N_LARGE))
-    tf = load_tractogram(tck)
-    from mapsdata import PHILIPS
-    return dict(tck=tck, weights=w, dir=str(d), fa=os.path.join(PHILIPS, "dwi_FA.nii.gz"),
-                **{"5tt": os.path.join(PHILIPS, "dwi_5tt.nii.gz")}, tf=tf,
-                tracks=(torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths)))
+    files = make_tractogram(str(tmp_path_factory.mktemp("maps_large")), N_LARGE, data, seed=1)
+    tf = load_tractogram(files["tck"])
+    return dict(files, tf=tf, tracks=(torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths)))
 
 
 @pytest.mark.parametrize("case", ["count", "precise", "ends", "dec", "dec_precise", "count_weighted",

@@ -141,9 +141,7 @@ def cmd_connectome(a) -> int:
 
 def add_parsers(sub, add_force) -> None:
     """Register ``map``, ``sample`` and ``connectome`` on the subcommand table ``sub``."""
-    m = sub.add_parser("map", help="track density image on a template grid (tckmap -template equivalent)",
-                       epilog=EXAMPLES_MAP, formatter_class=_raw())
-    m.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    m = _parser(sub, "map", "track density image on a template grid (tckmap -template equivalent)", EXAMPLES_MAP)
     m.add_argument("output", help="output image (.nii or .nii.gz)")
     m.add_argument("--template", required=True, help="image whose grid the map is on (NIfTI or .mif)")
     m.add_argument("--precise", action="store_true", help="streamline length in each voxel, mm (tckmap -precise)")
@@ -151,23 +149,17 @@ def add_parsers(sub, add_force) -> None:
     m.add_argument("--dec", action="store_true", help="directionally-encoded colour, 3 volumes (tckmap -dec)")
     m.add_argument("--tck-weights-in", help="text file of per-streamline weights (tckmap -tck_weights_in)")
     m.add_argument("--upsample", type=int, help="upsampling ratio (default: tckmap's, from the step size)")
-    m.add_argument("--quiet", action="store_true", help="no summary line")
-    add_force(m)
-    m.set_defaults(func=cmd_map)
-    s = sub.add_parser("sample", help="statistic of an image along each streamline (tcksample -stat_tck equivalent)",
-                       epilog=EXAMPLES_SAMPLE, formatter_class=_raw())
-    s.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    _finish(m, add_force, cmd_map)
+    s = _parser(sub, "sample", "statistic of an image along each streamline (tcksample -stat_tck equivalent)",
+                EXAMPLES_SAMPLE)
     s.add_argument("image", help="scalar image sampled (NIfTI or .mif), on its own grid")
     s.add_argument("output", help="output text file: one value per streamline on one line (as tcksample)")
     s.add_argument("--stat-tck", required=True, choices=["mean", "median", "min", "max"],
                    help="per-streamline statistic (mean: length-weighted, as tcksample)")
     s.add_argument("--nointerp", action="store_true", help="nearest voxel instead of trilinear (tcksample -nointerp)")
-    s.add_argument("--quiet", action="store_true", help="no summary line")
-    add_force(s)
-    s.set_defaults(func=cmd_sample)
-    c = sub.add_parser("connectome", help="endpoint connectome from a parcellation (tck2connectome equivalent)",
-                       epilog=EXAMPLES_CONNECTOME, formatter_class=_raw())
-    c.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    _finish(s, add_force, cmd_sample)
+    c = _parser(sub, "connectome", "endpoint connectome from a parcellation (tck2connectome equivalent)",
+                EXAMPLES_CONNECTOME)
     c.add_argument("nodes", help="parcellation image of integer node labels, 0 = none (NIfTI or .mif)")
     c.add_argument("output", help="output matrix (.csv: comma-separated, .tsv: tabs, else spaces; as tck2connectome)")
     c.add_argument("--assignment-end-voxels", action="store_true",
@@ -182,14 +174,22 @@ def add_parsers(sub, add_force) -> None:
     c.add_argument("--keep-unassigned", action="store_true", help="keep node 0 (unassigned ends) as first row/column")
     c.add_argument("--tck-weights-in", help="text file of per-streamline weights (tck2connectome -tck_weights_in)")
     c.add_argument("--out-assignments", help="write the node pair of each streamline (text, one pair a line)")
-    c.add_argument("--quiet", action="store_true", help="no summary line")
-    add_force(c)
-    c.set_defaults(func=cmd_connectome)
+    _finish(c, add_force, cmd_connectome)
 
 
-def _raw():
+def _parser(sub, name: str, what: str, examples: str):
+    """A subcommand reading a tractogram (its first positional argument)."""
     import argparse
-    return argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser(name, help=what, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("tracks", help="input tractogram (.tck, .trk or .trx)")
+    return p
+
+
+def _finish(p, add_force, func) -> None:
+    """The options every maps command ends with (--quiet, --force) and its handler."""
+    p.add_argument("--quiet", action="store_true", help="no summary line")
+    add_force(p)
+    p.set_defaults(func=func)
 
 
 EXAMPLES_CONNECTOME = """examples:
