@@ -124,3 +124,20 @@ def test_parcellation_on_another_grid(philips_tck, tmp_path):
     tf = load_tractogram(philips_tck["tck"])
     got = connectome(tf, torch.from_numpy(fine.reshape(dims)), A).numpy()
     assert np.array_equal(got, np.loadtxt(out, delimiter=","))
+
+
+@pytest.mark.parametrize("stat,opts", [("mean", ["-scale_invlength", "-tck_weights_in"]), ("min", ["-symmetric"]),
+                                       ("max", ["-scale_length"])])
+def test_tck2connectome_parity_stat_edge(philips_tck, stat, opts):
+    require_tckgen("tck2connectome")
+    out = os.path.join(philips_tck["dir"], f"c_stat_{stat}.csv")
+    args = [o for o in opts for o in ([o, philips_tck["weights"]] if o == "-tck_weights_in" else [o])]
+    mrtrix("tck2connectome", philips_tck["tck"], parcellation(philips_tck), out, "-stat_edge", stat, *args)
+    tracks, nodes, A = _inputs(philips_tck)
+    w = torch.tensor(np.loadtxt(philips_tck["weights"])) if "-tck_weights_in" in opts else None
+    got = connectome(tracks, nodes, A, weights=w, stat_edge=stat, scale_invlength="-scale_invlength" in opts,
+                     scale_length="-scale_length" in opts, symmetric="-symmetric" in opts).numpy()
+    ref = np.loadtxt(out, delimiter=",")
+    assert np.array_equal(np.isnan(got), np.isnan(ref))          # min / max: NaN where no streamline
+    ok = ~np.isnan(ref)
+    assert np.max(np.abs(got[ok] - ref[ok]) / np.maximum(np.abs(ref[ok]), 1e-12)) <= 1e-6

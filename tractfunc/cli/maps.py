@@ -123,7 +123,8 @@ def cmd_connectome(a) -> int:
     try:
         M = connectome(tracks, torch.from_numpy(np.asarray(data)), A, assignment=mode, radius=radius,
                        weights=None if w is None else torch.from_numpy(w), scale_length=a.scale_length,
-                       scale_invnodevol=a.scale_invnodevol, symmetric=a.symmetric, zero_diagonal=a.zero_diagonal,
+                       scale_invlength=a.scale_invlength, scale_invnodevol=a.scale_invnodevol, stat_edge=a.stat_edge,
+                       symmetric=a.symmetric, zero_diagonal=a.zero_diagonal,
                        keep_unassigned=a.keep_unassigned).numpy()
     except TractfuncError as e:
         raise TractfuncError(f"{a.nodes}: {e}") from None
@@ -167,6 +168,10 @@ def add_parsers(sub, add_force) -> None:
     c.add_argument("--assignment-radial-search", type=float, metavar="MM", dest="search_radius",
                    help="nearest labelled voxel within this distance of each end (default: this, 4 mm)")
     c.add_argument("--scale-length", action="store_true", help="scale each contribution by the streamline length")
+    c.add_argument("--scale-invlength", action="store_true", help="scale each contribution by the inverse length")
+    c.add_argument("--stat-edge", default="sum", choices=["sum", "mean", "min", "max"],
+                   help="statistic of each edge's contributions (default sum; mean: weighted by the streamline "
+                        "weights; min / max: unweighted, NaN where no streamline)")
     c.add_argument("--scale-invnodevol", action="store_true",
                    help="scale each contribution by the inverse of the two nodes' mean volume")
     c.add_argument("--symmetric", action="store_true", help="mirror the upper triangle on output")

@@ -7,7 +7,9 @@ Each streamline end is assigned to a node (a parcel label; 0 = unassigned):
   "end_voxels" (-assignment_end_voxels): the label of the voxel the end point rounds to.
 
 The streamline adds ``weight x factor`` to edge (a, b), stored in the upper triangle (a <= b); the factor is 1,
-times the streamline length (-scale_length), times 2 / (volume(a) + volume(b)) in voxels (-scale_invnodevol).
+times the streamline length (-scale_length) or its inverse (-scale_invlength), times 2 / (volume(a) +
+volume(b)) in voxels (-scale_invnodevol). -stat_edge mean divides each edge by its summed weights; min / max
+keep the smallest / largest factor (unweighted; NaN where no streamline).
 The matrix has a row and column per label 1..max (label 0, the unassigned streamlines, only with
 ``keep_unassigned``); ``symmetric`` mirrors the upper triangle, ``zero_diagonal`` clears the diagonal.
 
@@ -20,7 +22,7 @@ vertices (through the end points and lengths) and the weights.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -149,50 +151,87 @@ def node_volumes(nodes: Tensor, n: int) -> Tensor:
     return torch.bincount(nodes.reshape(-1), minlength=n + 1)[:n + 1]
 
 
-def _factors(P, nodes: Tensor, scale_length: bool, dtype) -> Tensor:
-    w = P.weights.to(dtype) if P.weights is not None else torch.ones(P.lengths.numel(), dtype=dtype,
-                                                                       device=P.vertices.device)
-    if scale_length:   # in the vertices' own precision (float32 from a .tck: tck2connectome's arithmetic)
-        w = w * streamline_lengths(P.vertices, P.lengths).to(dtype)
-    return w
+STAT_EDGE = ("sum", "mean", "min", "max")
 
 
-def _finish(M: Tensor, vol: Optional[Tensor], symmetric: bool, zero_diagonal: bool, keep_unassigned: bool) -> Tensor:
-    """(n+1, n+1) accumulated pair matrix (row = first end) -> tck2connectome's output."""
-    if vol is not None:
-        tot = (vol[:, None] + vol[None, :]).to(M.dtype)
-        M = torch.where(tot > 0, M * 2.0 / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(M))
-    U = torch.triu(M + M.T) - torch.diag(torch.diagonal(M))                    # pair (a, b) stored at a <= b
-    if symmetric:
-        U = U + torch.triu(U, 1).T
+def _factors(P, scale_length: bool, scale_invlength: bool, dtype) -> Tensor:
+    """(A,) each streamline's contribution before weights and node volumes: 1, its length (scale_length) or
+    1 / length (scale_invlength; 0 for a single vertex), tck2connectome's Metric."""
+    f = torch.ones(P.lengths.numel(), dtype=dtype, device=P.vertices.device)
+    if scale_length or scale_invlength:   # in the vertices' precision (float32 from a .tck: tck2connectome's)
+        L = streamline_lengths(P.vertices, P.lengths).to(dtype)
+        if scale_length:
+            f = f * L
+        else:
+            ok = P.lengths > 1
+            f = torch.where(ok, f / torch.where(ok, L, torch.ones_like(L)), torch.zeros_like(f))
+    return f
+
+
+def _weights(P, dtype) -> Tensor:
+    return P.weights.to(dtype) if P.weights is not None else torch.ones(P.lengths.numel(), dtype=dtype,
+                                                                          device=P.vertices.device)
+
+
+def _invnodevol(a: Tensor, b: Tensor, vol: Tensor, dtype) -> Tensor:
+    """2 / (volume(a) + volume(b)) per pair (0 where both are empty), tck2connectome -scale_invnodevol."""
+    tot = (vol[a] + vol[b]).to(dtype)
+    return torch.where(tot > 0, 2.0 / torch.where(tot > 0, tot, torch.ones_like(tot)), torch.zeros_like(tot))
+
+
+def _output(U: Tensor, symmetric: bool, zero_diagonal: bool, keep_unassigned: bool) -> Tensor:
+    """(n+1, n+1) edges stored at (min, max) -> tck2connectome's matrix: the upper triangle (mirrored when
+    symmetric, zeros below otherwise), diagonal cleared on request, node 0 dropped unless kept."""
+    upper = torch.ones_like(U, dtype=torch.bool).triu()
+    U = torch.where(upper, U, U.T if symmetric else torch.zeros_like(U))
     if zero_diagonal:
-        U = U - torch.diag(torch.diagonal(U))
+        U = torch.where(torch.eye(U.shape[0], dtype=torch.bool, device=U.device), torch.zeros_like(U), U)
     return U if keep_unassigned else U[1:, 1:]
 
 
 def connectome(tracks, nodes, affine, *, assignment: str = "radial", radius: float = RADIUS, weights=None,
-               scale_length: bool = False, scale_invnodevol: bool = False, symmetric: bool = False,
-               zero_diagonal: bool = False, keep_unassigned: bool = False) -> Tensor:
+               scale_length: bool = False, scale_invlength: bool = False, scale_invnodevol: bool = False,
+               stat_edge: str = "sum", symmetric: bool = False, zero_diagonal: bool = False,
+               keep_unassigned: bool = False) -> Tensor:
     """tck2connectome on packed streamlines (hard).
 
     Args:
         tracks: :class:`tractfunc.Tracks`, :class:`tractfunc.TrackFile` or (vertices (V, 3), lengths (A,)), mm.
         nodes: (X, Y, Z) parcellation, integer labels (0 = none); affine: its (4, 4) voxel -> scanner mm.
         assignment: "radial" (default, within ``radius`` mm) or "end_voxels"; weights: (A,) (-tck_weights_in).
-        scale_length, scale_invnodevol, symmetric, zero_diagonal, keep_unassigned: tck2connectome's options.
+        scale_length, scale_invlength, scale_invnodevol, symmetric, zero_diagonal, keep_unassigned:
+            tck2connectome's options; stat_edge: "sum" (default), "mean" (weighted by the streamline
+            weights), "min" or "max" (of the contributions, unweighted; NaN for an edge without streamline).
     Returns:
         (n, n) float64 with n the largest label ((n + 1, n + 1) with keep_unassigned), upper triangular unless
         symmetric.
     """
+    if stat_edge not in STAT_EDGE:
+        raise TractfuncError(f"stat_edge {stat_edge!r}: expected one of {', '.join(STAT_EDGE)}")
+    if scale_length and scale_invlength:
+        raise TractfuncError("scale_length and scale_invlength are mutually exclusive (as in tck2connectome)")
     nodes = check_nodes(nodes)
     P = packed(tracks, weights)
     pairs = assign(P[:2], nodes, affine, assignment, radius)
     n = int(nodes.max()) if nodes.numel() else 0
-    f = _factors(P, nodes, scale_length, torch.float64).detach()
-    M = torch.zeros((n + 1) * (n + 1), dtype=torch.float64, device=P.vertices.device)
-    M = M.index_add(0, pairs[:, 0] * (n + 1) + pairs[:, 1], f).reshape(n + 1, n + 1)
-    vol = node_volumes(nodes, n).to(M.device) if scale_invnodevol else None
-    return _finish(M, vol, symmetric, zero_diagonal, keep_unassigned)
+    dev = P.vertices.device
+    f, w = _factors(P, scale_length, scale_invlength, torch.float64).detach(), _weights(P, torch.float64).detach()
+    lo, hi = pairs.min(1).values, pairs.max(1).values
+    if scale_invnodevol:
+        f = f * _invnodevol(lo, hi, node_volumes(nodes.to(dev), n), torch.float64)
+    key = lo * (n + 1) + hi
+    size = (n + 1) * (n + 1)
+    if stat_edge in ("sum", "mean"):
+        U = torch.zeros(size, dtype=torch.float64, device=dev).index_add(0, key, f * w)
+        if stat_edge == "mean":
+            cnt = torch.zeros(size, dtype=torch.float64, device=dev).index_add(0, key, w)
+            U = torch.where(cnt != 0, U / torch.where(cnt != 0, cnt, torch.ones_like(cnt)), U)
+    else:
+        init = float("inf") if stat_edge == "min" else float("-inf")
+        U = torch.full((size,), init, dtype=torch.float64, device=dev).scatter_reduce(
+            0, key, f, "amin" if stat_edge == "min" else "amax")
+        U = torch.where(torch.isfinite(U), U, torch.full_like(U, float("nan")))
+    return _output(U.reshape(n + 1, n + 1), symmetric, zero_diagonal, keep_unassigned)
 
 
 # ----------------------------------------------------------------------------------------------- soft form
@@ -239,17 +278,23 @@ def soft_assign(tracks, nodes, affine, assignment: str = "radial", radius: float
 
 
 def soft_connectome(tracks, nodes, affine, *, assignment: str = "radial", radius: float = RADIUS, weights=None,
-                    sigma: float = 0.5, scale_length: bool = False, scale_invnodevol: bool = False,
-                    symmetric: bool = False, zero_diagonal: bool = False, keep_unassigned: bool = False) -> Tensor:
+                    sigma: float = 0.5, scale_length: bool = False, scale_invlength: bool = False,
+                    scale_invnodevol: bool = False, symmetric: bool = False, zero_diagonal: bool = False,
+                    keep_unassigned: bool = False) -> Tensor:
     """The differentiable relaxation of :func:`connectome` (same arguments; ``sigma`` the assignment temperature,
     see :func:`soft_assign`): ``sum_s w_s f_s p_s q_s^T`` over streamlines, folded as tck2connectome folds pairs.
     -> (n, n) in the vertices' dtype; -> :func:`connectome` as sigma -> 0; works under torch.func.grad."""
     nodes = check_nodes(nodes)
     P = packed(tracks, weights)
     dtype = P.vertices.dtype
+    if scale_length and scale_invlength:
+        raise TractfuncError("scale_length and scale_invlength are mutually exclusive (as in tck2connectome)")
     p = soft_assign(P[:2], nodes, affine, assignment, radius, sigma)
-    f = _factors(P, nodes, scale_length, dtype)
+    f = _factors(P, scale_length, scale_invlength, dtype) * _weights(P, dtype)
     M = torch.einsum("s,sa,sb->ab", f, p[:, 0], p[:, 1])
     n = p.shape[-1] - 1
-    vol = node_volumes(nodes.to(M.device), n) if scale_invnodevol else None
-    return _finish(M, vol, symmetric, zero_diagonal, keep_unassigned)
+    if scale_invnodevol:
+        idx = torch.arange(n + 1, device=M.device)
+        M = M * _invnodevol(idx[:, None], idx[None, :], node_volumes(nodes.to(M.device), n), dtype)
+    U = torch.triu(M + M.T) - torch.diag(torch.diagonal(M))                    # pair (a, b) stored at a <= b
+    return _output(U, symmetric, zero_diagonal, keep_unassigned)
