@@ -1,6 +1,5 @@
 """``tractfunc map`` (and the other maps commands): outputs MRtrix3 reads back and equal to its commands', one-line
 errors with no partial output."""
-import os
 
 import nibabel as nib
 import numpy as np

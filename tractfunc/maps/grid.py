@@ -3,9 +3,10 @@
 MRtrix3 loads an image with its axes permuted and flipped so that the transform is near-axial
 (``Header::realign_transform``: for the usual LAS NIfTI, the x axis is flipped), computes
 ``scanner2voxel`` in double in that frame, casts it to float32 and applies it to float32 vertices; a vertex
-belongs to the voxel ``std::round`` (half away from zero) of that float32 coordinate. :func:`voxel_index`
+belongs to the voxel ``std::round`` (half away from zero) of that float32 coordinate. :func:`realigned_coords`
 repeats those operations in the same order, so the voxel a vertex lands in is tckmap's, bit for bit, and
-maps the index back to the file's own axes (the layout nibabel reads, which is the one tckmap writes).
+:func:`unalign` maps the index back to the file's own axes (the layout nibabel reads, which is the one tckmap
+writes).
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ import torch
 from ..core import frames
 from ..core.arrays import as_tensor
 from ..core.frames import realign
-from ..core.interpolate import flat_index, round_half_away
 from ..errors import TractfuncError
 
 Tensor = torch.Tensor
@@ -87,16 +87,3 @@ def unalign(idx: Tensor, grid: Grid, fr: Frame) -> Tensor:
 
 def realigned_dims(grid: Grid, fr: Frame) -> Tuple[int, int, int]:
     return tuple(grid.dims[a] for a in fr.perm)
-
-
-def voxel_index(pos: Tensor, grid: Grid, fr: Optional[Frame] = None) -> Tuple[Tensor, Tensor, Tensor]:
-    """tckmap's voxel of each point. pos: (..., 3) scanner mm -> (realigned integer voxel (..., 3) long, flat index
-    (...,) long into the file-layout volume (X, Y, Z) (0 where outside), inside (...,) bool)."""
-    fr = frame(grid) if fr is None else fr
-    r = round_half_away(realigned_coords(pos, fr)).long()
-    d = torch.as_tensor(realigned_dims(grid, fr), device=pos.device)
-    inside = ((r >= 0) & (r < d)).all(-1)
-    ijk = unalign(r, grid, fr).clamp(min=0)
-    ijk = torch.minimum(ijk, torch.as_tensor(grid.dims, device=pos.device) - 1)
-    flat = torch.where(inside, flat_index(ijk[..., 0], ijk[..., 1], ijk[..., 2], grid.dims), torch.zeros_like(r[..., 0]))
-    return r, flat, inside

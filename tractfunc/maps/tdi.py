@@ -60,7 +60,8 @@ def density(tracks, affine, dims=None, *, mode: str = "count", dec: bool = False
 
     Args:
         tracks: :class:`tractfunc.Tracks`, :class:`tractfunc.TrackFile` or (vertices (V, 3), lengths (A,)),
-            scanner mm; vertices are mapped in float32 as tckmap reads them.
+            scanner mm; vertices are mapped in float32 as tckmap reads them (a Tracks' survival weights are
+            the soft form's business: the hard map counts every vertex).
         affine: (4, 4) voxel -> scanner mm of the template (or a :class:`tractfunc.maps.Grid`); dims: (X, Y, Z).
         mode: "count" (default), "length" (-precise) or "ends" (-ends_only); dec: -dec.
         weights: (A,) per-streamline weights (-tck_weights_in) or None.

@@ -98,7 +98,6 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
     voxel) gives the length, summing |direction| gives tckmap -dec -precise's colour."""
     dev = verts.device
     q = verts.to(torch.float32)
-    V = q.shape[0]
     n_ok = lengths >= 2
     keep_v = torch.repeat_interleave(n_ok, lengths)
     q, lengths = q[keep_v], lengths[n_ok]
