@@ -11,7 +11,7 @@ from conftest import require_tckgen, run_cli
 from mapsdata import GRID_AFFINE, GRID_DIMS, mrtrix, philips_tck, random_tracks  # noqa: F401 (fixture)
 from tractfunc import TractfuncError
 from tractfunc.io.tractogram import load_tractogram
-from tractfunc.maps.sample import sample_stat, soft_stat
+from tractfunc.maps.sample import sample_stat, sample_vertices, soft_stat
 
 
 @pytest.mark.parametrize("stat,nointerp", [("mean", False), ("median", False), ("min", False), ("max", False),
@@ -90,10 +90,21 @@ def test_bad_inputs():
         soft_stat((v, ln), _image(), GRID_AFFINE, "median")
 
 
-def test_cli_sample(philips_tck, tmp_path):
-    out = str(tmp_path / "mean.txt")
-    run_cli("sample", philips_tck["tck"], philips_tck["fa"], out, "--stat-tck", "median", "--quiet")
-    ref = os.path.join(philips_tck["dir"], "sample_median_False.txt")
-    if not os.path.exists(ref):
-        pytest.skip("needs test_tcksample_parity's output")
-    assert np.max(np.abs(np.loadtxt(out) - np.loadtxt(ref).ravel())) <= 1e-6
+def _rows(path):
+    return [np.array(line.split(), dtype=float) for line in open(path) if not line.startswith("#")]
+
+
+def test_vertex_values_and_cli_sample(philips_tck, tmp_path):
+    """tcksample without -stat_tck (one line of vertex values per streamline): the API and the command."""
+    require_tckgen("tcksample")
+    ref, out = str(tmp_path / "ref.txt"), str(tmp_path / "ours.txt")
+    mrtrix("tcksample", philips_tck["tck"], philips_tck["fa"], ref)
+    run_cli("sample", philips_tck["tck"], philips_tck["fa"], out, "--quiet")
+    expect, got = _rows(ref), _rows(out)
+    tf = load_tractogram(philips_tck["tck"])
+    fa = nib.load(philips_tck["fa"])
+    api = sample_vertices(tf, torch.from_numpy(np.asarray(fa.dataobj, dtype=np.float32)), fa.affine).numpy()
+    assert len(got) == len(expect) == len(tf.lengths)
+    assert np.array_equal(np.concatenate(got).astype(np.float32), api)
+    rel = np.abs(api - np.concatenate(expect)) / np.maximum(np.abs(np.concatenate(expect)), 1e-6)
+    assert rel.max() <= 1e-5                                      # tcksample prints 6 significant digits

@@ -87,7 +87,7 @@ def write_text(path: str, rows, header: str = "", fmt: str = "%.10g", delimiter:
 
 def cmd_sample(a) -> int:
     import torch
-    from ..maps.sample import sample_stat
+    from ..maps.sample import sample_stat, sample_vertices
     tf = load_tracks(a.tracks)
     data, A, _ = io.read_image(a.image)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -95,11 +95,22 @@ def cmd_sample(a) -> int:
     if data.ndim != 3:
         raise TractfuncError(f"{a.image}: image has shape {data.shape}; expected a 3-D scalar image")
     img = torch.from_numpy(np.asarray(data, dtype=np.float32))    # tcksample samples float32 images
-    vals = sample_stat((torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths)), img, A, a.stat_tck,
-                       "nearest" if a.nointerp else "linear").numpy()
-    write_text(a.output, vals[None, :], header=f"tractfunc sample --stat-tck {a.stat_tck}: {a.image} along {a.tracks}")
+    tracks = (torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths))
+    interp = "nearest" if a.nointerp else "linear"
+    header = f"tractfunc sample{' --stat-tck ' + a.stat_tck if a.stat_tck else ''}: {a.image} along {a.tracks}"
+    if a.stat_tck:
+        vals = sample_stat(tracks, img, A, a.stat_tck, interp).numpy()
+        write_text(a.output, vals[None, :], header=header)
+    else:   # one line of vertex values per streamline, as tcksample without -stat_tck
+        from ..io.atomic import atomic_path
+        vals = sample_vertices(tracks, img, A, interp).numpy()
+        with atomic_path(a.output) as tmp, open(tmp, "w") as fh:
+            fh.write(f"# {header}\n")
+            for row in np.split(vals, np.cumsum(tf.lengths)[:-1]):
+                fh.write(" ".join(f"{x:.9g}" for x in row) + "\n")
     if not a.quiet:
-        print(f"{a.output}: {a.stat_tck} of {a.image} along {len(vals)} streamlines")
+        what = a.stat_tck or "vertex values"
+        print(f"{a.output}: {what} of {a.image} along {len(tf.lengths)} streamlines")
     return 0
 
 
@@ -154,9 +165,11 @@ def add_parsers(sub, add_force) -> None:
     s = _parser(sub, "sample", "statistic of an image along each streamline (tcksample -stat_tck equivalent)",
                 EXAMPLES_SAMPLE)
     s.add_argument("image", help="scalar image sampled (NIfTI or .mif), on its own grid")
-    s.add_argument("output", help="output text file: one value per streamline on one line (as tcksample)")
-    s.add_argument("--stat-tck", required=True, choices=["mean", "median", "min", "max"],
-                   help="per-streamline statistic (mean: length-weighted, as tcksample)")
+    s.add_argument("output", help="output text file: one value per streamline on one line with --stat-tck, else "
+                                  "one line of vertex values per streamline (as tcksample)")
+    s.add_argument("--stat-tck", choices=["mean", "median", "min", "max"],
+                   help="per-streamline statistic (mean: length-weighted, as tcksample); without it, one line of "
+                        "vertex values per streamline")
     s.add_argument("--nointerp", action="store_true", help="nearest voxel instead of trilinear (tcksample -nointerp)")
     _finish(s, add_force, cmd_sample)
     c = _parser(sub, "connectome", "endpoint connectome from a parcellation (tck2connectome equivalent)",

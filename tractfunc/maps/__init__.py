@@ -12,8 +12,8 @@ maps imports only :mod:`tractfunc.core` and :mod:`tractfunc.errors` (layer 2, be
 """
 from .grid import Grid, make_grid
 from .tdi import density, soft_density
-from .sample import sample_stat, soft_stat
+from .sample import sample_stat, sample_vertices, soft_stat
 from .connectome import assign, connectome, soft_assign, soft_connectome
 
-__all__ = ["Grid", "make_grid", "density", "soft_density", "sample_stat", "soft_stat", "assign", "connectome",
+__all__ = ["Grid", "make_grid", "density", "soft_density", "sample_stat", "sample_vertices", "soft_stat", "assign", "connectome",
            "soft_assign", "soft_connectome"]

@@ -92,6 +92,15 @@ def sample_stat(tracks, image, affine, stat: str = "mean", interp: str = "linear
     return _segment_median(vals, P.lengths, sid)
 
 
+def sample_vertices(tracks, image, affine, interp: str = "linear") -> Tensor:
+    """tcksample without -stat_tck: the image's value at every vertex, (V,) in the image's dtype, packed as the
+    vertices (split by ``lengths`` for per-streamline profiles); differentiable in the vertices and the image."""
+    image = _check("mean", interp, image)
+    P = packed(tracks)
+    verts = P.vertices.to(image.dtype) if image.is_floating_point() else P.vertices
+    return vertex_values(verts, image if image.is_floating_point() else image.double(), affine, interp)
+
+
 def _sequential_mean32(vals: Tensor, seg_len: Tensor, lengths: Tensor) -> Tensor:
     """tcksample's float32 mean: integral and total length summed vertex by vertex in float32."""
     w = seg_len.to(torch.float32)
