@@ -172,22 +172,24 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
 
 def _bisect(a, b, c, d, this, entry, mu0, target, fr: Frame, acc: float):
     """One round of MRtrix3's boundary search on the Hermite curve (a, b, c, d) between ``entry`` (at mu0, in
-    voxel ``this``) and c (mu = 1): -> (exit point (n, 3) float32, voxel after it (n, 3), last mu (n,)).
-    Each step works on the searches still above the accuracy only (the others are done)."""
+    voxel ``this``) and c (mu = 1): -> (exit point (n, 3) float32, voxel after it (n, 3), last mu (n,))."""
     mu_min, mu_max, mu = mu0.clone(), torch.ones_like(mu0), mu0.clone()
     p_min, p_max = entry.clone(), c.clone()
     nv = target.clone()
-    act = (((p_min - p_max) ** 2).sum(-1).double() > acc).nonzero().squeeze(-1)
     for _ in range(MAX_BISECT):
-        if act.numel() == 0:
+        active = ((p_min - p_max) ** 2).sum(-1).double() > acc
+        if not bool(active.any()):
             break
-        m = 0.5 * (mu_min[act] + mu_max[act])
-        p = hermite(hermite_weights(m.to(torch.float32)), a[act], b[act], c[act], d[act])
+        m = 0.5 * (mu_min + mu_max)
+        w = hermite_weights(m.to(torch.float32))
+        p = hermite(w, a, b, c, d)
         v = vertex_voxels(p, fr)
-        same = (v == this[act]).all(-1)
-        lo, hi = act[same], act[~same]
-        mu[act] = m
-        mu_min[lo], p_min[lo] = m[same], p[same]
-        mu_max[hi], p_max[hi], nv[hi] = m[~same], p[~same], v[~same]
-        act = act[((p_min[act] - p_max[act]) ** 2).sum(-1).double() > acc]
+        same = (v == this).all(-1)
+        lo, hi = active & same, active & ~same
+        mu = torch.where(active, m, mu)
+        mu_min = torch.where(lo, m, mu_min)
+        p_min = torch.where(lo.unsqueeze(-1), p, p_min)
+        mu_max = torch.where(hi, m, mu_max)
+        p_max = torch.where(hi.unsqueeze(-1), p, p_max)
+        nv = torch.where(hi.unsqueeze(-1), v, nv)
     return p_max, nv, mu
