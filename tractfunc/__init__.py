@@ -31,6 +31,7 @@ _EXPORTS = {
     "track_fixed": ("sdstream.fixed", "track_fixed"), "FixedTracks": ("sdstream.fixed", "FixedTracks"),
     "step": ("sdstream.step", "step"), "TrackState": ("sdstream.step", "TrackState"),
     "seed_jacobian": ("sdstream.jacobian", "seed_jacobian"),
+    "seed_jacobian_packed": ("sdstream.jacobian", "seed_jacobian_packed"),
     "direction_jacobian": ("sdstream.jacobian", "direction_jacobian"),
     "strongest_peak": ("core.integrate", "strongest_peak"), "euler": ("core.integrate", "euler"),
     "rk4": ("core.integrate", "rk4"), "iterate": ("core.integrate", "iterate"), "sd_next": ("core.integrate", "sd_next"),

@@ -52,7 +52,8 @@ def test_follow_reproduces_own_float64_tracks(phantom_field):
 
 def test_engine_rule_follows_the_kernel_for_float64(phantom_field):
     """``engine="auto"`` follows the kernel's decisions for float64 on the CPU with tckgen's lookup-table peaks;
-    an explicit eager run decides itself; follow refuses exact-SH peaks (the kernel cannot decide them)."""
+    an explicit eager run decides itself; exact peaks (``peak_polish``) follow the kernel's decisions with exact
+    values, exact SH at tckgen's Newton tolerance does not (the values would depend on the start of each search)."""
     from tractfunc.sdstream import engine as E
     f = phantom_field
     prm = P.resolve(f["img"].voxel_sizes)
@@ -63,10 +64,12 @@ def test_engine_rule_follows_the_kernel_for_float64(phantom_field):
     assert track(fld, prm, pts, dirs, mask=f["mask"], engine="eager").engine == "eager"
     with pytest.raises(TractfuncError, match="engine must be one of"):
         E.choose(job, "tckgen")
-    exact = P.resolve(f["img"].voxel_sizes, exact=True)
-    assert E.choose(E.describe(fld._replace(table=None), exact, pts)) == "eager"
+    exact = P.resolve(f["img"].voxel_sizes, exact=True)   # exact peaks: the kernel decides, the values are exact
+    assert E.choose(E.describe(fld._replace(table=None), exact, pts)) == "follow"
+    exact_sh = P.resolve(f["img"].voxel_sizes, precomputed=False)   # exact SH with tckgen's tolerance: eager
+    assert E.choose(E.describe(fld._replace(table=None), exact_sh, pts)) == "eager"
     with pytest.raises(TractfuncError, match="lookup-table peaks"):
-        track(fld, exact, pts, dirs, engine="follow")
+        track(fld, exact_sh, pts, dirs, engine="follow")
 
 
 def test_gradient_along_fixed_decisions_matches_finite_differences(phantom_field):

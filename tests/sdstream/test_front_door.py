@@ -51,15 +51,17 @@ def test_tracks_views(phantom_field):
 
 
 def test_auto_rule_and_its_errors(phantom_field):
-    """auto: native (float32, CPU, no gradient), follow (float64, CPU), eager (exact SH), fixed (soft or
-    checkpointed); an explicit engine that cannot run the job says why in one line."""
+    """auto: native (float32, CPU, no gradient), follow (float64 or gradients on the CPU, tckgen's lookup table or
+    exact peaks), eager (exact SH at tckgen's tolerance, or traced), fixed (soft or checkpointed); an explicit engine
+    that cannot run the job says why in one line."""
     f = phantom_field
     pts, dirs, fld = phantom_seeds(f, 4, 1)
     pts64, dirs64, fld64 = phantom_seeds(f, 4, 1, torch.float64)
     prm = _short(f)
     assert E.choose(E.describe(fld, prm, pts)) == "native"
     assert E.choose(E.describe(fld64, prm, pts64)) == "follow"
-    assert E.choose(E.describe(fld64, _short(f, exact=True), pts64)) == "eager"
+    assert E.choose(E.describe(fld64, _short(f, exact=True), pts64)) == "follow"
+    assert E.choose(E.describe(fld64, _short(f, precomputed=False), pts64)) == "eager"
     assert E.choose(E.describe(fld, prm, pts), stopping=tf.Soft(0.1)) == "fixed"
     assert E.choose(E.describe(fld, prm, pts), gradient=tf.Checkpoint(5)) == "fixed"
     grad = E.describe(fld._replace(sh=fld.sh.clone().requires_grad_(True)), prm, pts)

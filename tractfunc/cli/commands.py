@@ -63,7 +63,8 @@ def _engine(a) -> str:
     processes = a.workers > 1 or distributed.launched()
     job = E.Job(dtype=a.dtype, device=device, grad=False, lut=not a.exact_sh, polish=0,
                 state32=a.state_dtype != "float64",
-                numeric_step=True, lmax_ok=True, compiled=a.compile, kernel=native.available()[0])
+                numeric_step=True, lmax_ok=True, compiled=a.compile, kernel=native.available()[0],
+                rk4=a.rk4)
     if processes:
         if a.engine == "native":
             raise TractfuncError("--engine native runs in this process; --workers and torchrun split seeds across "

@@ -15,3 +15,25 @@ def needs_grad(*tensors: torch.Tensor) -> bool:
     """True when a derivative may be taken through these tensors: autograd (requires_grad) or a
     torch.func transform (functorch-wrapped).  Static under torch.compile."""
     return any(t.requires_grad or torch._C._functorch.is_functorch_wrapped_tensor(t) for t in tensors)
+
+
+def is_vectorized(*tensors: torch.Tensor) -> bool:
+    """True under ``torch.compile`` or when a ``torch.func.vmap`` level wraps any of these tensors (at any depth of
+    functorch wrapping): where only fixed-shape, traceable code may run (``grad`` / ``vjp`` alone are not)."""
+    if torch.compiler.is_compiling():
+        return True
+    F = torch._C._functorch
+    for t in tensors:
+        while F.is_functorch_wrapped_tensor(t):
+            if F.is_batchedtensor(t):
+                return True
+            t = F.get_unwrapped(t)
+    return False
+
+
+def unwrap(t: torch.Tensor) -> torch.Tensor:
+    """The plain tensor under any torch.func wrappers of ``t`` (its primal value, for code that leaves PyTorch)."""
+    F = torch._C._functorch
+    while F.is_functorch_wrapped_tensor(t):
+        t = F.get_unwrapped(t)
+    return t

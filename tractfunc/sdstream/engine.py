@@ -55,7 +55,8 @@ class Job(NamedTuple):
     torch.func transform); lut: tckgen's lookup-table peaks (``params.precomputed``); polish: Newton polish
     iterations; state32: the state is float32 or the dtype's own; numeric_step: the step is a number, not a
     tensor; lmax_ok: lmax <= 12 (the kernel's limit); compiled: the eager engine's compiled Newton move;
-    kernel: the native kernel builds and loads on this machine."""
+    kernel: the native kernel builds and loads on this machine; rk4: the RK4 scheme; traced: under
+    ``torch.func.vmap`` (jacrev, jacfwd) or ``torch.compile`` (``grad`` / ``vjp`` alone do not count)."""
     dtype: str
     device: str
     grad: bool
@@ -66,6 +67,8 @@ class Job(NamedTuple):
     lmax_ok: bool
     compiled: bool
     kernel: bool
+    rk4: bool = False
+    traced: bool = False
 
 
 def _native_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
@@ -86,8 +89,11 @@ def _native_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[s
 def _follow_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
     if stopping is not None or gradient is not None:
         return "it stops hard and takes direct gradients"
-    if not (job.lut and job.lmax_ok):
-        return "the kernel decides only with tckgen's lookup-table peaks (precomputed=True) and lmax <= 12"
+    if job.traced:
+        return "its decisions come from the C kernel, which torch.func.vmap and torch.compile do not trace"
+    if not ((job.lut or job.polish > 0) and job.lmax_ok):
+        return ("it takes tckgen's lookup-table peaks (precomputed=True) or exact peaks (peak_polish > 0), "
+                "and lmax <= 12")
     if job.compiled:
         return "compiled applies to the eager engine"
     return None if job.kernel else "the kernel is unavailable on this machine"
@@ -102,6 +108,9 @@ def choose(job: Job, engine: str = "auto", stopping: Stopping = None, gradient: 
     """
     if engine not in ENGINES:
         raise TractfuncError(f"engine must be one of {ENGINES}, got {engine!r}")
+    if job.compiled and (job.rk4 or job.polish or job.grad):
+        raise TractfuncError("compiled=True fuses the eager engine's Euler Newton move without gradients; it does "
+                             "not apply to RK4, peak polishing or a differentiable run")
     if stopping is not None and not (isinstance(stopping, Soft) and stopping.temperature > 0):
         raise TractfuncError(f"stopping must be None (hard) or tractfunc.Soft(temperature > 0), got {stopping!r}")
     if gradient is not None and not (isinstance(gradient, Checkpoint) and int(gradient.every) >= 1):
@@ -129,7 +138,7 @@ def describe(field, params, seeds, compiled: bool = False) -> Job:
     """The :class:`Job` of a Python-API call on ``field`` (:class:`FODField`), ``params`` and ``seeds`` (S, 3)."""
     import torch
     from . import native
-    from ..core.tracing import is_tracing, needs_grad
+    from ..core.tracing import is_tracing, is_vectorized, needs_grad
     sh = field.sh
     return Job(dtype=str(sh.dtype).replace("torch.", ""), device=sh.device.type,
                grad=bool(needs_grad(seeds, sh) or is_tracing(seeds, sh) or torch.is_tensor(params.step)
@@ -137,5 +146,5 @@ def describe(field, params, seeds, compiled: bool = False) -> Job:
                lut=bool(params.precomputed and field.table is not None), polish=int(params.peak_polish),
                state32=params.state_dtype in (None, torch.float32),
                numeric_step=not torch.is_tensor(params.step), lmax_ok=sh.shape[-1] <= 91, compiled=bool(compiled),
-               kernel=native.available()[0])
+               kernel=native.available()[0], rk4=bool(params.rk4), traced=is_vectorized(seeds, sh))
 

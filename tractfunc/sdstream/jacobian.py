@@ -15,6 +15,7 @@ from ..core.arrays import as_tensor
 from ..core.field import FODField, MaskField
 from ..core.params import TrackParams
 from .fixed import track_fixed
+from ..core.tracks import Tracks
 
 Tensor = torch.Tensor
 
@@ -45,3 +46,35 @@ def direction_jacobian(field: FODField, params: TrackParams, seeds: Tensor, init
     (implicit function theorem), so this is zero except on basin boundaries, where it does not exist."""
     seeds, init_dirs = as_tensor(seeds), as_tensor(init_dirs)
     return _columns(lambda d: track_fixed(field, params, seeds, d, n_steps, mask).vertices, init_dirs)
+
+
+def seed_jacobian_packed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None, *,
+                         mask: Optional[MaskField] = None, generator: Optional[torch.Generator] = None):
+    """The follow engine's streamlines and each vertex's Jacobian with respect to its seed, packed: the fast path
+    (C, forward propagation of every step's 3 x 3 Jacobian; :mod:`tractfunc.sdstream.fused`).
+
+    Args: as :func:`tractfunc.track` (CPU, lmax <= 12, tckgen's settings in float32 or exact peaks).
+    Returns:
+        (:class:`tractfunc.Tracks` (engine "follow", detached), J (V, 3, 3) with ``J[v, i, k] = d x_vi / d s_k``
+        for the seed s of vertex v's streamline; the identity at seed vertices).
+    Raises:
+        TractfuncError: where the fused engine cannot run (use :func:`seed_jacobian` on the fixed engine).
+    """
+    from ..core.field import tracking_field
+    from ..core.seeds import random_directions
+    from ..errors import TractfuncError
+    from . import fused, native
+    from .step import check_inputs
+    from .track import decision_kernel
+    seeds = as_tensor(seeds)
+    check_inputs(field, seeds, init_dirs)
+    field = tracking_field(field, params)
+    if not (fused.applies(field, params) and native.available()[0]):
+        raise TractfuncError("seed_jacobian_packed runs the fused follow engine: the CPU, lmax <= 12, float32 with "
+                             "tckgen's settings or exact peaks (resolve(..., exact=True)); use seed_jacobian")
+    if init_dirs is None:
+        init_dirs = random_directions(seeds.shape[0], generator, seeds.dtype, seeds.device)
+    kernel = decision_kernel(field, params, mask)
+    with torch.no_grad():
+        out, J = fused.seed_jacobian_fused(field, params, kernel, seeds, as_tensor(init_dirs))
+    return Tracks(*out, None, "follow"), J

@@ -37,9 +37,10 @@ if TYPE_CHECKING:   # torch is imported only by the functions that take tensors
     from ..core.field import FODField, MaskField
 
 _SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
+_SRC_ADJOINT = Path(__file__).with_name("csrc") / "sd_adjoint.c"   # the fused engine's reverse sweep (fused.py)
 # No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-_ABI = 2
+_ABI = 3
 SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
 _lib = None
 _error: Optional[str] = None
@@ -88,7 +89,8 @@ def _compile(out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        r = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(_SRC), "-lm"], capture_output=True, text=True)
+        r = subprocess.run([cc, *_CFLAGS, "-o", tmp, str(_SRC), str(_SRC_ADJOINT), "-lm"], capture_output=True,
+                           text=True)
         if r.returncode:
             raise OSError(f"{cc} failed: {r.stderr.strip()[:500]}")
         os.replace(tmp, out)   # atomic: concurrent first uses (workers, ranks) never see a partial file
@@ -113,7 +115,7 @@ def _load():
         _error = "disabled by TRACTFUNC_NATIVE=0"
         return None
     try:
-        src = _SRC.read_bytes()
+        src = _SRC.read_bytes() + _SRC_ADJOINT.read_bytes()
         # -march=native: key on the CPU too, so a shared home directory never serves another CPU's build
         key = hashlib.sha256(src + " ".join(_CFLAGS).encode() + sys.platform.encode() + platform.machine().encode()
                              + _cpu_flags().encode()).hexdigest()[:16]
@@ -131,6 +133,12 @@ def _load():
         lib.sd_track_batch.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                        ctypes.c_int32]
+        lib.sd_track_batch_dirs.restype = ctypes.c_int32
+        lib.sd_track_batch_dirs.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64] + [ctypes.c_void_p] * 7 + [
+            ctypes.c_int32]
+        lib.sd_gather_width.restype = None
+        lib.sd_gather_width.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                        ctypes.c_int32]
         lib.sd_gather.restype = None
         lib.sd_gather.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.sd_release.restype = None
@@ -142,6 +150,15 @@ def _load():
         lib.sd_seed_steps.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64] + [ctypes.c_void_p] * 5
         lib.sd_repack.restype = ctypes.c_int64
         lib.sd_repack.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+        # the fused engine's reverse sweep and exact replay (csrc/sd_adjoint.c; tractfunc.sdstream.fused)
+        lib.sd_replay.restype = None
+        lib.sd_replay.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int32]
+        lib.sd_adjoint.restype = ctypes.c_int32
+        lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int32]
+        lib.sd_seed_jacobian.restype = None
+        lib.sd_seed_jacobian.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int32]
+        lib.sd_polish.restype = None
+        lib.sd_polish.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.sd_sample.restype = None
         lib.sd_sample.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p]
@@ -187,6 +204,11 @@ def _require():
     if lib is None:
         raise RuntimeError(f"native tracker unavailable: {_error}")
     return lib
+
+
+def library():
+    """The loaded C library (its functions typed), or RuntimeError saying why it is unavailable."""
+    return _require()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -262,11 +284,14 @@ class Kernel:
         return cls(sh, affine, params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
                    None if mask is None else mask.voxel_sizes)
 
-    def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0):
+    def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0, record: bool = False):
         """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.
 
         Returns (vertices (V, 3) float32 streamline after streamline in tckgen order, lengths (A,),
-        accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool).
+        accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool), and with
+        ``record`` also each vertex's step directions (V, 3) (Euler: the peak the step moved along) or (V, 12)
+        (RK4: the four stage peaks), float32, zeros at seed vertices: what the adjoint needs
+        (:mod:`tractfunc.sdstream.fused`).
         Memory follows the streamlines traced (each grows as it is tracked), not ``max_points``; MemoryError
         when they do not fit."""
         seeds = np.ascontiguousarray(seeds, dtype=np.float32)
@@ -277,20 +302,28 @@ class Kernel:
         lengths = np.zeros(S, dtype=np.int64)
         sidx = np.zeros(S, dtype=np.int64)
         reasons = np.zeros((S, 2), dtype=np.int32)
-        rc = self.lib.sd_track_batch(ctypes.byref(self.config), S, seeds.ctypes.data, dirs.ctypes.data,
-                                     lines.ctypes.data, lengths.ctypes.data, sidx.ctypes.data, reasons.ctypes.data,
-                                     int(threads))
+        dlines = np.zeros(S, dtype=np.uintp) if record else None
+        rc = self.lib.sd_track_batch_dirs(ctypes.byref(self.config), S, seeds.ctypes.data, dirs.ctypes.data,
+                                          lines.ctypes.data, None if dlines is None else dlines.ctypes.data,
+                                          lengths.ctypes.data, sidx.ctypes.data, reasons.ctypes.data, int(threads))
         if rc == -2:
             raise MemoryError(f"out of memory tracking {S} seeds (streamlines longer than memory allows; "
                               "a smaller --chunk or --max-length bounds them)")
+        width = 12 if self.config.rk4 else 3
         try:
             verts = np.empty((int(lengths.sum()), 3), dtype=np.float32)
+            sdirs = np.empty((verts.shape[0], width), dtype=np.float32) if record else None
         except MemoryError:
             self.lib.sd_release(S, lines.ctypes.data)
+            if record:
+                self.lib.sd_release(S, dlines.ctypes.data)
             raise
         self.lib.sd_gather(S, lines.ctypes.data, lengths.ctypes.data, verts.ctypes.data)
+        if record:
+            self.lib.sd_gather_width(S, dlines.ctypes.data, lengths.ctypes.data, sdirs.ctypes.data, width)
         acc = lengths > 0
-        return verts, lengths[acc], np.nonzero(acc)[0], sidx[acc], reasons.astype(np.int64), acc
+        out = (verts, lengths[acc], np.nonzero(acc)[0], sidx[acc], reasons.astype(np.int64), acc)
+        return out + (sdirs,) if record else out
 
     def seed_steps(self, seeds: np.ndarray, dirs: np.ndarray):
         """tckgen's seed peak and first vertex of each half from start directions: seeds, dirs (n, 3) ->

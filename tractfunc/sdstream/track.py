@@ -18,7 +18,6 @@ from ..core.params import TrackParams
 from ..core.seeds import random_directions
 from ..core import tracks as T
 from ..core.tracks import Tracks
-from ..errors import TractfuncError
 from . import engine as E
 from .eager import track_chunk
 from .fixed import track_fixed
@@ -31,10 +30,12 @@ def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskFie
     """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params``: the decider of
     the follow engine."""
     from . import native
-    step = float(params.step.detach()) if torch.is_tensor(params.step) else params.step
-    return native.Kernel.from_field(field._replace(sh=field.sh.detach().to("cpu", torch.float32),
-                                                   nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
-                                    params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask)
+    from ..core.tracing import unwrap
+    step = float(unwrap(params.step).detach()) if torch.is_tensor(params.step) else params.step
+    with torch._C._DisableFuncTorch():   # plain tensors for the kernel, also under torch.func.grad / vjp
+        return native.Kernel.from_field(field._replace(sh=unwrap(field.sh).detach().to("cpu", torch.float32),
+                                                       nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
+                                        params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask)
 
 
 def _follow_chunk(field, params, kernel, seeds, init_dirs):
@@ -96,9 +97,6 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     field = tracking_field(field, params)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
-    if compiled and (params.rk4 or params.peak_polish or job.grad):
-        raise TractfuncError("compiled=True fuses the eager engine's Euler Newton move without gradients; it does "
-                             "not apply to RK4, peak polishing or a differentiable run")
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
@@ -110,7 +108,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         kernel = native.Kernel.from_field(field, params, mask)
     elif name == "follow":
         kernel = decision_kernel(field, params, mask)
-    if name in ("eager", "follow"):   # one compact FOD-gradient buffer for the whole call (fixed attaches its own)
+    from . import fused
+    use_fused = name == "follow" and fused.applies(field, params)
+    if name == "eager" or (name == "follow" and not use_fused):   # one compact FOD-gradient buffer for the call
         token, sink = fodgrad.attach(field.sh)
         if sink is not None:
             field = field._replace(grad_token=token, grad_sink=sink)
@@ -122,6 +122,8 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             s, d = seeds[sl], init_dirs[sl]
             if name == "native":
                 part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
+            elif use_fused:
+                part = Tracks(*fused.track_fused(field, params, kernel, s, d), None, name)
             elif name == "follow":
                 part = Tracks(*_follow_chunk(field, params, kernel, s, d), None, name)
             elif name == "eager":

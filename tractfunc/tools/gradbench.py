@@ -9,8 +9,13 @@ native forward measured in the same run (issue 15's measurement):
   (``resolve(exact=True)``), hard stopping; ``fixed_soft``: the same with ``Soft(T)``;
 * ``eager``: ``engine="eager"`` (own decisions, active set), exact SH and peaks;
 * ``follow``: ``engine="follow"`` (the native kernel's decisions, values in the dtype), tckgen's lookup-table
-  peaks (the only setting follow runs with);
-* ``seed_jacobian``: :func:`tractfunc.seed_jacobian` (forward-mode, B x (2T+1) x 3 x 3) on the fixed setting.
+  peaks: float32 runs the fused engine (the kernel's vertices, the C reverse sweep), float64 the PyTorch
+  primitives step by step;
+* ``follow_exact``: ``engine="follow"`` with exact peaks (``resolve(exact=True)``): the fused engine in both
+  dtypes (the kernel decides, C replays every peak exactly in double, C reverse sweep);
+* ``seed_jacobian``: :func:`tractfunc.seed_jacobian` (forward-mode, B x (2T+1) x 3 x 3) on the fixed setting;
+* ``jacobian_packed``: :func:`tractfunc.seed_jacobian_packed` (the fused engine's streamlines, exact peaks, one
+  3 x 3 per vertex, in C).
 
 Each route runs forward with a graph (gradients wanted wrt the FOD and the seeds) and forward + backward of the
 loss ``sum(w_v * <x_v, u>)`` (a weighted projection of the vertices: ``u`` a fixed unit vector, ``w`` the survival
@@ -33,7 +38,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-ROUTES = ("fixed", "fixed_soft", "eager", "follow", "seed_jacobian")
+ROUTES = ("fixed", "fixed_soft", "eager", "follow", "follow_exact", "seed_jacobian", "jacobian_packed")
 DEFAULT_DATA = "/work/shared/data/dmri_invivo_philips_achieva_dti32"
 
 
@@ -194,9 +199,18 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                                     gradient=Checkpoint(checkpoint), stopping=Soft(temperature))
                 if route == "eager":
                     return track(fld, p_exact, s, d, mask=mask, engine="eager")
+                if route == "follow_exact":
+                    return track(fld, p_exact, s, d, mask=mask, engine="follow")
                 return track(fld, p_lut, s, d, mask=mask, engine="follow")
 
             for route in routes:
+                if route == "jacobian_packed":
+                    s, d = seeds64.to(dt), dirs64.to(dt)
+                    secs, (tr, J), mem = _best(lambda: jacobian.seed_jacobian_packed(
+                        base_exact, p_exact, s, d, mask=mask), repeats)
+                    add(route, dname, "C fwd-mode", secs, tr.vertices.shape[0], mem,
+                        extra={"finite": bool(torch.isfinite(J).all())})
+                    continue
                 if route == "seed_jacobian":
                     fld = base_exact
                     s, d = seeds64.to(dt), dirs64.to(dt)

@@ -350,6 +350,7 @@ static int mask_contains(const sd_config *c, const float *pos) {
 typedef struct {
     float pos[3], dir[3];
     float values[MAX_COEF];
+    float stage[12];   /* the peak directions of the last step: Euler u, RK4 d1..d4 (for the adjoint) */
 } walker;
 
 static float find_peak(const sd_config *c, walker *w) {
@@ -386,6 +387,10 @@ static int next_rk4(const sd_config *c, walker *w) {
     normalize3(w->dir);
     if ((t = sd_next(c, w))) return t;
     memcpy(d4, w->dir, sizeof d4);
+    memcpy(w->stage, d1, sizeof d1);
+    memcpy(w->stage + 3, d2, sizeof d2);
+    memcpy(w->stage + 6, d3, sizeof d3);
+    memcpy(w->stage + 9, d4, sizeof d4);
     for (int i = 0; i < 3; i++) w->dir[i] = ((d1[i] + d2[i] * 2.0f) + d3[i] * 2.0f) + d4[i];
     normalize3(w->dir);
     for (int i = 0; i < 3; i++) w->pos[i] = p0[i] + w->dir[i] * c->step;
@@ -402,6 +407,7 @@ static int next_rk4(const sd_config *c, walker *w) {
 static int iterate(const sd_config *c, walker *w) {
     int t = c->rk4 ? next_rk4(c, w) : sd_next(c, w);
     if (t) return t;
+    if (!c->rk4) memcpy(w->stage, w->dir, 3 * sizeof(float));
     if (!mask_contains(c, w->pos)) return R_EXIT_MASK;
     return R_CONTINUE;
 }
@@ -411,6 +417,7 @@ static int iterate(const sd_config *c, walker *w) {
 typedef struct {
     float *v;
     int64_t cap;    /* vertices */
+    int width;      /* floats per vertex */
 } growbuf;
 
 /* Room for at least n vertices; 0 when out of memory (the buffer is then unchanged). */
@@ -418,7 +425,7 @@ static int reserve(growbuf *b, int64_t n) {
     if (n <= b->cap) return 1;
     int64_t cap = b->cap ? b->cap : 1024;
     while (cap < n) cap *= 2;
-    float *v = (float *)realloc(b->v, (size_t)cap * 3 * sizeof(float));
+    float *v = (float *)realloc(b->v, (size_t)cap * b->width * sizeof(float));
     if (!v) return 0;
     b->v = v;
     b->cap = cap;
@@ -427,15 +434,18 @@ static int reserve(growbuf *b, int64_t n) {
 
 #define R_NO_MEMORY (-1)
 
-/* One half: append vertices to out (n already there), return the termination code (R_NO_MEMORY when the
- * buffer could not grow). */
-static int half(const sd_config *c, walker *w, growbuf *out, int64_t *n) {
+/* One half: append vertices to out (n already there), and when dout is not NULL each new vertex's step
+ * directions (dout->width floats of w->stage), return the termination code (R_NO_MEMORY when a buffer could
+ * not grow). */
+static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int64_t *n) {
     int t;
     do {
         t = iterate(c, w);
         if (t == R_CONTINUE) {
             if (!reserve(out, *n + 1)) return R_NO_MEMORY;
+            if (dout && !reserve(dout, *n + 1)) return R_NO_MEMORY;
             memcpy(out->v + 3 * *n, w->pos, 3 * sizeof(float));
+            if (dout) memcpy(dout->v + dout->width * *n, w->stage, dout->width * sizeof(float));
             (*n)++;
             if (*n >= c->max_points) t = R_MAX_LENGTH;
         }
@@ -446,7 +456,7 @@ static int half(const sd_config *c, walker *w, growbuf *out, int64_t *n) {
 /* Track one seed into out (grown as needed).  Returns the vertex count (0 when rejected, -1 when out of
  * memory); seed_index: the seed vertex's index; reasons[2]: termination of each half (or seed rejected). */
 static int64_t track_one(const sd_config *c, walker *w, const float *seed, const float *init_dir, growbuf *out,
-                         int64_t *seed_index, int32_t *reasons) {
+                         growbuf *dout, int64_t *seed_index, int32_t *reasons) {
     memcpy(w->pos, seed, sizeof w->pos);
     memcpy(w->dir, init_dir, sizeof w->dir);
     reasons[0] = reasons[1] = R_SEED_REJECTED;
@@ -459,17 +469,25 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     const float seed_dir[3] = {w->dir[0], w->dir[1], w->dir[2]};
     int64_t n = 1;
     if (!reserve(out, 1)) return -1;
+    if (dout && !reserve(dout, 1)) return -1;
     float *v = out->v;
     memcpy(v, w->pos, 3 * sizeof(float));
-    if ((reasons[0] = half(c, w, out, &n)) == R_NO_MEMORY) return -1;
+    if (dout) memset(dout->v, 0, dout->width * sizeof(float));   /* the seed vertex: no step */
+    if ((reasons[0] = half(c, w, out, dout, &n)) == R_NO_MEMORY) return -1;
     v = out->v;
     /* reverse the forward half so it ends at the seed */
     for (int64_t i = 0, j = n - 1; i < j; i++, j--)
         for (int k = 0; k < 3; k++) { float t = v[3 * i + k]; v[3 * i + k] = v[3 * j + k]; v[3 * j + k] = t; }
+    if (dout) {
+        const int dw = dout->width;
+        float *d = dout->v;
+        for (int64_t i = 0, j = n - 1; i < j; i++, j--)
+            for (int k = 0; k < dw; k++) { float t = d[dw * i + k]; d[dw * i + k] = d[dw * j + k]; d[dw * j + k] = t; }
+    }
     *seed_index = n - 1;
     memcpy(w->pos, v + 3 * (n - 1), 3 * sizeof(float));
     for (int k = 0; k < 3; k++) w->dir[k] = -seed_dir[k];
-    if ((reasons[1] = half(c, w, out, &n)) == R_NO_MEMORY) return -1;
+    if ((reasons[1] = half(c, w, out, dout, &n)) == R_NO_MEMORY) return -1;
     if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
     return n;
 }
@@ -482,6 +500,8 @@ typedef struct {
     int64_t n;
     const float *seeds, *dirs;
     float **lines;   /* (n,) one malloc'd (lengths[i], 3) array per accepted seed, else NULL */
+    float **dlines;  /* NULL, or (n,) one malloc'd (lengths[i], dwidth) array of step directions per accepted seed */
+    int dwidth;
     int64_t *lengths, *seed_index;
     int32_t *reasons;
     int64_t next;    /* shared work counter */
@@ -491,24 +511,34 @@ typedef struct {
 static void *worker(void *arg) {
     batch_job *j = (batch_job *)arg;
     walker w;
-    growbuf buf = {NULL, 0};   /* this thread's scratch streamline */
+    growbuf buf = {NULL, 0, 3};   /* this thread's scratch streamline */
+    growbuf dbuf = {NULL, 0, j->dwidth};
+    growbuf *dout = j->dlines ? &dbuf : NULL;
     for (;;) {
         int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
         if (i >= j->n) break;
         j->lines[i] = NULL;
+        if (dout) j->dlines[i] = NULL;
         if (__atomic_load_n(&j->failed, __ATOMIC_RELAXED)) { j->lengths[i] = 0; continue; }
-        int64_t len = track_one(j->c, &w, j->seeds + 3 * i, j->dirs + 3 * i, &buf, j->seed_index + i,
+        int64_t len = track_one(j->c, &w, j->seeds + 3 * i, j->dirs + 3 * i, &buf, dout, j->seed_index + i,
                                 j->reasons + 2 * i);
         if (len > 0) {
             float *copy = (float *)malloc((size_t)len * 3 * sizeof(float));
             if (copy) memcpy(copy, buf.v, (size_t)len * 3 * sizeof(float));
             else len = -1;
             j->lines[i] = copy;
+            if (dout && len > 0) {
+                float *dc = (float *)malloc((size_t)len * j->dwidth * sizeof(float));
+                if (dc) memcpy(dc, dbuf.v, (size_t)len * j->dwidth * sizeof(float));
+                else len = -1;
+                j->dlines[i] = dc;
+            }
         }
         if (len < 0) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); len = 0; }
         j->lengths[i] = len;
     }
     free(buf.v);
+    free(dbuf.v);
     return NULL;
 }
 
@@ -517,10 +547,23 @@ static void *worker(void *arg) {
  * vertex counts (0 = rejected); seed_index (n,); reasons (n, 2).  Returns 0; -1 when a thread could not be
  * started (the work is then done on the calling thread, same result); -2 when memory ran out (every line
  * is then freed and every length set to 0). */
+int32_t sd_track_batch_dirs(const sd_config *c, int64_t n, const float *seeds, const float *dirs, float **lines,
+                            float **dlines, int64_t *lengths, int64_t *seed_index, int32_t *reasons,
+                            int32_t nthreads);
+
 int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const float *dirs, float **lines,
                        int64_t *lengths, int64_t *seed_index, int32_t *reasons, int32_t nthreads) {
+    return sd_track_batch_dirs(c, n, seeds, dirs, lines, NULL, lengths, seed_index, reasons, nthreads);
+}
+
+/* sd_track_batch that also records, when dlines is not NULL, each vertex's step directions (Euler: the peak u
+ * the step moved along; RK4: the four stage peaks d1..d4; zeros at the seed vertex): dlines (n,) receives a
+ * malloc'd (lengths[i], 3 or 12) float array per accepted seed, in the vertices' order (sd_gather_width). */
+int32_t sd_track_batch_dirs(const sd_config *c, int64_t n, const float *seeds, const float *dirs, float **lines,
+                            float **dlines, int64_t *lengths, int64_t *seed_index, int32_t *reasons,
+                            int32_t nthreads) {
     pthread_once(&consts_once, init_consts);
-    batch_job j = {c, n, seeds, dirs, lines, lengths, seed_index, reasons, 0, 0};
+    batch_job j = {c, n, seeds, dirs, lines, dlines, c->rk4 ? 12 : 3, lengths, seed_index, reasons, 0, 0};
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 256) nthreads = 256;
     pthread_t th[256];
@@ -532,22 +575,29 @@ int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const 
     worker(&j);
     for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
     if (j.failed) {
-        for (int64_t i = 0; i < n; i++) { free(lines[i]); lines[i] = NULL; lengths[i] = 0; }
+        for (int64_t i = 0; i < n; i++) {
+            free(lines[i]); lines[i] = NULL; lengths[i] = 0;
+            if (dlines) { free(dlines[i]); dlines[i] = NULL; }
+        }
         return -2;
     }
     return rc;
 }
 
-/* Copy the n streamlines of sd_track_batch one after another into out (sum of lengths, 3) and free them. */
-void sd_gather(int64_t n, float **lines, const int64_t *lengths, float *out) {
+/* Copy the n streamlines of sd_track_batch one after another into out (sum of lengths, width) and free them. */
+void sd_gather_width(int64_t n, float **lines, const int64_t *lengths, float *out, int32_t width) {
     for (int64_t i = 0; i < n; i++) {
         if (lines[i]) {
-            memcpy(out, lines[i], (size_t)lengths[i] * 3 * sizeof(float));
-            out += 3 * lengths[i];
+            memcpy(out, lines[i], (size_t)lengths[i] * width * sizeof(float));
+            out += width * lengths[i];
             free(lines[i]);
             lines[i] = NULL;
         }
     }
+}
+
+void sd_gather(int64_t n, float **lines, const int64_t *lengths, float *out) {
+    sd_gather_width(n, lines, lengths, out, 3);
 }
 
 /* Free the streamlines of sd_track_batch without copying them. */
@@ -647,4 +697,4 @@ int64_t sd_repack(const float *src, const int64_t *st, const int64_t *dim, float
     return j.bad;
 }
 
-int32_t sd_abi_version(void) { return 2; }
+int32_t sd_abi_version(void) { return 3; }

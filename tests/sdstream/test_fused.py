@@ -1,0 +1,252 @@
+"""tractfunc.sdstream.fused: the follow engine's C forward and reverse sweep against its specification, the
+PyTorch primitives composed step by step (tractfunc.sdstream.follow.follow), and against central differences."""
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import tractfunc as tf
+from tractfunc.core import params as P
+from tractfunc.core.field import tracking_field
+from tractfunc.sdstream import engine as E, fused, native
+from tractfunc.sdstream.follow import follow
+from tractfunc.sdstream.track import decision_kernel, track
+
+from conftest import phantom_seeds, require_philips
+
+pytestmark = pytest.mark.skipif(not native.available()[0], reason="native kernel unavailable (no C compiler)")
+
+
+def _leaves(fld, prm, pts):
+    sh = fld.sh.detach().clone().requires_grad_(True)
+    seeds = pts.detach().clone().requires_grad_(True)
+    step = torch.tensor(float(prm.step), dtype=fld.sh.dtype, requires_grad=True)
+    return fld._replace(sh=sh), prm._replace(step=step), seeds, (sh, seeds, step)
+
+
+def _reference(fld, prm, pts, dirs, mask=None):
+    """The PyTorch follow engine (the primitives, step by step) on the kernel's decisions: (Tracks-like vertices,
+    lengths, seed_index, leaves)."""
+    fld = tracking_field(fld, prm)
+    f, p, s, leaves = _leaves(fld, prm, pts)
+    k = decision_kernel(fld, prm, mask)
+    s32, d32 = pts.float().numpy(), dirs.float().numpy()
+    v, ln, ids, si, _, _ = (torch.from_numpy(x) for x in k.track(s32, d32))
+    seed_peak = None
+    if prm.rk4:
+        seed_peak = torch.from_numpy(k.seed_steps(s32[ids.numpy()], d32[ids.numpy()])[0]).to(pts.dtype)
+    fol = follow(f, p, s[ids], v, ln, si, seed_peak)
+    assert bool(fol.faithful.all())
+    return fol.vertices, ln, si, leaves
+
+
+def _fused(fld, prm, pts, dirs, mask=None):
+    f, p, s, leaves = _leaves(fld, prm, pts)
+    tr = track(f, p, s, dirs, mask=mask, engine="follow")
+    return tr, leaves
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("rk4", [False, True])
+def test_matches_the_primitives_float64_exact_peaks(phantom_field, rk4):
+    """Exact peaks in float64: the same decisions, vertices within 1e-10 mm and gradients wrt the FOD, the seeds
+    and the step within 1e-6 relative of the PyTorch primitives' autograd (measured: 1e-14 mm, 2e-15)."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, rk4=rk4, max_length=25.0)   # short: the reference is slow
+    pts, dirs, fld = phantom_seeds(f, 10, 11, torch.float64)
+    ref_v, ln, si, ref_leaves = _reference(fld, prm, pts, dirs, f["mask"])
+    tr, leaves = _fused(fld, prm, pts, dirs, f["mask"])
+    assert torch.equal(tr.lengths, ln) and torch.equal(tr.seed_index, si)
+    assert tr.vertices.dtype == torch.float64 and tr.vertices.shape[0] > 150
+    assert float((tr.vertices.detach() - ref_v.detach()).norm(dim=-1).max()) < 1e-10
+    u = torch.randn(ref_v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got = torch.autograd.grad((tr.vertices * u).sum(), leaves)
+    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
+    for g, w in zip(got, want):
+        assert float(w.norm()) > 0 and _rel(g, w) < 1e-6, _rel(g, w)
+
+
+def test_central_differences_float64(phantom_field):
+    """Fused gradients wrt a seed, the step and FOD coefficients against central differences of the fused
+    forward itself (the decisions held: the perturbation keeps every vertex count)."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True)
+    pts, dirs, fld = phantom_seeds(f, 6, 4, torch.float64)
+    fld = tracking_field(fld, prm)
+    u = torch.tensor([0.3, -0.5, 0.81], dtype=torch.float64)
+
+    def loss(sh, seeds, step):
+        tr = track(fld._replace(sh=sh), prm._replace(step=step), seeds, dirs, engine="follow")
+        return (tr.vertices @ u).sum(), tr.lengths
+
+    tr, (sh, seeds, step) = _fused(fld, prm, pts, dirs)
+    g_sh, g_seeds, g_step = torch.autograd.grad((tr.vertices @ u).sum(), (sh, seeds, step))
+    eps = 1e-6
+
+    def central(make):
+        (lp, np_), (lm, nm) = loss(*make(eps)), loss(*make(-eps))
+        assert torch.equal(np_, tr.lengths) and torch.equal(nm, tr.lengths)
+        return float(lp - lm) / (2 * eps)
+
+    base = (fld.sh.detach(), pts, torch.tensor(float(prm.step), dtype=torch.float64))
+    fd = central(lambda e: (base[0], base[1] + e * torch.eye(3, dtype=torch.float64)[1].expand(6, 3) *
+                            (torch.arange(6) == 0).unsqueeze(1), base[2]))
+    assert abs(fd - float(g_seeds[0, 1])) < 1e-6 * max(1.0, abs(fd))
+    fd = central(lambda e: (base[0], base[1], base[2] + e))
+    assert abs(fd - float(g_step)) < 1e-6 * max(1.0, abs(fd))
+    flat = g_sh.reshape(-1, g_sh.shape[-1])
+    vox = int(flat.abs().sum(1).argmax())            # the voxel with the largest FOD gradient
+    for k in flat[vox].abs().argsort(descending=True)[:3].tolist():   # its three largest coefficients
+        bump = torch.zeros_like(flat)
+        bump[vox, k] = 1.0
+        bump = bump.reshape(g_sh.shape)
+        fd = central(lambda e: (base[0] + e * bump, base[1], base[2]))
+        assert float(flat[vox, k]) != 0.0
+        assert abs(fd - float(flat[vox, k])) < 1e-6 * max(1.0, abs(fd)), (k, fd, float(flat[vox, k]))
+
+
+@pytest.mark.parametrize("rk4", [False, True])
+def test_float32_tckgen_settings(phantom_field, rk4):
+    """tckgen's settings in float32: the vertices are the native kernel's bit for bit, with a gradient; it agrees
+    with the PyTorch follow engine's, whose float32 peaks stop at tckgen's Newton tolerance from other starts
+    (measured 2e-4 relative for Euler, 2e-6 for RK4)."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, rk4=rk4, max_length=25.0)
+    pts, dirs, fld = phantom_seeds(f, 12, 7)
+    nat = track(fld, prm, pts, dirs, mask=f["mask"], engine="native")
+    tr, leaves = _fused(fld, prm, pts, dirs, f["mask"])
+    assert torch.equal(tr.vertices.detach(), nat.vertices) and torch.equal(tr.lengths, nat.lengths)
+    assert tr.vertices.requires_grad
+    ref_v, _, _, ref_leaves = _reference(fld, prm, pts, dirs, f["mask"])
+    u = torch.randn(ref_v.shape, generator=torch.Generator().manual_seed(3))
+    got = torch.autograd.grad((tr.vertices * u).sum(), leaves)
+    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
+    for g, w in zip(got, want):
+        assert _rel(g, w) < 2e-3, _rel(g, w)
+
+
+def test_float32_exact_peaks_are_the_float64_values_rounded(phantom_field):
+    """Exact peaks in float32: within 1e-5 mm of the float64 primitives (measured 2e-6: float32 rounding at 50 mm),
+    since the replay runs in double; the float32 primitives themselves drift 1.3e-4 mm from them."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, max_length=25.0)
+    pts, dirs, fld = phantom_seeds(f, 10, 5)
+    ref_v, ln, _, _ = _reference(f["field64"], prm, pts.double(), dirs.double(), f["mask"])
+    tr, _ = _fused(fld, prm, pts, dirs, f["mask"])
+    assert tr.vertices.dtype == torch.float32 and torch.equal(tr.lengths, ln)
+    assert float((tr.vertices.detach().double() - ref_v.detach()).norm(dim=-1).max()) < 1e-5
+
+
+def test_front_door_picks_it_for_gradients(phantom_field):
+    """``engine="auto"`` runs the fused follow engine for a differentiable CPU run; under torch.func transforms
+    it cannot (the kernel is not traced) and the rule says so."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True)
+    pts, dirs, fld = phantom_seeds(f, 3, 2, torch.float64)
+    job = E.describe(fld, prm, pts.requires_grad_(True))
+    assert E.choose(job) == "follow" and fused.applies(fld, prm)
+    assert E.choose(job._replace(traced=True)) == "eager"
+    with pytest.raises(tf.TractfuncError, match="vmap"):
+        E.choose(job._replace(traced=True), "follow")
+    assert not fused.applies(fld, P.resolve(f["img"].voxel_sizes))   # float64 with tckgen's tolerance: PyTorch
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.tuples(st.floats(-0.6, 1.6), st.floats(-0.6, 1.6), st.floats(-0.6, 1.6)), min_size=1,
+                max_size=6),
+       st.sampled_from([(0.0, 0.0, 1.0), (0.0, 0.0, -1.0), (1.0, 0.0, 0.0), (0.3, -0.2, 0.9)]),
+       st.sampled_from(["as is", "flat", "scaled"]), st.booleans())
+def test_gradients_finite_everywhere(phantom_field, where, start, fod, rk4):
+    """Seeds anywhere in and around the image (faces, edges, outside: dead seeds), starts at the poles, a flat
+    (isotropic) FOD and a rescaled one: no NaN or Inf in any gradient."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, rk4=rk4)
+    fld = f["field64"]
+    if fod == "flat":
+        fld = fld._replace(sh=fld.sh * (torch.arange(fld.sh.shape[-1]) == 0))
+    elif fod == "scaled":
+        fld = fld._replace(sh=fld.sh * 0.35)
+    dims = torch.tensor(fld.sh.shape[:3], dtype=torch.float64)
+    A = torch.linalg.inv(fld.world_to_voxel)
+    vox = torch.tensor(where, dtype=torch.float64) * (dims - 1)
+    pts = vox @ A[:3, :3].T + A[:3, 3]
+    dirs = torch.tensor(start, dtype=torch.float64).expand_as(pts)
+    tr, leaves = _fused(fld, prm, pts, dirs)
+    if tr.vertices.shape[0] == 0:
+        return
+    grads = torch.autograd.grad(tr.vertices.sum(), leaves, allow_unused=True)
+    for g in grads:
+        assert g is None or bool(torch.isfinite(g).all())
+
+
+def test_real_data_float64_and_float32(tmp_path):
+    """Philips FOD, WM-mask seeds: the fused engine against the PyTorch primitives, Euler, exact peaks: same
+    decisions, vertices within 1e-10 mm (float64), gradients within 1e-6 relative."""
+    d = require_philips()
+    from tractfunc import io
+    from tractfunc.core import seeds as S
+    img = io.load_fod(d["fod"])
+    wm = io.load_mask(d["seed"])
+    g = torch.Generator().manual_seed(5)
+    pts = S.random_in_mask(torch.as_tensor(wm.data), wm.affine, 12, g).double()
+    dirs = S.random_directions(12, g, torch.float64)
+    fld = tf.make_field(torch.as_tensor(np.ascontiguousarray(img.data), dtype=torch.float64), img.affine,
+                        voxel_sizes=img.voxel_sizes)
+    prm = P.resolve(img.voxel_sizes, exact=True, max_length=40.0)
+    ref_v, ln, _, ref_leaves = _reference(fld, prm, pts, dirs)
+    tr, leaves = _fused(fld, prm, pts, dirs)
+    assert torch.equal(tr.lengths, ln) and ln.sum() > 300
+    assert float((tr.vertices.detach() - ref_v.detach()).norm(dim=-1).max()) < 1e-10
+    u = torch.randn(ref_v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    got = torch.autograd.grad((tr.vertices * u).sum(), leaves)
+    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
+    for gg, w in zip(got, want):
+        assert _rel(gg, w) < 1e-6, _rel(gg, w)
+
+
+@pytest.mark.parametrize("rk4", [False, True])
+def test_seed_jacobian_packed_equals_reverse_mode(phantom_field, rk4):
+    """The C forward-mode seed Jacobians (one 3 x 3 per vertex) equal the reverse-mode Jacobian of the fused
+    engine's vertices with respect to the seeds, and the fixed engine's forward-mode ones where the decisions agree
+    (measured 3e-15)."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, rk4=rk4, max_length=15.0)
+    pts, dirs, fld = phantom_seeds(f, 5, 13, torch.float64)
+    tr, J = tf.seed_jacobian_packed(fld, prm, pts, dirs)
+    full = torch.autograd.functional.jacobian(lambda x: track(fld, prm, x, dirs, engine="follow").vertices, pts)
+    rows = torch.arange(tr.vertices.shape[0])
+    want = full[rows, :, torch.repeat_interleave(tr.seed_ids, tr.lengths), :]
+    assert J.shape == (tr.vertices.shape[0], 3, 3) and float(want.abs().max()) > 0.5
+    assert float((J - want).abs().max()) < 1e-10
+    seed_rows = torch.cumsum(tr.lengths, 0) - tr.lengths + tr.seed_index
+    assert torch.equal(J[seed_rows], torch.eye(3, dtype=J.dtype).expand(len(seed_rows), 3, 3))
+
+
+def test_torch_func_grad_and_vjp_run_the_fused_engine(phantom_field):
+    """``torch.func.grad`` and ``vjp`` go through the fused engine (the op unwraps to plain tensors) and give
+    plain autograd's gradients exactly; ``jacrev`` (vmap) runs a fixed-shape engine instead."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, max_length=15.0)
+    pts, dirs, fld = phantom_seeds(f, 5, 17, torch.float64)
+    u = torch.tensor([0.3, -0.5, 0.81], dtype=torch.float64)
+    engines = []
+
+    def loss(sh, x):
+        tr = track(fld._replace(sh=sh), prm, x, dirs)
+        engines.append(tr.engine)
+        return (tr.vertices @ u).sum()
+
+    g_func = torch.func.grad(loss, argnums=(0, 1))(fld.sh, pts)
+    sh, x = fld.sh.clone().requires_grad_(True), pts.clone().requires_grad_(True)
+    g_auto = torch.autograd.grad(loss(sh, x), (sh, x))
+    assert engines == ["follow", "follow"]
+    for a, b in zip(g_func, g_auto):
+        assert torch.equal(a, b) and float(b.abs().sum()) > 0
+    out, vjp = torch.func.vjp(lambda s: track(fld, prm, s, dirs).vertices, pts)
+    (g_vjp,) = vjp(u.expand_as(out))
+    assert torch.equal(g_vjp, g_auto[1])
+    J = torch.func.jacrev(lambda s: track(fld, prm, s, dirs[:2], n_steps=4).vertices)(pts[:2])
+    assert J.shape[1:] == (3, 2, 3) and bool(torch.isfinite(J).all())

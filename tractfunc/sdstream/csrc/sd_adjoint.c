@@ -1,0 +1,618 @@
+/* Fused reverse sweep of SD_Stream streamlines (the adjoint), and their exact replay, in double precision.
+ *
+ * Given streamlines whose discrete decisions are fixed (how many steps each half takes; from the native kernel
+ * sd_stream.c, which also records each step's peak directions), this file evaluates
+ *   - sd_replay: the streamlines again along those decisions with every peak polished to the exact maximum of
+ *     the exactly evaluated SH series (full tangent Newton iterations from the recorded direction), in double;
+ *   - sd_adjoint: the vector-Jacobian product of the vertices with respect to the FOD coefficients, the seeds
+ *     and the step length, by one reverse sweep per streamline.  Each peak's derivative is the implicit-function
+ *     one (proofs/peak_ift.md): du = -E H2^-1 E^T dF(u; dc), so its transpose applied to a cotangent ubar is the
+ *     derivative of every basis function at u along t = -E H2^-1 E^T ubar, scattered into the 8 voxels of the
+ *     trilinear sample with their weights, and through the weights' derivatives to the position.
+ * The formulas are those of the PyTorch primitives (tractfunc.core.sh.sh_jet, core.newton.tangent_newton,
+ * core.implicit.attach_peak, core.interpolate.trilinear, core.fodgrad, core.integrate.euler / rk4), which stay
+ * the specification: tests/sdstream/test_fused.py compares the two.
+ *
+ * Frames: positions in scanner mm; the FOD is an (X, Y, Z, N) C-ordered array in its own voxel frame (the
+ * PyTorch field's, not the kernel's realigned one), w2v the scanner -> voxel rows of its inverse affine.
+ * Stage directions per vertex: Euler 3 (u), RK4 12 (d1..d4), row of the vertex the step produced.
+ * Written for tractfunc; shares no code with MRtrix3.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <pthread.h>
+
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+#define A_MAXL 12
+#define A_MAXC 91
+#define WEIGHT_EPS 1e-6
+#define REL_EPS 1e-6
+
+typedef struct {
+    const void *fod;          /* (X, Y, Z, N) C order */
+    int32_t fod_double;       /* 1: double, 0: float */
+    int64_t dim[3];
+    int32_t ncoef, lmax;
+    const uint8_t *nonzero;   /* (X, Y, Z) voxels holding any non-zero coefficient */
+    double w2v[12];           /* scanner mm -> voxel: rows 0..2 of the inverse affine */
+    double step;
+    int32_t rk4;
+    int32_t polish;           /* sd_replay: at most this many exact Newton iterations per peak */
+} adj_config;
+
+/* ------------------------------------------------------------------------------------------------ */
+/* SH basis as polynomials in (x, y, z): Y_k = n_k Q_{l,|m|}(z) T_k(x, y), Q_{l,j} = d^j P_l / dz^j,     */
+/* T = Re (x + iy)^|m| (m >= 0) or Im (m < 0); value, Cartesian gradient and Hessian of the extension.   */
+
+static int KL[A_MAXC], KM[A_MAXC], KNEG[A_MAXC];
+static double KN[A_MAXC];
+static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
+
+static void init_tables(void) {
+    for (int l = 0; l <= A_MAXL; l += 2)
+        for (int m = -l; m <= l; m++) {
+            int k = l * (l + 1) / 2 + m, am = m < 0 ? -m : m;
+            double ratio = 1.0;   /* (l - am)! / (l + am)! */
+            for (int j = l - am + 1; j <= l + am; j++) ratio /= (double)j;
+            double n = sqrt((2 * l + 1) / (4.0 * M_PI) * ratio);
+            if (am) n *= sqrt(2.0) * ((am & 1) ? -1.0 : 1.0);
+            KL[k] = l; KM[k] = am; KNEG[k] = m < 0; KN[k] = n;
+        }
+}
+
+/* B[k], dB[k][3], d2B[k][6] (xx, xy, xz, yy, yz, zz) at unit u for every coefficient k < n. */
+static void basis_jet(int lmax, int n, const double *u, double *B, double (*dB)[3], double (*d2B)[6]) {
+    const double x = u[0], y = u[1], z = u[2];
+    const int ncol = lmax + 3;
+    double Q[A_MAXL + 1][A_MAXL + 3];
+    memset(Q, 0, sizeof Q);
+    Q[0][0] = 1.0;
+    if (lmax >= 1) { Q[1][0] = z; Q[1][1] = 1.0; }
+    for (int l = 1; l < lmax; l++) {
+        Q[l + 1][0] = ((2 * l + 1) * z * Q[l][0] - l * Q[l - 1][0]) / (l + 1);
+        for (int j = 1; j < ncol; j++) Q[l + 1][j] = Q[l - 1][j] + (2 * l + 1) * Q[l][j - 1];
+    }
+    double C[A_MAXL + 1], S[A_MAXL + 1];
+    C[0] = 1.0; S[0] = 0.0;
+    for (int m = 0; m < lmax; m++) { C[m + 1] = C[m] * x - S[m] * y; S[m + 1] = S[m] * x + C[m] * y; }
+    for (int k = 0; k < n; k++) {
+        const int l = KL[k], m = KM[k], neg = KNEG[k];
+        const double q0 = Q[l][m] * KN[k], q1 = Q[l][m + 1] * KN[k], q2 = Q[l][m + 2] * KN[k];
+        const int i1 = m >= 1 ? m - 1 : 0, i2 = m >= 2 ? m - 2 : 0;
+        const double T = neg ? S[m] : C[m];
+        const double Tx = m * (neg ? S[i1] : C[i1]), Ty = m * (neg ? C[i1] : -S[i1]);
+        const double mm = (double)m * (m - 1);
+        const double Txx = mm * (neg ? S[i2] : C[i2]), Txy = mm * (neg ? C[i2] : -S[i2]);
+        B[k] = q0 * T;
+        if (dB) { dB[k][0] = q0 * Tx; dB[k][1] = q0 * Ty; dB[k][2] = q1 * T; }
+        if (d2B) {
+            d2B[k][0] = q0 * Txx; d2B[k][1] = q0 * Txy; d2B[k][2] = q1 * Tx;
+            d2B[k][3] = -q0 * Txx; d2B[k][4] = q1 * Ty; d2B[k][5] = q2 * T;
+        }
+    }
+}
+
+/* Orthonormal tangent frame at unit u: e1, e2 (the rule of core.newton.tangent_basis). */
+static void tangent_frame(const double *u, double *e1, double *e2) {
+    double a[3] = {0.0, 0.0, 0.0};
+    if (fabs(u[0]) < 0.9) a[0] = 1.0; else a[1] = 1.0;
+    double d = a[0] * u[0] + a[1] * u[1] + a[2] * u[2];
+    for (int i = 0; i < 3; i++) e1[i] = a[i] - d * u[i];
+    double nn = sqrt(e1[0] * e1[0] + e1[1] * e1[1] + e1[2] * e1[2]);
+    for (int i = 0; i < 3; i++) e1[i] /= nn;
+    e2[0] = u[1] * e1[2] - u[2] * e1[1];
+    e2[1] = u[2] * e1[0] - u[0] * e1[2];
+    e2[2] = u[0] * e1[1] - u[1] * e1[0];
+}
+
+/* The tangent Hessian H2 = (a b; c d) of the series c at u, the tangent gradient (g0, g1) and the frame.
+ * Returns 1 where H2 is negative definite with eigenvalue ratio above REL_EPS (core.newton.tangent_newton). */
+typedef struct { double e1[3], e2[3], a, b, c, d, det, g0, g1; } tangent_jet;
+
+static int tangent(int lmax, int n, const double *coef, const double *u, tangent_jet *t, double (*dB)[3]) {
+    double B[A_MAXC], d2B[A_MAXC][6];
+    basis_jet(lmax, n, u, B, dB, d2B);
+    double g[3] = {0, 0, 0}, H[6] = {0, 0, 0, 0, 0, 0};
+    for (int k = 0; k < n; k++) {
+        for (int i = 0; i < 3; i++) g[i] += coef[k] * dB[k][i];
+        for (int i = 0; i < 6; i++) H[i] += coef[k] * d2B[k][i];
+    }
+    const double radial = u[0] * g[0] + u[1] * g[1] + u[2] * g[2];
+    tangent_frame(u, t->e1, t->e2);
+    const double *E[2] = {t->e1, t->e2};
+    double h2[2][2];
+    for (int p = 0; p < 2; p++) {
+        const double *e = E[p];
+        double He[3] = {H[0] * e[0] + H[1] * e[1] + H[2] * e[2], H[1] * e[0] + H[3] * e[1] + H[4] * e[2],
+                        H[2] * e[0] + H[4] * e[1] + H[5] * e[2]};
+        for (int q = 0; q < 2; q++) h2[q][p] = E[q][0] * He[0] + E[q][1] * He[1] + E[q][2] * He[2];
+        h2[p][p] -= radial;
+    }
+    t->a = h2[0][0]; t->b = h2[0][1]; t->c = h2[1][0]; t->d = h2[1][1];
+    t->g0 = t->e1[0] * g[0] + t->e1[1] * g[1] + t->e1[2] * g[2];
+    t->g1 = t->e2[0] * g[0] + t->e2[1] * g[1] + t->e2[2] * g[2];
+    const double tr = t->a + t->d;
+    t->det = t->a * t->d - t->b * t->c;
+    return tr < 0 && t->det > (REL_EPS / ((1.0 + REL_EPS) * (1.0 + REL_EPS))) * tr * tr && isfinite(t->det);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Trilinear sampling with MRtrix3's rules (core.interpolate), remembering what the adjoint needs.        */
+
+typedef struct {
+    int64_t row[8];      /* voxel row of each corner in the (X*Y*Z, N) view */
+    double w[8];         /* weights as the sum uses them (cast to the volume's precision, small ones dropped) */
+    double frac[3], sgn_free[3];
+    int inside;
+} sample_info;
+
+static inline double fod_at(const adj_config *c, int64_t i) {
+    return c->fod_double ? ((const double *)c->fod)[i] : (double)((const float *)c->fod)[i];
+}
+
+static void to_voxel(const adj_config *c, const double *p, double *v) {
+    for (int i = 0; i < 3; i++) {
+        const double *r = c->w2v + 4 * i;
+        v[i] = r[0] * p[0] + r[1] * p[1] + r[2] * p[2] + r[3];
+    }
+}
+
+static double round_half_away(double x) { return x < 0 ? -floor(-x + 0.5) : floor(x + 0.5); }
+
+/* Coefficients at scanner point pos into vals (zeros when outside); fills si. */
+static void sample(const adj_config *c, const double *pos, double *vals, sample_info *si) {
+    double v[3];
+    to_voxel(c, pos, v);
+    const int n = c->ncoef;
+    si->inside = 1;
+    int64_t near = 0;
+    for (int i = 0; i < 3; i++) {
+        if (!(v[i] > -0.5 && v[i] < (double)c->dim[i] - 0.5)) si->inside = 0;
+    }
+    if (si->inside) {
+        int64_t r[3];
+        for (int i = 0; i < 3; i++) {
+            r[i] = (int64_t)round_half_away(v[i]);
+            if (r[i] < 0 || r[i] > c->dim[i] - 1) si->inside = 0;
+        }
+        near = (r[0] * c->dim[1] + r[1]) * c->dim[2] + r[2];
+        if (si->inside && !c->nonzero[near]) si->inside = 0;
+    }
+    if (!si->inside) { memset(vals, 0, n * sizeof(double)); return; }
+    int64_t base[3];
+    for (int i = 0; i < 3; i++) {
+        double fl = floor(v[i]);
+        base[i] = (int64_t)fl;
+        int clamp = v[i] < 0 || v[i] > (double)(c->dim[i] - 1);
+        si->frac[i] = clamp ? 0.0 : v[i] - fl;
+        si->sgn_free[i] = clamp ? 0.0 : 1.0;
+    }
+    for (int k = 0; k < 8; k++) {
+        int o[3] = {(k >> 2) & 1, (k >> 1) & 1, k & 1};
+        int64_t idx[3];
+        double f[3];
+        for (int a = 0; a < 3; a++) {
+            int64_t t = base[a] + o[a];
+            idx[a] = t < 0 ? 0 : (t > c->dim[a] - 1 ? c->dim[a] - 1 : t);
+            f[a] = o[a] ? si->frac[a] : 1.0 - si->frac[a];
+        }
+        double w = (f[0] * f[1]) * f[2];
+        if (!c->fod_double) w = (double)(float)w;
+        if (w < WEIGHT_EPS && w != 0.0) w = 0.0;
+        si->w[k] = w;
+        si->row[k] = (idx[0] * c->dim[1] + idx[1]) * c->dim[2] + idx[2];
+    }
+    for (int j = 0; j < n; j++) {
+        double s = 0.0;
+        for (int k = 0; k < 8; k++) s += si->w[k] * fod_at(c, si->row[k] * n + j);
+        vals[j] = s;
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Peak polish (replay) and peak VJP (adjoint)                                                       */
+
+static void normalize(double *u) {
+    double n = sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2]);
+    u[0] /= n; u[1] /= n; u[2] /= n;
+}
+
+/* Exact peak at pos from start u (in place): up to c->polish full tangent Newton iterations, stopping once
+ * the move is below 1e-15 rad.  Returns 0 where the sample is outside or a Hessian is not regular (u then
+ * keeps its last value). */
+static int polish_peak(const adj_config *c, const double *pos, double *u) {
+    double vals[A_MAXC], dB[A_MAXC][3];
+    sample_info si;
+    sample(c, pos, vals, &si);
+    if (!si.inside) return 0;
+    normalize(u);
+    for (int it = 0; it < c->polish; it++) {
+        tangent_jet t;
+        if (!tangent(c->lmax, c->ncoef, vals, u, &t, dB)) return 0;
+        const double x0 = -(t.d * t.g0 - t.b * t.g1) / t.det, x1 = -(t.a * t.g1 - t.c * t.g0) / t.det;
+        double step = 0.0;
+        for (int i = 0; i < 3; i++) {
+            double dl = t.e1[i] * x0 + t.e2[i] * x1;
+            u[i] += dl;
+            step += dl * dl;
+        }
+        normalize(u);
+        if (step < 1e-30) break;
+    }
+    return 1;
+}
+
+/* gpos += d<ubar, u*(pos)>/dpos and gfod += d<ubar, u*>/dFOD (when gfod is not NULL; float or double like the
+ * FOD) for the peak u (unit) of the sample at pos.  No contribution where outside, u is not finite or the
+ * tangent Hessian is not regular (core.implicit.attach_peak's rules). */
+static void peak_vjp(const adj_config *c, const double *pos, const double *u, const double *ubar, double *gpos,
+                     void *gfod) {
+    if (!(isfinite(u[0]) && isfinite(u[1]) && isfinite(u[2]))) return;
+    if (ubar[0] == 0.0 && ubar[1] == 0.0 && ubar[2] == 0.0) return;
+    const int n = c->ncoef;
+    double vals[A_MAXC], dB[A_MAXC][3], cbar[A_MAXC];
+    sample_info si;
+    sample(c, pos, vals, &si);
+    if (!si.inside) return;
+    tangent_jet t;
+    if (!tangent(c->lmax, n, vals, u, &t, dB)) return;
+    const double y0 = t.e1[0] * ubar[0] + t.e1[1] * ubar[1] + t.e1[2] * ubar[2];
+    const double y1 = t.e2[0] * ubar[0] + t.e2[1] * ubar[1] + t.e2[2] * ubar[2];
+    /* x = -H2^-1 g2 as tangent_newton writes it; its transpose on (y0, y1): g2bar = -H2^-T y */
+    const double z0 = -(t.d * y0 - t.c * y1) / t.det, z1 = -(t.a * y1 - t.b * y0) / t.det;
+    double tv[3];
+    for (int i = 0; i < 3; i++) tv[i] = t.e1[i] * z0 + t.e2[i] * z1;
+    for (int k = 0; k < n; k++) cbar[k] = tv[0] * dB[k][0] + tv[1] * dB[k][1] + tv[2] * dB[k][2];
+    double gvox[3] = {0.0, 0.0, 0.0};
+    for (int k = 0; k < 8; k++) {
+        const int o[3] = {(k >> 2) & 1, (k >> 1) & 1, k & 1};
+        const int64_t r = si.row[k] * n;
+        double dot = 0.0;
+        for (int j = 0; j < n; j++) dot += fod_at(c, r + j) * cbar[j];
+        const int kept = !(si.w[k] == 0.0 && ((o[0] ? si.frac[0] : 1 - si.frac[0]) * (o[1] ? si.frac[1] : 1 - si.frac[1])
+                                                * (o[2] ? si.frac[2] : 1 - si.frac[2])) != 0.0);
+        if (kept) {
+            for (int a = 0; a < 3; a++) {
+                const int b = a == 0 ? 1 : 0, cc = a == 2 ? 1 : 2;
+                const double fb = o[b] ? si.frac[b] : 1 - si.frac[b], fc = o[cc] ? si.frac[cc] : 1 - si.frac[cc];
+                gvox[a] += dot * (o[a] ? 1.0 : -1.0) * (fb * fc) * si.sgn_free[a];
+            }
+        }
+        if (gfod && si.w[k] != 0.0) {
+            const double w = si.w[k];
+            if (c->fod_double) { double *g = (double *)gfod + r; for (int j = 0; j < n; j++) g[j] += w * cbar[j]; }
+            else { float *g = (float *)gfod + r; for (int j = 0; j < n; j++) g[j] += (float)(w * cbar[j]); }
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        gpos[i] += c->w2v[i] * gvox[0] + c->w2v[4 + i] * gvox[1] + c->w2v[8 + i] * gvox[2];
+}
+
+/* U[i][j] = d u*_i / d pos_j of the peak u at pos (zero where peak_vjp passes nothing). */
+static void peak_jacobian(const adj_config *c, const double *pos, const double *u, double U[3][3]) {
+    for (int i = 0; i < 3; i++) {
+        double e[3] = {0.0, 0.0, 0.0}, row[3] = {0.0, 0.0, 0.0};
+        e[i] = 1.0;
+        peak_vjp(c, pos, u, e, row, NULL);
+        for (int j = 0; j < 3; j++) U[i][j] = row[j];
+    }
+}
+
+static void matmul3(const double A[3][3], const double B[3][3], double C[3][3]) {
+    double T[3][3];
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) T[i][j] = A[i][0] * B[0][j] + A[i][1] * B[1][j] + A[i][2] * B[2][j];
+    memcpy(C, T, sizeof T);
+}
+
+/* J = d x_{k+1} / d x_k of one step from x with step directions sd (Euler u; RK4 d1..d4). */
+static void step_jacobian(const adj_config *c, const double *x, const double *sd, double J[3][3]) {
+    const double hs = c->step;
+    if (!c->rk4) {
+        double U[3][3];
+        peak_jacobian(c, x, sd, U);
+        for (int i = 0; i < 3; i++)
+            for (int j = 0; j < 3; j++) J[i][j] = (i == j) + hs * U[i][j];
+        return;
+    }
+    const double *d[4] = {sd, sd + 3, sd + 6, sd + 9};
+    const double frac[4] = {0.0, 0.5, 0.5, 1.0};   /* stage i samples x + frac[i] h d[i-1] */
+    double D[4][3][3], P[3][3], U[3][3], p[3];
+    for (int i = 0; i < 3; i++) for (int j = 0; j < 3; j++) P[i][j] = (i == j);
+    for (int st = 0; st < 4; st++) {
+        if (st > 0) {
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d[st - 1][i] * (frac[st] * hs);
+            for (int i = 0; i < 3; i++)
+                for (int j = 0; j < 3; j++) P[i][j] = (i == j) + frac[st] * hs * D[st - 1][i][j];
+        } else {
+            memcpy(p, x, sizeof p);
+        }
+        peak_jacobian(c, p, d[st], U);
+        matmul3(U, P, D[st]);   /* d d_st / d x */
+    }
+    double s[3], Dn[3];
+    for (int i = 0; i < 3; i++) s[i] = d[0][i] + d[1][i] * 2.0 + d[2][i] * 2.0 + d[3][i];
+    const double ns = sqrt(s[0] * s[0] + s[1] * s[1] + s[2] * s[2]);
+    for (int i = 0; i < 3; i++) Dn[i] = s[i] / ns;
+    double S[3][3];
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) S[i][j] = D[0][i][j] + 2.0 * D[1][i][j] + 2.0 * D[2][i][j] + D[3][i][j];
+    for (int i = 0; i < 3; i++)
+        for (int j = 0; j < 3; j++) {
+            double v = 0.0;
+            for (int k = 0; k < 3; k++) v += ((i == k) - Dn[i] * Dn[k]) * S[k][j];
+            J[i][j] = (i == j) + hs * v / ns;
+        }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Streamlines                                                                                       */
+
+/* The rows of one half, seed first: row(j) = seed_row + sgn * j for j = 0..steps. */
+typedef struct { int64_t seed_row, steps; int sgn; } half_rows;
+
+static void halves(int64_t start, int64_t len, int64_t seed_index, half_rows *h) {
+    h[0].seed_row = h[1].seed_row = start + seed_index;
+    h[0].steps = seed_index; h[0].sgn = -1;
+    h[1].steps = len - seed_index - 1; h[1].sgn = 1;
+}
+
+/* Replay one half from the seed: verts / sdirs (double) rows written; stage starts read from sdirs_in (float).
+ * Returns 0 where a peak could not be polished (it then keeps the kernel's direction). */
+static int replay_half(const adj_config *c, const half_rows *h, const double *seed, const float *sin,
+                       double *verts, double *sout) {
+    const int width = c->rk4 ? 12 : 3;
+    const double hs = c->step;
+    double x[3] = {seed[0], seed[1], seed[2]};
+    int ok = 1;
+    for (int64_t j = 0; j < h->steps; j++) {
+        const int64_t row = h->seed_row + h->sgn * (j + 1);
+        const float *s0 = sin + width * row;
+        double *so = sout + width * row;
+        for (int i = 0; i < width; i++) so[i] = (double)s0[i];
+        double dir[3];
+        if (!c->rk4) {
+            ok &= polish_peak(c, x, so);
+            memcpy(dir, so, sizeof dir);
+        } else {
+            double *d1 = so, *d2 = so + 3, *d3 = so + 6, *d4 = so + 9, p[3];
+            ok &= polish_peak(c, x, d1);
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
+            ok &= polish_peak(c, p, d2);
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
+            ok &= polish_peak(c, p, d3);
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
+            ok &= polish_peak(c, p, d4);
+            for (int i = 0; i < 3; i++) dir[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
+            normalize(dir);
+        }
+        for (int i = 0; i < 3; i++) x[i] += dir[i] * hs;
+        memcpy(verts + 3 * row, x, sizeof x);
+    }
+    return ok;
+}
+
+/* Reverse sweep of one half: returns in abar the adjoint of the seed from this half's steps (its own loss term
+ * excluded); gh += d/dstep. */
+static void adjoint_half(const adj_config *c, const half_rows *h, const double *verts, const double *sdirs,
+                         const double *gverts, double *abar, double *gh, void *gfod) {
+    const int width = c->rk4 ? 12 : 3;
+    const double hs = c->step;
+    double a[3] = {0.0, 0.0, 0.0};
+    for (int64_t j = h->steps - 1; j >= 0; j--) {
+        const int64_t row1 = h->seed_row + h->sgn * (j + 1), row0 = h->seed_row + h->sgn * j;
+        for (int i = 0; i < 3; i++) a[i] += gverts[3 * row1 + i];
+        const double *x = verts + 3 * row0, *sd = sdirs + width * row1;
+        double g[3] = {0.0, 0.0, 0.0};
+        if (!c->rk4) {
+            double ubar[3] = {hs * a[0], hs * a[1], hs * a[2]};
+            *gh += a[0] * sd[0] + a[1] * sd[1] + a[2] * sd[2];
+            peak_vjp(c, x, sd, ubar, g, gfod);
+            for (int i = 0; i < 3; i++) a[i] += g[i];
+            continue;
+        }
+        const double *d1 = sd, *d2 = sd + 3, *d3 = sd + 6, *d4 = sd + 9;
+        double s[3], D[3], p[3], b1[3], b2[3], b3[3], b4[3], p0bar[3];
+        for (int i = 0; i < 3; i++) s[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
+        const double ns = sqrt(s[0] * s[0] + s[1] * s[1] + s[2] * s[2]);
+        for (int i = 0; i < 3; i++) D[i] = s[i] / ns;
+        *gh += a[0] * D[0] + a[1] * D[1] + a[2] * D[2];
+        const double Ddot = hs * (D[0] * a[0] + D[1] * a[1] + D[2] * a[2]);
+        for (int i = 0; i < 3; i++) {
+            double sbar = (hs * a[i] - D[i] * Ddot) / ns;
+            b1[i] = sbar; b2[i] = 2.0 * sbar; b3[i] = 2.0 * sbar; b4[i] = sbar;
+            p0bar[i] = a[i];
+        }
+        /* stage 4 at x + d3 h */
+        for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
+        memset(g, 0, sizeof g);
+        peak_vjp(c, p, d4, b4, g, gfod);
+        for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b3[i] += hs * g[i]; }
+        *gh += g[0] * d3[0] + g[1] * d3[1] + g[2] * d3[2];
+        /* stage 3 at x + d2 h/2 */
+        for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
+        memset(g, 0, sizeof g);
+        peak_vjp(c, p, d3, b3, g, gfod);
+        for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b2[i] += 0.5 * hs * g[i]; }
+        *gh += 0.5 * (g[0] * d2[0] + g[1] * d2[1] + g[2] * d2[2]);
+        /* stage 2 at x + d1 h/2 */
+        for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
+        memset(g, 0, sizeof g);
+        peak_vjp(c, p, d2, b2, g, gfod);
+        for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b1[i] += 0.5 * hs * g[i]; }
+        *gh += 0.5 * (g[0] * d1[0] + g[1] * d1[1] + g[2] * d1[2]);
+        /* stage 1 at x */
+        memset(g, 0, sizeof g);
+        peak_vjp(c, x, d1, b1, g, gfod);
+        for (int i = 0; i < 3; i++) a[i] = p0bar[i] + g[i];
+    }
+    memcpy(abar, a, sizeof a);
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Batches over threads                                                                              */
+
+typedef struct {
+    const adj_config *c;
+    int64_t A;
+    const int64_t *lengths, *starts, *seed_index;
+    const double *seeds;        /* replay: (A, 3) */
+    const float *sdirs_in;      /* replay: (V, w) kernel directions */
+    double *verts, *sdirs;      /* replay: out; adjoint: in */
+    uint8_t *ok;                /* replay: (A,) out */
+    const double *gverts;       /* adjoint: (V, 3) */
+    double *gseeds;             /* adjoint: (A, 3) out */
+    void *gfod;                 /* adjoint: (X*Y*Z, N) out (thread 0), or NULL */
+    size_t gfod_bytes;
+    double gh[256];
+    void *gfod_t[256];
+    int32_t failed;
+    int64_t next;
+    int replay;
+    int jac;
+    double *jout;               /* seed Jacobian: (V, 3, 3) out */
+} adj_job;
+
+typedef struct { adj_job *j; int t; } adj_arg;
+
+static void *adj_worker(void *arg) {
+    adj_job *j = ((adj_arg *)arg)->j;
+    const int t = ((adj_arg *)arg)->t;
+    void *gfod = j->gfod;
+    if (gfod && t > 0) {
+        gfod = calloc(1, j->gfod_bytes);
+        if (!gfod) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return NULL; }
+    }
+    j->gfod_t[t] = t > 0 ? gfod : NULL;
+    double gh = 0.0;
+    for (;;) {
+        int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
+        if (i >= j->A) break;
+        half_rows h[2];
+        halves(j->starts[i], j->lengths[i], j->seed_index[i], h);
+        if (j->jac) {
+            for (int side = 0; side < 2; side++) {
+                double M[3][3] = {{1, 0, 0}, {0, 1, 0}, {0, 0, 1}}, Jk[3][3];
+                memcpy(j->jout + 9 * h[side].seed_row, M, sizeof M);
+                const int w = j->c->rk4 ? 12 : 3;
+                for (int64_t k = 0; k < h[side].steps; k++) {
+                    const int64_t r0 = h[side].seed_row + h[side].sgn * k, r1 = r0 + h[side].sgn;
+                    step_jacobian(j->c, j->verts + 3 * r0, j->sdirs + w * r1, Jk);
+                    matmul3(Jk, M, M);
+                    memcpy(j->jout + 9 * r1, M, sizeof M);
+                }
+            }
+        } else if (j->replay) {
+            const double *seed = j->seeds + 3 * i;
+            memcpy(j->verts + 3 * h[0].seed_row, seed, 3 * sizeof(double));
+            memset(j->sdirs + (j->c->rk4 ? 12 : 3) * h[0].seed_row, 0, (j->c->rk4 ? 12 : 3) * sizeof(double));
+            int ok = replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
+            ok &= replay_half(j->c, &h[1], seed, j->sdirs_in, j->verts, j->sdirs);
+            j->ok[i] = (uint8_t)ok;
+        } else {
+            double a0[3], a1[3];
+            adjoint_half(j->c, &h[0], j->verts, j->sdirs, j->gverts, a0, &gh, gfod);
+            adjoint_half(j->c, &h[1], j->verts, j->sdirs, j->gverts, a1, &gh, gfod);
+            const double *gs = j->gverts + 3 * h[0].seed_row;
+            for (int k = 0; k < 3; k++) j->gseeds[3 * i + k] = gs[k] + a0[k] + a1[k];
+        }
+    }
+    j->gh[t] = gh;
+    return NULL;
+}
+
+static int run_threads(adj_job *j, int nthreads) {
+    if (nthreads < 1) nthreads = 1;
+    if (nthreads > 256) nthreads = 256;
+    pthread_t th[256];
+    adj_arg args[256];
+    int started = 0;
+    for (int t = 0; t < 256; t++) { j->gh[t] = 0.0; j->gfod_t[t] = NULL; }
+    for (int t = 1; t < nthreads; t++) {
+        args[t].j = j; args[t].t = t;
+        if (pthread_create(&th[started], NULL, adj_worker, &args[t]) != 0) break;
+        started++;
+    }
+    args[0].j = j; args[0].t = 0;
+    adj_worker(&args[0]);
+    for (int t = 0; t < started; t++) pthread_join(th[t], NULL);
+    return started + 1;
+}
+
+/* Replay A streamlines (packed rows: starts[i], lengths[i], seed_index[i]) from seeds (A, 3) along the kernel's
+ * step directions sdirs_in (V, w) float: verts (V, 3) and sdirs (V, w) double out; ok (A,) 0 where a peak could
+ * not be polished. */
+void sd_replay(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
+               const int64_t *seed_index, const double *seeds, const float *sdirs_in, double *verts, double *sdirs,
+               uint8_t *ok, int32_t nthreads) {
+    pthread_once(&tables_once, init_tables);
+    adj_job j;
+    memset(&j, 0, sizeof j);
+    j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index; j.seeds = seeds;
+    j.sdirs_in = sdirs_in; j.verts = verts; j.sdirs = sdirs; j.ok = ok; j.replay = 1;
+    run_threads(&j, nthreads);
+}
+
+/* Reverse sweep: given the vertices (V, 3) and step directions (V, w) double the forward took, and gverts (V, 3)
+ * = dL/dvertices, write gseeds (A, 3) = dL/dseed, gstep[0] = dL/dstep and, when gfod is not NULL, add dL/dFOD
+ * into gfod (X*Y*Z*N, the FOD's precision, zeroed by the caller).  Returns 0, or -2 when memory ran out. */
+int32_t sd_adjoint(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
+                   const int64_t *seed_index, const double *verts, const double *sdirs, const double *gverts,
+                   double *gseeds, double *gstep, void *gfod, int32_t nthreads) {
+    pthread_once(&tables_once, init_tables);
+    adj_job j;
+    memset(&j, 0, sizeof j);
+    j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index;
+    j.verts = (double *)verts; j.sdirs = (double *)sdirs; j.gverts = gverts; j.gseeds = gseeds; j.gfod = gfod;
+    j.gfod_bytes = (size_t)c->dim[0] * c->dim[1] * c->dim[2] * c->ncoef * (c->fod_double ? 8 : 4);
+    int used = run_threads(&j, nthreads);
+    double gh = 0.0;
+    for (int t = 0; t < used; t++) gh += j.gh[t];
+    *gstep = gh;
+    const int64_t total = (int64_t)c->dim[0] * c->dim[1] * c->dim[2] * c->ncoef;
+    for (int t = 1; t < used; t++) {
+        if (!j.gfod_t[t]) continue;
+        if (c->fod_double) { double *d = (double *)gfod; const double *s = (const double *)j.gfod_t[t];
+                             for (int64_t i = 0; i < total; i++) d[i] += s[i]; }
+        else { float *d = (float *)gfod; const float *s = (const float *)j.gfod_t[t];
+               for (int64_t i = 0; i < total; i++) d[i] += s[i]; }
+        free(j.gfod_t[t]);
+    }
+    return j.failed ? -2 : 0;
+}
+
+/* Per-vertex seed Jacobians d x_v / d seed (V, 3, 3) out, by forward propagation of the step Jacobians along each
+ * half (the seed rows are the identity). */
+void sd_seed_jacobian(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
+                      const int64_t *seed_index, const double *verts, const double *sdirs, double *jout,
+                      int32_t nthreads) {
+    pthread_once(&tables_once, init_tables);
+    adj_job j;
+    memset(&j, 0, sizeof j);
+    j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index;
+    j.verts = (double *)verts; j.sdirs = (double *)sdirs; j.jac = 1; j.jout = jout;
+    run_threads(&j, nthreads);
+}
+
+/* Exact peak polish alone (for tests): rows (n, N) double coefficients, u (n, 3) updated in place. */
+void sd_polish(const adj_config *c, int64_t n, const double *coef, double *u) {
+    pthread_once(&tables_once, init_tables);
+    double dB[A_MAXC][3];
+    for (int64_t i = 0; i < n; i++) {
+        double *v = u + 3 * i;
+        normalize(v);
+        for (int it = 0; it < c->polish; it++) {
+            tangent_jet t;
+            if (!tangent(c->lmax, c->ncoef, coef + (int64_t)c->ncoef * i, v, &t, dB)) break;
+            const double x0 = -(t.d * t.g0 - t.b * t.g1) / t.det, x1 = -(t.a * t.g1 - t.c * t.g0) / t.det;
+            for (int k = 0; k < 3; k++) v[k] += t.e1[k] * x0 + t.e2[k] * x1;
+            normalize(v);
+        }
+    }
+}
+
+int32_t sd_adjoint_abi_version(void) { return 1; }

@@ -1,0 +1,208 @@
+"""The fused follow engine: the native kernel's forward, one C reverse sweep for the gradient.
+
+What :mod:`tractfunc.sdstream.follow` computes with the PyTorch primitives step after step, this module computes
+in C (``csrc/sd_adjoint.c``), with the same decisions and the same derivative rules:
+
+* **forward**: the native kernel tracks (tckgen's decisions) and records each step's peak directions (Euler: the
+  peak; RK4: the four stage peaks).  With tckgen's settings (lookup-table peaks, no polish) on float32 the
+  vertices are the kernel's, tckgen's bit for bit.  With exact peaks (``params.peak_polish > 0``, e.g.
+  ``resolve(..., exact=True)``) every peak is polished to the exact maximum of the exactly evaluated SH series in
+  double precision, from the recorded direction, along the same decisions (``sd_replay``): the follow engine's
+  values, in float64 or rounded to float32.
+* **backward**: one reverse sweep per streamline (``sd_adjoint``), O(vertices x coefficients), no Newton
+  iterations and no autograd graph: each peak's derivative is the implicit-function one
+  (:mod:`tractfunc.core.implicit`), scattered into the 8 voxels of its trilinear sample (one dense gradient
+  buffer per thread), RK4 by the chain rule through its four stages.  Saved for backward: the vertices and the
+  step directions, 24 (Euler) to 60 (RK4) bytes per vertex with tckgen's settings in float32, 48 to 120 in
+  double with exact peaks.
+
+The decisions are locally constant, so they pass no derivative (hard stopping, as in every engine).  Reached
+through :func:`tractfunc.track` (``engine="follow"``, which "auto" picks for differentiable CPU runs); the PyTorch
+:func:`tractfunc.sdstream.follow.follow` stays the reference it is tested against (tests/sdstream/test_fused.py).
+Under plain autograd and ``torch.func.grad`` / ``vjp`` (the op unwraps to plain tensors); under ``vmap``
+(``jacrev``, ``jacfwd``) and ``torch.compile`` the engines of fixed shapes run instead (``engine.choose``), and
+:func:`tractfunc.seed_jacobian_packed` gives per-vertex seed Jacobians in C.
+"""
+from __future__ import annotations
+
+import ctypes
+from typing import NamedTuple
+
+import numpy as np
+import torch
+
+from ..core.field import FODField
+from ..core.params import TrackParams
+from ..core.shsize import lmax_for
+from ..core.tracing import needs_grad, unwrap
+from . import native
+
+Tensor = torch.Tensor
+
+POLISH_MAX = 8   # exact Newton iterations per replayed peak at most (it stops at a move below 1e-15 rad)
+
+
+class _AdjConfig(ctypes.Structure):
+    _fields_ = [("fod", ctypes.c_void_p), ("fod_double", ctypes.c_int32), ("dim", ctypes.c_int64 * 3),
+                ("ncoef", ctypes.c_int32), ("lmax", ctypes.c_int32), ("nonzero", ctypes.c_void_p),
+                ("w2v", ctypes.c_double * 12), ("step", ctypes.c_double), ("rk4", ctypes.c_int32),
+                ("polish", ctypes.c_int32)]
+
+
+def applies(field: FODField, params: TrackParams) -> bool:
+    """Whether the fused engine can run a follow job on ``field``: the CPU, lmax <= 12, float32 with tckgen's
+    settings or exact peaks (``peak_polish > 0``) in float32 or float64."""
+    sh = field.sh
+    if sh.device.type != "cpu" or sh.shape[-1] > 91 or sh.dtype not in (torch.float32, torch.float64):
+        return False
+    exact = params.peak_polish > 0
+    return exact or (sh.dtype == torch.float32 and params.state_dtype in (None, torch.float32))
+
+
+class _Tape(NamedTuple):
+    """What the reverse sweep reads: the config (and the arrays it points into), the packed rows, and the
+    forward's vertices and step directions (double, or the kernel's float32: :func:`_double` converts)."""
+    config: _AdjConfig
+    keep: tuple
+    starts: np.ndarray
+    lengths: np.ndarray
+    seed_index: np.ndarray
+    verts: np.ndarray
+    sdirs: np.ndarray
+
+
+def _config(field: FODField, params: TrackParams) -> tuple:
+    sh = field.sh.detach()
+    nz = field.nonzero.to(torch.uint8).contiguous()
+    c = _AdjConfig()
+    c.fod = sh.data_ptr()
+    c.fod_double = int(sh.dtype == torch.float64)
+    c.dim[:] = list(sh.shape[:3])
+    c.ncoef = sh.shape[3]
+    c.lmax = lmax_for(sh.shape[3])
+    c.nonzero = nz.data_ptr()
+    c.w2v[:] = field.world_to_voxel.double().cpu()[:3].reshape(-1).tolist()
+    c.step = float(params.step.detach()) if torch.is_tensor(params.step) else float(params.step)
+    c.rk4 = int(params.rk4)
+    c.polish = max(POLISH_MAX, int(params.peak_polish))
+    return c, (sh, nz)
+
+
+def _ptr(a: np.ndarray) -> int:
+    return a.ctypes.data
+
+
+def _double(a: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.float64)
+
+
+class _Fused(torch.autograd.Function):
+    """(sh, seeds (S, 3), step (0-d) or None, init_dirs, field, params, kernel) -> (vertices (V, 3), lengths, seed_ids,
+    seed_index, reasons, accepted): the kernel and the replay run in forward (on plain tensors, also under
+    ``torch.func.grad`` / ``vjp``, which unwrap them), the C reverse sweep in backward."""
+
+    @staticmethod
+    def forward(sh, seeds, step, init_dirs, field, params, kernel):
+        prm = params if step is None else params._replace(step=step)
+        values, tape, ids, reasons, acc = _forward(field._replace(sh=sh), prm, kernel, seeds, init_dirs)
+        return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc, tape
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        sh, seeds, step = inputs[:3]
+        ctx.tape, ctx.ids = output[6], output[2]
+        ctx.meta = (sh.dtype, seeds.dtype, seeds.shape[0], step is not None)
+        ctx.mark_non_differentiable(*output[1:6])
+
+    @staticmethod
+    def backward(ctx, gv, *_unused):
+        with torch._C._DisableFuncTorch():   # plain tensors for C (torch.func.grad / vjp wrap the cotangent)
+            return _Fused._sweep(ctx, unwrap(gv))
+
+    @staticmethod
+    def _sweep(ctx, gv):
+        t: _Tape = ctx.tape
+        sh_dtype, seeds_dtype, S, has_step = ctx.meta
+        lib = native.library()
+        gverts = np.ascontiguousarray(gv.detach().cpu().numpy(), dtype=np.float64)
+        A = t.lengths.shape[0]
+        gseeds = np.zeros((A, 3), dtype=np.float64)
+        gstep = np.zeros(1, dtype=np.float64)
+        gsh = torch.zeros_like(t.keep[0]) if ctx.needs_input_grad[0] else None
+        verts, sdirs = _double(t.verts), _double(t.sdirs)   # (held: the C call reads them)
+        rc = lib.sd_adjoint(ctypes.byref(t.config), A, _ptr(t.starts), _ptr(t.lengths), _ptr(t.seed_index),
+                            _ptr(verts), _ptr(sdirs), _ptr(gverts), _ptr(gseeds), _ptr(gstep),
+                            None if gsh is None else gsh.data_ptr(), torch.get_num_threads())
+        if rc == -2:
+            raise MemoryError("out of memory for the per-thread FOD gradient buffers (fewer threads need less)")
+        g_seeds = None
+        if ctx.needs_input_grad[1]:
+            g_seeds = torch.zeros(S, 3, dtype=seeds_dtype).index_add_(0, ctx.ids, torch.from_numpy(gseeds).to(
+                seeds_dtype))
+        g_step = torch.tensor(gstep[0], dtype=sh_dtype) if has_step and ctx.needs_input_grad[2] else None
+        return gsh, g_seeds, g_step, None, None, None, None
+
+
+def _forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor):
+    """The kernel's decisions and the forward values -> (values (V, 3) in the field's dtype, tape, ids, reasons,
+    accepted) (see :func:`track_fused`)."""
+    s32 = seeds.detach().to("cpu", torch.float32).numpy()
+    d32 = init_dirs.detach().to("cpu", torch.float32).numpy()
+    v32, ln, ids, si, reasons, acc, sd32 = kernel.track(s32, d32, record=True)
+    starts = np.ascontiguousarray(np.cumsum(ln) - ln, dtype=np.int64)
+    ln, si = np.ascontiguousarray(ln, dtype=np.int64), np.ascontiguousarray(si, dtype=np.int64)
+    config, keep = _config(field, params)
+    if params.peak_polish > 0:
+        seeds_acc = np.ascontiguousarray(seeds.detach().cpu().double().numpy()[ids])
+        sd32 = np.ascontiguousarray(sd32)
+        verts = np.empty((v32.shape[0], 3), dtype=np.float64)
+        sdirs = np.empty(sd32.shape, dtype=np.float64)
+        ok = np.ones(ln.shape[0], dtype=np.uint8)
+        native.library().sd_replay(ctypes.byref(config), ln.shape[0], _ptr(starts), _ptr(ln), _ptr(si),
+                                   _ptr(seeds_acc), _ptr(sd32), _ptr(verts), _ptr(sdirs),
+                                   _ptr(ok), torch.get_num_threads())
+        values = torch.from_numpy(verts).to(field.sh.dtype)
+    else:   # kept in float32 until a sweep needs them (12 + 12 or 48 bytes per vertex between forward and backward)
+        verts, sdirs = v32, sd32
+        values = torch.from_numpy(v32)
+    tape = _Tape(config, keep, starts, ln, si, verts, sdirs)
+    return values, tape, torch.from_numpy(ids).to(torch.long), torch.from_numpy(reasons), torch.from_numpy(acc)
+
+
+def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor):
+    """Track with the kernel's decisions; values and gradients as :mod:`tractfunc.sdstream.follow`'s.
+
+    Args:
+        field: the FOD (C-contiguous, on the CPU; :func:`tractfunc.core.field.tracking_field`), in the dtype of
+            the result; ``field.sh`` may require grad.
+        params: its parameters (``params.step`` may be a tensor requiring grad); :func:`applies` must hold.
+        kernel: the decision kernel (:func:`tractfunc.sdstream.track.decision_kernel`).
+        seeds: (S, 3) scanner mm (may require grad); init_dirs: (S, 3) start directions.
+    Returns:
+        (vertices (V, 3) in the field's dtype, differentiable wrt ``field.sh``, ``seeds`` and a tensor step;
+        lengths (A,), seed_ids (A,), seed_index (A,), reasons (S, 2), accepted (S,)), as
+        :class:`tractfunc.Tracks` packs them.
+    """
+    step = params.step if torch.is_tensor(params.step) else None
+    if needs_grad(field.sh, seeds, *(() if step is None else (step,))):
+        out = _Fused.apply(field.sh, seeds, step, init_dirs, field._replace(sh=None), params, kernel)
+        return out[:6]
+    values, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs)
+    return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc
+
+
+def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor,
+                        init_dirs: Tensor):
+    """:func:`track_fused`'s streamlines (detached) and every vertex's Jacobian with respect to its seed.
+
+    Returns (the same tuple as :func:`track_fused`, J (V, 3, 3) in the field's dtype, ``J[v, i, k] = d x_vi /
+    d seed_k`` of the vertex's own seed; the identity at seed vertices), by forward propagation of each step's
+    3 x 3 Jacobian in C (the implicit-function derivative of every peak, RK4 through its stages)."""
+    values, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs)
+    J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
+    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
+    native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),
+                                      _ptr(tape.lengths), _ptr(tape.seed_index), _ptr(verts), _ptr(sdirs), _ptr(J),
+                                      torch.get_num_threads())
+    out = (values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc)
+    return out, torch.from_numpy(J).to(field.sh.dtype)
