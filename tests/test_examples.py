@@ -90,7 +90,7 @@ def test_whole_brain_gradient(tmp_path):
     """The whole-brain example's quick run (2000 seeds of the full FOD): the fused follow engine ran, the gradient
     reached the FOD in many voxels, and Adam on the FOD lowered the bending energy."""
     r = run_quick("whole_brain_gradient.py", tmp_path)
-    first, last = r["iterations"][0], r["iterations"][-1]
+    first = r["iterations"][0]
     assert first["engine"] == "follow" and first["vertices"] > 100_000
     assert first["touched_voxels"] > 10_000 and first["grad_norm"] > 0
     assert r["loss_after"] < r["loss_before"]
