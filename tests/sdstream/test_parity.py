@@ -73,7 +73,8 @@ def test_parity_real_data_2000_float64(tmp_path, rk4):
     assert r.within_01 >= 0.995 and r.within_1 >= 0.999
 
 
-@pytest.mark.parametrize("dtype,state", [(torch.float32, torch.float32), (torch.float64, torch.float32)])
+@pytest.mark.parametrize("dtype,state", [pytest.param(torch.float32, torch.float32, marks=pytest.mark.slow),
+                                         (torch.float64, torch.float32)])
 def test_parity_real_data_2000_pytorch(tmp_path, dtype, state):
     """The differentiable PyTorch tracker, float32 and float64 arithmetic (tckgen's float32 state)."""
     require_tckgen()
