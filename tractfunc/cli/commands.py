@@ -20,7 +20,7 @@ from ..tools import distributed
 from .. import io
 from ..core import params as P, seeds as S
 from ..errors import TractfuncError
-from ..tools.inputs import native_kernel, state_dtype, torch_inputs
+from ..tools.inputs import act_field, load_regions, native_kernel, state_dtype, torch_inputs
 from . import args as cli_args, header as tck_header, outputs, preflight
 
 
@@ -222,6 +222,15 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
 
 def cmd_track(a) -> int:
     preflight.check_track(a)   # limits, and whether any seed can land in the FOD and the mask: before any work
+    if a.backtrack:   # tckgen's rule for SD_Stream
+        raise TractfuncError("--backtrack: backtracking is not valid for deterministic algorithms (SD_Stream)"
+                             if a.act else "--backtrack needs --act (and is not valid for SD_Stream)")
+    rois = a.act or a.include or a.include_ordered or a.exclude or a.stop or a.seed_unidirectional
+    if rois and (a.algorithm != "sd_stream" or a.workers > 1 or distributed.launched()):
+        raise TractfuncError("--act and the ROI options run with --algorithm sd_stream in one process (no --workers / "
+                             "torchrun)")
+    if a.include_ordered and not a.seed_unidirectional:
+        raise TractfuncError("--include-ordered requires --seed-unidirectional (as tckgen)")
     if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
         if a.chunk < 1:
             raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
@@ -255,6 +264,7 @@ def cmd_track(a) -> int:
             shard = distributed.Shard(device)
             device = shard.device(device)
         fod, prm, fld, msk = torch_inputs(a, dtype, device)
+        actf, regions = act_field(a, device), load_regions(a, fod)
         if a.workers > 1:
             if device.type != "cpu":
                 raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
@@ -268,7 +278,7 @@ def cmd_track(a) -> int:
                 return pool.track(pts, dirs)
             res = track(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
                         torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
-                        engine=a.engine)
+                        engine=a.engine, act=actf, regions=regions)
             return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)),
                     res.seeds_ok().cpu().numpy())
 
@@ -297,7 +307,7 @@ def cmd_track(a) -> int:
         # tckgen's total_count: streamlines generated (written + rejected for their length), not seeds
         generated = max(n_seeds - sink.rejected, sink.count)
         if sink.count == 0:
-            raise TractfuncError(f"no streamline accepted from {n_seeds} seeds: {_rejections(sink, generated, prm)}; "
+            raise TractfuncError(f"no streamline accepted from {n_seeds} seeds: {_rejections(sink, generated, prm, bool(a.act or a.include or a.include_ordered or a.exclude))}; "
                                  "nothing written")
     except BaseException:
         sink.abort()
@@ -312,16 +322,20 @@ def cmd_track(a) -> int:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
     if not a.quiet and leader:
         print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = "
-              f"{sink.count}/{generated}; {_rejections(sink, generated, prm)})")
+              f"{sink.count}/{generated}; {_rejections(sink, generated, prm, bool(a.act or a.include or a.include_ordered or a.exclude))})")
     return 0
 
 
-def _rejections(sink, generated: int, prm) -> str:
-    """The per-reason counts of a run: seeds rejected at the seed point, streamlines rejected for length."""
+def _rejections(sink, generated: int, prm, constrained: bool = False) -> str:
+    """The per-reason counts of a run: seeds rejected at the seed point, streamlines rejected for length (and,
+    when ``constrained``, by ACT's tissue rules or the ROIs)."""
     where = f" ({sink.outside} seed points outside the FOD image)" if sink.outside else ""
-    return (f"{sink.rejected} seeds rejected at the seed point: outside the mask or image, or no FOD peak above "
-            f"the cutoff {prm.cutoff:.6g}{where}; {generated - sink.count} streamlines shorter than the minimum "
-            f"length {prm.min_length:.6g} mm")
+    seed_rule, line_rule = (" or tissue (ACT) or exclusion region",
+                            " or rejected by ACT or the ROIs (entered CSF or an exclusion region, missed an include "
+                            "region, too long, poor termination)") if constrained else ("", "")
+    return (f"{sink.rejected} seeds rejected at the seed point: outside the mask or image{seed_rule}, or no FOD peak "
+            f"above the cutoff {prm.cutoff:.6g}{where}; {generated - sink.count} streamlines shorter than the minimum "
+            f"length {prm.min_length:.6g} mm{line_rule}")
 
 
 def cmd_demo(a) -> int:
@@ -528,6 +542,19 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-length", type=float, help="minimum length in mm (default 5 x voxel)")
     t.add_argument("--max-length", type=float, help="maximum length in mm (default 100 x voxel)")
     t.add_argument("--rk4", action="store_true", help="fourth-order Runge-Kutta integration")
+    t.add_argument("--act", metavar="5TT", help="anatomically-constrained tracking with this five-tissue-type image "
+                                                "(tckgen -act; cutoff default 0.05, minimum length 2 x voxel)")
+    t.add_argument("--include", action="append", metavar="SPEC",
+                   help="include region, x,y,z,r (sphere, mm) or an image; streamlines must enter every one (repeatable)")
+    t.add_argument("--include-ordered", action="append", metavar="SPEC",
+                   help="include region to enter in the order given (repeatable; needs --seed-unidirectional)")
+    t.add_argument("--exclude", action="append", metavar="SPEC",
+                   help="exclusion region, x,y,z,r or an image: a streamline entering it is rejected (repeatable)")
+    t.add_argument("--stop", action="store_true", help="stop a streamline once it has entered every include region")
+    t.add_argument("--seed-unidirectional", action="store_true",
+                   help="track from each seed in one direction only (the seed is the first vertex)")
+    t.add_argument("--backtrack", action="store_true",
+                   help="ACT backtracking (tckgen -backtrack): not valid for SD_Stream, a deterministic algorithm")
     t.add_argument("--exact-sh", action="store_true", help="exact SH evaluation in peak search instead of tckgen's lookup table")
     t.add_argument("--sh-basis", default="mrtrix", choices=["mrtrix", "tournier07", "tournier07_legacy", "descoteaux07",
                                                             "descoteaux07_legacy"],
