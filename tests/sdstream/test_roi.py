@@ -4,8 +4,9 @@ bad input.
 With a known start (``-seed_direction``) the native kernel must reproduce tckgen's streamlines bit for bit: the
 exclusion test after each step (rejecting the streamline, keeping the vertex that entered), the seed rejected in an
 exclusion region, the include visitation from the seed on (ordered regions in order), ``-stop`` (keeping the vertex
-that completed the set).  Measured on the Philips data: include + exclude spheres 300 / 300 bit-identical (Euler);
-with ACT, RK4 and -stop 200 / 200; ordered include spheres with -seed_unidirectional 13 / 13 (all tckgen found).
+that completed the set).  Measured on the Philips data: include + exclude spheres 100 / 100 bit-identical (Euler);
+with ACT, RK4 and -stop 1000 / 1000 (float64 follow: 1000 / 1000 within 0.1 mm); ordered include spheres with
+-seed_unidirectional 100 / 100.
 """
 import numpy as np
 import pytest

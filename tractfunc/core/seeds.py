@@ -52,6 +52,20 @@ def random_in_mask_np(mask, affine, n: int, rng: np.random.Generator) -> np.ndar
     return voxel_points(vox, rng.integers(0, vox.shape[0], n), rng.random((n, 3)) - 0.5, affine)
 
 
+def grid_per_voxel_np(mask, affine, n: int) -> np.ndarray:
+    """tckgen ``-seed_grid_per_voxel``: an n x n x n grid of seeds in every non-zero voxel of ``mask`` (X, Y, Z),
+    at offsets -1/2 + (2k + 1) / (2n) voxel along each axis, k < n (symmetric about the voxel centre, so the same
+    scanner points in any voxel-axis order).  Returns (M n^3, 3) float64 scanner mm, voxel after voxel.
+    Raises ValueError for n < 1 or an empty mask."""
+    if n < 1:
+        raise ValueError(f"grid per voxel: expected n >= 1, got {n}")
+    vox = seed_voxels(mask)
+    k = -0.5 + (2 * np.arange(n) + 1) / (2.0 * n)
+    off = np.stack(np.meshgrid(k, k, k, indexing="ij"), -1).reshape(-1, 3)
+    pick = np.repeat(np.arange(vox.shape[0]), len(off))
+    return voxel_points(vox, pick, np.tile(off, (vox.shape[0], 1)), affine)
+
+
 def unit_rows(v: np.ndarray) -> np.ndarray:
     """Rows of (n, 3) scaled to unit length."""
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
