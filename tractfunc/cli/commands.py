@@ -151,14 +151,53 @@ class _Sink:
             os.remove(self.part)
 
 
-def _track_points(a, fod, run, gen, sink, report):
-    pts = io.read_seed_points(a.seed_points)
+def _seed_sphere(spec: str):
+    """--seed-sphere x,y,z,r -> (centre (3,), radius); one-line error for anything else or a negative radius."""
+    try:
+        x, y, z, r = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise TractfuncError(f"--seed-sphere {spec!r}: expected x,y,z,r (scanner mm)") from None
+    if not (np.isfinite([x, y, z, r]).all() and r >= 0):
+        raise TractfuncError(f"--seed-sphere {spec!r}: expected a finite centre and a radius >= 0 mm")
+    return (x, y, z), r
+
+
+def _per_voxel(pair):
+    """--seed-random-per-voxel / --seed-grid-per-voxel IMAGE N -> (mask image, N)."""
+    path, n = pair
+    try:
+        n = int(n)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise TractfuncError(f"{path} {pair[1]}: expected a number of seeds per voxel >= 1")
+    img = io.load_mask(path)
+    if not img.data.any():
+        raise TractfuncError(f"{path}: seed image has no non-zero voxel; expected a non-empty seed region")
+    return img, n
+
+
+def finite_seeds(a, gen):
+    """The seed points (n, 3) scanner mm of the finite seeding mechanisms (--seed-points, --seed-random-per-voxel,
+    --seed-grid-per-voxel: every point is tracked once) and their name, or None for the random ones."""
+    if a.seed_points:
+        return io.read_seed_points(a.seed_points), a.seed_points
+    if a.seed_random_per_voxel:
+        img, n = _per_voxel(a.seed_random_per_voxel)
+        return S.random_per_voxel_np(img.data, img.affine, n, gen), a.seed_random_per_voxel[0]
+    if a.seed_grid_per_voxel:
+        img, n = _per_voxel(a.seed_grid_per_voxel)
+        return S.grid_per_voxel_np(img.data, img.affine, n), a.seed_grid_per_voxel[0]
+    return None
+
+
+def _track_points(a, fod, run, gen, sink, report, pts, name):
     outside = ~_inside_image(fod, pts)
     dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
     if dirs is None:   # tckgen draws a random start direction per seed
         dirs = S.random_directions_np(len(pts), gen)
     if outside.any():
-        what = (f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
+        what = (f"{name}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
                 f"(first: row {int(np.argmax(outside)) + 1})")
         if a.outside == "fail":
             raise TractfuncError(f"{what}; expected scanner-mm points inside it (or --outside skip)")
@@ -184,12 +223,21 @@ def _track_points(a, fod, run, gen, sink, report):
     return n_used
 
 
-def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
-    if a.seed_directions:
-        raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
+def _random_seeds(a):
+    """draw(n, gen) -> (n, 3) scanner mm seeds of --seed-image or --seed-sphere."""
+    if a.seed_sphere:
+        centre, r = _seed_sphere(a.seed_sphere)
+        return lambda n, gen: S.sphere_points_np(centre, r, n, gen)
     seed_img = io.load_mask(a.seed_image)
     if not seed_img.data.any():
         raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
+    return lambda n, gen: S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
+
+
+def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
+    if a.seed_directions:
+        raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
+    draw = _random_seeds(a)
     select, max_seeds = preflight.limits(a)   # tckgen's meanings: --select 0 / --seeds 0 = no limit
     hopeless = preflight.SEEDS_PER_SELECT * max(select, 1)   # unlimited seeds: give up if none accepted by then
     n_seeds = 0
@@ -203,7 +251,7 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
         rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.7
         want = overshoot * (select - sink.count) / rate if select else max_seeds
         n = int(min(max(want, min_batch), a.chunk, max_seeds - n_seeds, hopeless))
-        pts = S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
+        pts = draw(n, gen)
         batch = run(pts, S.random_directions_np(n, gen))
         keep = batch.seed_ids.tolist()
         if select and sink.count + len(keep) >= select:
@@ -225,10 +273,11 @@ def cmd_track(a) -> int:
     if a.backtrack:   # tckgen's rule for SD_Stream
         raise TractfuncError("--backtrack: backtracking is not valid for deterministic algorithms (SD_Stream)"
                              if a.act else "--backtrack needs --act (and is not valid for SD_Stream)")
-    rois = a.act or a.include or a.include_ordered or a.exclude or a.stop or a.seed_unidirectional
+    rois = (a.act or a.include or a.include_ordered or a.exclude or a.stop or a.seed_unidirectional or a.seed_sphere
+            or a.seed_random_per_voxel or a.seed_grid_per_voxel)
     if rois and (a.algorithm != "sd_stream" or a.workers > 1 or distributed.launched()):
-        raise TractfuncError("--act and the ROI options run with --algorithm sd_stream in one process (no --workers / "
-                             "torchrun)")
+        raise TractfuncError("--act, the ROI options and the per-voxel / sphere seeding run with --algorithm "
+                             "sd_stream in one process (no --workers / torchrun)")
     if a.include_ordered and not a.seed_unidirectional:
         raise TractfuncError("--include-ordered requires --seed-unidirectional (as tckgen)")
     if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
@@ -284,7 +333,8 @@ def cmd_track(a) -> int:
 
     leader = shard is None or shard.rank == 0
     report = _progress(leader and not a.quiet and sys.stderr.isatty())
-    if a.seed_points:
+    finite = finite_seeds(a, gen)
+    if finite is not None:
         limit_seeds, limit_tracks = 0, a.select or 0
     else:
         limit_tracks, limit_seeds = preflight.limits(a)
@@ -299,8 +349,8 @@ def cmd_track(a) -> int:
         return distributed.Batch(v, ln, ids, sidx, seed_ok=ok)
 
     try:
-        if a.seed_points:
-            n_seeds = _track_points(a, fod, run, gen, sink, report)
+        if finite is not None:
+            n_seeds = _track_points(a, fod, run, gen, sink, report, *finite)
         else:
             batching = dict(overshoot=1.02, min_batch=64) if native else {}
             n_seeds = _track_image(a, run, gen, sink, report, **batching)
@@ -532,6 +582,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group(required=True)
     g.add_argument("--seed-image", help="seed uniformly within the non-zero voxels of this image")
     g.add_argument("--seed-points", help="seed points file: rows 'x y z' (scanner mm) or a tckgen -output_seeds CSV")
+    g.add_argument("--seed-sphere", metavar="X,Y,Z,R", help="seed uniformly at random in this sphere (scanner mm)")
+    g.add_argument("--seed-random-per-voxel", nargs=2, metavar=("IMAGE", "N"),
+                   help="N seeds at random positions in every non-zero voxel of IMAGE (each tracked once)")
+    g.add_argument("--seed-grid-per-voxel", nargs=2, metavar=("IMAGE", "N"),
+                   help="an N x N x N grid of seeds in every non-zero voxel of IMAGE (each tracked once)")
     t.add_argument("--seed-directions", help="rows 'dx dy dz', one start direction per seed point")
     t.add_argument("--select", type=int, help="number of streamlines to keep (default 5000 with --seed-image)")
     t.add_argument("--seeds", type=int, help="number of seeds to draw (with --seed-image)")

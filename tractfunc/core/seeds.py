@@ -66,6 +66,29 @@ def grid_per_voxel_np(mask, affine, n: int) -> np.ndarray:
     return voxel_points(vox, pick, np.tile(off, (vox.shape[0], 1)), affine)
 
 
+def random_per_voxel_np(mask, affine, n: int, rng: np.random.Generator) -> np.ndarray:
+    """tckgen ``-seed_random_per_voxel``: n seeds uniformly at random in every non-zero voxel of ``mask`` (X, Y, Z).
+    Returns (M n, 3) float64 scanner mm, voxel after voxel.  Raises ValueError for n < 1 or an empty mask."""
+    if n < 1:
+        raise ValueError(f"random per voxel: expected n >= 1, got {n}")
+    vox = seed_voxels(mask)
+    pick = np.repeat(np.arange(vox.shape[0]), n)
+    return voxel_points(vox, pick, rng.random((len(pick), 3)) - 0.5, affine)
+
+
+def sphere_points_np(centre, radius: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """tckgen ``-seed_sphere``: n points uniformly in the ball of ``radius`` mm around ``centre`` (3,) scanner mm
+    (rejection sampling from the enclosing cube, as tckgen).  Returns (n, 3) float64."""
+    parts, have = [], 0
+    while have < n:
+        p = rng.random((max(2 * (n - have), 16), 3)) * 2.0 - 1.0
+        p = p[(p * p).sum(1) <= 1.0]
+        parts.append(p)
+        have += len(p)
+    unit = np.concatenate(parts)[:n] if parts else np.zeros((0, 3))
+    return np.asarray(centre, dtype=np.float64)[None] + float(radius) * unit
+
+
 def unit_rows(v: np.ndarray) -> np.ndarray:
     """Rows of (n, 3) scaled to unit length."""
     return v / np.linalg.norm(v, axis=-1, keepdims=True)
