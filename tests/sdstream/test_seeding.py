@@ -95,3 +95,21 @@ def test_bad_seeding_options_are_one_line_errors(tmp_path, phantom_files):
         p = run_cli("track", paths["fod"], str(out), *extra, check=False)
         assert p.returncode != 0 and what in p.stderr and len(p.stderr.strip().splitlines()) == 1
         assert not out.exists()
+
+
+def test_5tt2gmwmi_equals_mrtrix(tmp_path):
+    """``tractfunc 5tt2gmwmi`` on the Philips 5TT: equal to MRtrix3 5tt2gmwmi voxel for voxel, bit for bit
+    (measured: 0 of 983 040 voxels differ); a bad 5TT image is a one-line error with nothing written."""
+    import subprocess
+    import nibabel as nib
+    d = require_philips()
+    require_tckgen("5tt2gmwmi")
+    ref, out = str(tmp_path / "ref.nii.gz"), str(tmp_path / "out.nii.gz")
+    subprocess.run(["5tt2gmwmi", d["5tt"], ref, "-quiet", "-force"], check=True)
+    run_cli("5tt2gmwmi", d["5tt"], out, "--quiet")
+    a, b = (np.asarray(nib.load(p).dataobj) for p in (ref, out))
+    assert a.shape == b.shape and np.array_equal(a, b)
+    assert np.allclose(nib.load(out).affine, nib.load(ref).affine, atol=1e-4)
+    bad = str(tmp_path / "bad.nii.gz")
+    p = run_cli("5tt2gmwmi", d["fod"], bad, check=False)
+    assert p.returncode != 0 and "5 volumes" in p.stderr and not (tmp_path / "bad.nii.gz").exists()

@@ -504,6 +504,11 @@ def cmd_convert(a) -> int:
     return 0
 
 
+EXAMPLES_5TT2GMWMI = """examples:
+  tractfunc 5tt2gmwmi 5tt.nii.gz gmwmi.nii.gz
+  tractfunc 5tt2gmwmi 5tt.nii.gz gmwmi.nii.gz --mask brain.nii.gz --force
+"""
+
 EXAMPLES_INFO = """examples:
   tractfunc info out.tck
   tractfunc info a.tck b.trk c.trx --json -
@@ -561,6 +566,24 @@ def cmd_fod(a) -> int:
     print(f"{a.output}: lmax {a.lmax} FODs (MRtrix3 basis) in {int(res.mask.sum())} voxels; response {resp}: "
           + " ".join(f"{c:.6g}" for c in res.response[1]) + f"; {res.not_converged} voxels did not converge; "
           f"fit {res.seconds:.1f}s, total {time.time() - t0:.1f}s")
+    return 0
+
+
+def cmd_5tt2gmwmi(a) -> int:
+    """``tractfunc 5tt2gmwmi``: MRtrix3's GM-WM interface map of a 5TT image (tractfunc.tools.gmwmi)."""
+    from ..tools import gmwmi, csd
+    tt = io.load_5tt(a.input)
+    mask = None
+    if a.mask:
+        m = io.load_mask(a.mask)
+        if m.data.shape != tt.data.shape[:3]:
+            raise TractfuncError(f"{a.mask}: mask grid {m.data.shape} does not match the 5TT grid {tt.data.shape[:3]}")
+        mask = m.data
+    out = gmwmi.gmwmi(tt.data, mask)
+    img, _, _ = io.load_nifti(a.input)
+    csd.save_like(a.output, out, img, "tractfunc 5tt2gmwmi")
+    if not a.quiet:
+        print(f"{a.output}: GM-WM interface in {int((out > 0).sum())} voxels (max {float(out.max()):.4g})")
     return 0
 
 
@@ -704,6 +727,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: differentiable routes vs the native forward in one run (tractfunc.tools.gradbench; "
                         "options --data --n --steps --threads --dtype --quick --json; see docs/benchmarks.md)")
     b.set_defaults(func=cmd_bench)
+    w = sub.add_parser("5tt2gmwmi", help="GM-WM interface map of a 5TT image, for seeding (MRtrix3 5tt2gmwmi)",
+                       epilog=EXAMPLES_5TT2GMWMI, formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("input", help="five-tissue-type image (cGM, sGM, WM, CSF, pathological), NIfTI or .mif")
+    w.add_argument("output", help="output interface map (.nii or .nii.gz)")
+    w.add_argument("--mask", help="only compute the interface in the non-zero voxels of this image")
+    w.add_argument("--quiet", action="store_true", help="no summary line")
+    cli_args.add_force(w)
+    w.set_defaults(func=cmd_5tt2gmwmi)
     n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",
                        epilog=EXAMPLES_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
     n.add_argument("files", nargs="+", help="tractograms (.tck, .trk or .trx)")

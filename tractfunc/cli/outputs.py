@@ -24,10 +24,11 @@ FILES = {
     "bench": (("fod", "seed_image", "mask"), ("json",)),
     "parity": (("fod", "seed_image", "mask"), ()),
     "demo": ((), ()),
+    "5tt2gmwmi": (("input", "mask"), ("output",)),
 }
 # output option -> extensions it accepts (the writer is chosen by extension)
 EXTENSIONS = {("track", "output"): (".tck", ".trk", ".trx"), ("convert", "output"): (".tck", ".trk", ".trx"),
-              ("fod", "output"): (".nii", ".nii.gz"), ("render", "output"): (".png",)}
+              ("fod", "output"): (".nii", ".nii.gz"), ("5tt2gmwmi", "output"): (".nii", ".nii.gz"), ("render", "output"): (".png",)}
 
 
 def demo_outputs(folder: str) -> List[str]:
