@@ -113,3 +113,21 @@ def test_5tt2gmwmi_equals_mrtrix(tmp_path):
     bad = str(tmp_path / "bad.nii.gz")
     p = run_cli("5tt2gmwmi", d["fod"], bad, check=False)
     assert p.returncode != 0 and "5 volumes" in p.stderr and not (tmp_path / "bad.nii.gz").exists()
+
+
+def test_seed_cutoff_and_attempts_are_recorded_without_effect(tmp_path, phantom_files):
+    """tckgen's -seed_cutoff and -max_attempts_per_seed only act in iFOD: for SD_Stream they are recorded in the
+    header and change no streamline; invalid values are one-line errors."""
+    import nibabel as nib
+    ph, paths = phantom_files
+    outs = []
+    for i, extra in enumerate(([], ["--seed-cutoff", "0.3", "--max-attempts-per-seed", "7"])):
+        out = str(tmp_path / f"o{i}.tck")
+        run_cli("track", paths["fod"], out, "--seed-image", paths["mask"], "--select", "30", "--quiet", *extra)
+        outs.append(nib.streamlines.load(out))
+    assert all(np.array_equal(a, b) for a, b in zip(outs[0].streamlines, outs[1].streamlines))
+    assert float(outs[1].header["init_threshold"]) == np.float32(0.3) and outs[1].header["max_seed_attempts"] == "7"
+    for extra, what in ((["--seed-cutoff", "-1"], "seed-cutoff"), (["--max-attempts-per-seed", "0"], "attempts")):
+        p = run_cli("track", paths["fod"], str(tmp_path / "bad.tck"), "--seed-image", paths["mask"], *extra,
+                    check=False)
+        assert p.returncode != 0 and what in p.stderr and not (tmp_path / "bad.tck").exists()

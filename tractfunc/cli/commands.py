@@ -278,6 +278,10 @@ def cmd_track(a) -> int:
     if rois and (a.algorithm != "sd_stream" or a.workers > 1 or distributed.launched()):
         raise TractfuncError("--act, the ROI options and the per-voxel / sphere seeding run with --algorithm "
                              "sd_stream in one process (no --workers / torchrun)")
+    if a.seed_cutoff is not None and not (np.isfinite(a.seed_cutoff) and a.seed_cutoff >= 0):
+        raise TractfuncError(f"--seed-cutoff {a.seed_cutoff}: expected an FOD amplitude >= 0")
+    if a.max_attempts_per_seed is not None and a.max_attempts_per_seed < 1:
+        raise TractfuncError(f"--max-attempts-per-seed {a.max_attempts_per_seed}: expected a number >= 1")
     if a.include_ordered and not a.seed_unidirectional:
         raise TractfuncError("--include-ordered requires --seed-unidirectional (as tckgen)")
     if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
@@ -631,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--stop", action="store_true", help="stop a streamline once it has entered every include region")
     t.add_argument("--seed-unidirectional", action="store_true",
                    help="track from each seed in one direction only (the seed is the first vertex)")
+    t.add_argument("--seed-cutoff", type=float, metavar="VALUE",
+                   help="FOD amplitude cutoff at the seed (tckgen -seed_cutoff); recorded in the header, without "
+                        "effect on SD_Stream (tckgen uses it for iFOD only)")
+    t.add_argument("--max-attempts-per-seed", type=int, metavar="N",
+                   help="start directions tried per seed (tckgen -max_attempts_per_seed); recorded in the header, "
+                        "without effect on SD_Stream (deterministic: one attempt)")
     t.add_argument("--backtrack", action="store_true",
                    help="ACT backtracking (tckgen -backtrack): not valid for SD_Stream, a deterministic algorithm")
     t.add_argument("--exact-sh", action="store_true", help="exact SH evaluation in peak search instead of tckgen's lookup table")

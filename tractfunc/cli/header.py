@@ -44,8 +44,10 @@ def track_header(a, prm, max_num_seeds: int, max_num_tracks: int) -> dict:
         roi += [f"{name} {spec}" for spec in getattr(a, key, None) or []]
     return {**act,
         "command_history": command_history(getattr(a, "argv", [])),
-        "init_threshold": f32(prm.cutoff), "max_angle": f32(prm.angle), "max_dist": f32(prm.max_length),
-        "max_num_seeds": int(max_num_seeds), "max_num_tracks": int(max_num_tracks), "max_seed_attempts": 1000,
+        "init_threshold": f32(prm.cutoff if getattr(a, "seed_cutoff", None) is None else a.seed_cutoff),
+        "max_angle": f32(prm.angle), "max_dist": f32(prm.max_length),
+        "max_num_seeds": int(max_num_seeds), "max_num_tracks": int(max_num_tracks),
+        "max_seed_attempts": int(getattr(a, "max_attempts_per_seed", None) or 1000),
         "method": "SDStream", "min_dist": f32(prm.min_length), "rk4": int(prm.rk4),
         "sh_precomputed": int(prm.precomputed), "source": a.fod, "step_size": f32(prm.step),
         "stop_on_all_include": int(bool(getattr(a, "stop", False) and (getattr(a, "include", None)
