@@ -131,3 +131,29 @@ def test_seed_cutoff_and_attempts_are_recorded_without_effect(tmp_path, phantom_
         p = run_cli("track", paths["fod"], str(tmp_path / "bad.tck"), "--seed-image", paths["mask"], *extra,
                     check=False)
         assert p.returncode != 0 and what in p.stderr and not (tmp_path / "bad.tck").exists()
+
+
+def test_seed_rejection_matches_tckgen_distribution(tmp_path):
+    """--seed-rejection on the GM-WM interface map (5tt2gmwmi) with ACT: the map's values at the accepted seeds
+    agree with tckgen's (two-sample KS test)."""
+    import subprocess
+    import nibabel as nib
+    from scipy.stats import ks_2samp
+    d = require_philips()
+    require_tckgen()
+    gm = str(tmp_path / "gmwmi.nii.gz")
+    run_cli("5tt2gmwmi", d["5tt"], gm, "--quiet")
+    ref_csv, our_csv = str(tmp_path / "ref.csv"), str(tmp_path / "our.csv")
+    subprocess.run(["tckgen", d["fod"], str(tmp_path / "ref.tck"), "-algorithm", "SD_Stream", "-seed_rejection", gm,
+                    "-act", d["5tt"], "-select", "300", "-output_seeds", ref_csv, "-nthreads", "0", "-force",
+                    "-quiet"], check=True)
+    run_cli("track", d["fod"], str(tmp_path / "our.tck"), "--seed-rejection", gm, "--act", d["5tt"], "--select",
+            "300", "--output-seeds", our_csv, "--quiet")
+    img = nib.load(gm)
+    data, inv = np.asarray(img.dataobj), np.linalg.inv(img.affine)
+    vals = [data[tuple(np.rint(_seeds(c) @ inv[:3, :3].T + inv[:3, 3]).astype(int).T)] for c in (ref_csv, our_csv)]
+    p = ks_2samp(*vals).pvalue
+    print(f"seed rejection: KS p = {p:.3f} (mean value tckgen {vals[0].mean():.3f}, tractfunc {vals[1].mean():.3f})")
+    assert p > 1e-3 and (vals[1] > 0).all()
+    bad = run_cli("track", d["fod"], str(tmp_path / "bad.tck"), "--seed-rejection", d["5tt"], check=False)
+    assert bad.returncode != 0 and "3-D" in bad.stderr and not (tmp_path / "bad.tck").exists()

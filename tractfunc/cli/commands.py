@@ -228,6 +228,16 @@ def _random_seeds(a):
     if a.seed_sphere:
         centre, r = _seed_sphere(a.seed_sphere)
         return lambda n, gen: S.sphere_points_np(centre, r, n, gen)
+    if a.seed_rejection:
+        data, affine, _ = io.read_image(a.seed_rejection)
+        data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+        if data.ndim != 3:
+            raise TractfuncError(f"{a.seed_rejection}: seed image has shape {data.shape}; expected a 3-D image")
+        try:
+            S.weighted_in_image_np(data, affine, 1, np.random.default_rng(0))
+        except ValueError as e:
+            raise TractfuncError(f"{a.seed_rejection}: {e}") from None
+        return lambda n, gen: S.weighted_in_image_np(data, affine, n, gen)
     seed_img = io.load_mask(a.seed_image)
     if not seed_img.data.any():
         raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
@@ -274,6 +284,7 @@ def cmd_track(a) -> int:
         raise TractfuncError("--backtrack: backtracking is not valid for deterministic algorithms (SD_Stream)"
                              if a.act else "--backtrack needs --act (and is not valid for SD_Stream)")
     rois = (a.act or a.include or a.include_ordered or a.exclude or a.stop or a.seed_unidirectional or a.seed_sphere
+            or a.seed_rejection
             or a.seed_random_per_voxel or a.seed_grid_per_voxel)
     if rois and (a.algorithm != "sd_stream" or a.workers > 1 or distributed.launched()):
         raise TractfuncError("--act, the ROI options and the per-voxel / sphere seeding run with --algorithm "
@@ -610,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed-image", help="seed uniformly within the non-zero voxels of this image")
     g.add_argument("--seed-points", help="seed points file: rows 'x y z' (scanner mm) or a tckgen -output_seeds CSV")
     g.add_argument("--seed-sphere", metavar="X,Y,Z,R", help="seed uniformly at random in this sphere (scanner mm)")
+    g.add_argument("--seed-rejection", metavar="IMAGE",
+                   help="seed at random, each voxel with probability proportional to its value in IMAGE (>= 0)")
     g.add_argument("--seed-random-per-voxel", nargs=2, metavar=("IMAGE", "N"),
                    help="N seeds at random positions in every non-zero voxel of IMAGE (each tracked once)")
     g.add_argument("--seed-grid-per-voxel", nargs=2, metavar=("IMAGE", "N"),

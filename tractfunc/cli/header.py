@@ -34,7 +34,7 @@ def track_header(a, prm, max_num_seeds: int, max_num_tracks: int) -> dict:
     :class:`tractfunc.core.params.TrackParams`; ``max_num_seeds`` / ``max_num_tracks``: the seed and
     streamline limits, 0 = none).  ``count`` / ``total_count`` are added by the writer."""
     f32 = np.float32
-    seed = (a.seed_image or a.seed_points or getattr(a, "seed_sphere", None)
+    seed = (a.seed_image or a.seed_points or getattr(a, "seed_sphere", None) or getattr(a, "seed_rejection", None)
             or (getattr(a, "seed_random_per_voxel", None) or getattr(a, "seed_grid_per_voxel", None) or [""])[0])
     roi = [f"seed {os.path.basename(seed)}"]
     if a.mask:

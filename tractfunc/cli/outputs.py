@@ -16,7 +16,8 @@ from ..io.atomic import extension
 
 # command -> (input options, output options): Namespace attribute names (None / "-" values are skipped)
 FILES = {
-    "track": (("fod", "seed_image", "seed_points", "seed_directions", "mask", "fa_map"), ("output", "output_seeds")),
+    "track": (("fod", "seed_image", "seed_points", "seed_directions", "mask", "fa_map", "seed_rejection", "act"),
+              ("output", "output_seeds")),
     "convert": (("input", "reference"), ("output",)),
     "fod": (("dwi", "bval", "bvec", "mask", "response"), ("output",)),
     "render": (("tractogram", "background"), ("output",)),

@@ -76,6 +76,18 @@ def random_per_voxel_np(mask, affine, n: int, rng: np.random.Generator) -> np.nd
     return voxel_points(vox, pick, rng.random((len(pick), 3)) - 0.5, affine)
 
 
+def weighted_in_image_np(image, affine, n: int, rng: np.random.Generator) -> np.ndarray:
+    """tckgen ``-seed_rejection``: n seeds with voxel probability proportional to the value of ``image`` (X, Y, Z)
+    (values >= 0; tckgen's rejection sampling without interpolation), uniformly within the voxel.  Returns (n, 3)
+    float64 scanner mm.  Raises ValueError for negative or non-finite values or an empty image."""
+    w = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("rejection sampling needs finite values >= 0 in the seed image")
+    vox = seed_voxels(w)
+    p = w[tuple(vox.T)]
+    return voxel_points(vox, rng.choice(len(vox), n, p=p / p.sum()), rng.random((n, 3)) - 0.5, affine)
+
+
 def sphere_points_np(centre, radius: float, n: int, rng: np.random.Generator) -> np.ndarray:
     """tckgen ``-seed_sphere``: n points uniformly in the ball of ``radius`` mm around ``centre`` (3,) scanner mm
     (rejection sampling from the enclosing cube, as tckgen).  Returns (n, 3) float64."""
