@@ -79,11 +79,18 @@ def test_probabilistic_gradients(tmp_path):
         assert hot["rel_std"] < cold["rel_std"]                           # ... with less variance
 
 
+def test_optimize_density(tmp_path):
+    r = run_quick("optimize_density.py", tmp_path)
+    assert r["misfit_after"] < 0.8 * r["misfit_before"]            # soft density pulled towards the target
+    assert r["hard_misfit_after"] < r["hard_misfit_before"]        # ... and tckmap's hard density with it
+    assert r["streamlines_after"] > 0.5 * r["n_seeds"]
+
+
 def test_whole_brain_gradient(tmp_path):
     """The whole-brain example's quick run (2000 seeds of the full FOD): the fused follow engine ran, the gradient
     reached the FOD in many voxels, and Adam on the FOD lowered the bending energy."""
     r = run_quick("whole_brain_gradient.py", tmp_path)
-    first, last = r["iterations"][0], r["iterations"][-1]
+    first = r["iterations"][0]
     assert first["engine"] == "follow" and first["vertices"] > 100_000
     assert first["touched_voxels"] > 10_000 and first["grad_norm"] > 0
     assert r["loss_after"] < r["loss_before"]

@@ -11,6 +11,7 @@ only those below it:
              decisions, Jacobians, the native C kernel, and the front door with its engine rule
   local/     the DIPY family: discrete peaks, direction getters, probabilistic getters, LocalTracking
   io/        images (NIfTI, .mif) in, tractograms (.tck, .trk, .trx) in and out
+  maps/      tractogram -> data: density maps, along-tract sampling, connectomes (hard = MRtrix3, soft = smooth)
   interop/   the JAX front end
   tools/     programs on the library: parity with tckgen, benchmarks, CSD, figures, the phantom, workers
   cli/       the command line (imported by nothing)
@@ -51,6 +52,10 @@ _EXPORTS = {
     "load_tractogram": ("io.tractogram", "load_tractogram"), "save_tractogram": ("io.tractogram", "save_tractogram"),
     "to_stateful_tractogram": ("io.tractogram", "to_stateful_tractogram"),
     "to_nibabel_tractogram": ("io.tractogram", "to_nibabel_tractogram"),
+    # tractogram -> data (tckmap, tcksample, tck2connectome; hard and soft forms)
+    "maps": ("maps", None), "density": ("maps.tdi", "density"), "soft_density": ("maps.tdi", "soft_density"),
+    "sample_stat": ("maps.sample", "sample_stat"), "soft_stat": ("maps.sample", "soft_stat"),
+    "connectome": ("maps.connectome", "connectome"), "soft_connectome": ("maps.connectome", "soft_connectome"),
     # the DIPY family
     "closest_peak": ("local.getters", "closest_peak"), "deterministic_maximum": ("local.getters", "deterministic_maximum"),
     "local_tracking": ("local.tracker", "local_tracking"), "probabilistic": ("local.probabilistic", None),

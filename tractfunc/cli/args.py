@@ -63,6 +63,8 @@ RANGES = {
     "maxlen": (1, True, None, False, "a number of points >= 1"),
     "max_cross": (1, True, None, False, "a number of peaks >= 1"),
     "roi_radii": (1, True, None, False, "a radius in voxels >= 1"),
+    "upsample": (1, True, None, False, "an upsampling ratio >= 1"),
+    "search_radius": (0.0, True, None, False, "a distance >= 0 mm"),
     "lmax": (0, True, 30, True, "an even SH order in [0, 30]"),
     "step": (0.0, False, None, False, "a positive number of mm"),
     "angle": (0.0, False, 180.0, True, "an angle in (0, 180] degrees"),

@@ -1,5 +1,5 @@
-"""Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render`` -- a thin layer
-over the Python API.
+"""Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render | map | sample |
+connectome`` -- a thin layer over the Python API (the last three: :mod:`tractfunc.cli.maps`).
 
 ``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.sdstream.native`) without importing torch;
 other settings (float64, CUDA, ``--engine eager``, ``--compile``, ``--workers``, torchrun) run a
@@ -586,7 +586,7 @@ def cmd_fod(a) -> int:
 
 def cmd_5tt2gmwmi(a) -> int:
     """``tractfunc 5tt2gmwmi``: MRtrix3's GM-WM interface map of a 5TT image (tractfunc.tools.gmwmi)."""
-    from ..tools import gmwmi, csd
+    from ..tools import gmwmi
     tt = io.load_5tt(a.input)
     mask = None
     if a.mask:
@@ -596,7 +596,8 @@ def cmd_5tt2gmwmi(a) -> int:
         mask = m.data
     out = gmwmi.gmwmi(tt.data, mask)
     img, _, _ = io.load_nifti(a.input)
-    csd.save_like(a.output, out, img, "tractfunc 5tt2gmwmi")
+    io.save_nifti(a.output, np.asarray(out, dtype=np.float32), img.affine, descrip="tractfunc 5tt2gmwmi",
+                  reference_header=img.header)
     if not a.quiet:
         print(f"{a.output}: GM-WM interface in {int((out > 0).sum())} voxels (max {float(out.max()):.4g})")
     return 0
@@ -807,6 +808,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--rng-seed", type=int, default=0, help="seed of the --max-streamlines subset (default 0)")
     cli_args.add_force(r)
     r.set_defaults(func=cmd_render)
+    from . import maps as map_cli
+    map_cli.add_parsers(sub, cli_args.add_force)
     return p
 
 

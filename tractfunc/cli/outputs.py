@@ -26,10 +26,14 @@ FILES = {
     "parity": (("fod", "seed_image", "mask"), ()),
     "demo": ((), ()),
     "5tt2gmwmi": (("input", "mask"), ("output",)),
+    "map": (("tracks", "template", "tck_weights_in"), ("output",)),
+    "sample": (("tracks", "image", "tck_weights_in"), ("output",)),
+    "connectome": (("tracks", "nodes", "tck_weights_in"), ("output", "out_assignments")),
 }
 # output option -> extensions it accepts (the writer is chosen by extension)
 EXTENSIONS = {("track", "output"): (".tck", ".trk", ".trx"), ("convert", "output"): (".tck", ".trk", ".trx"),
-              ("fod", "output"): (".nii", ".nii.gz"), ("5tt2gmwmi", "output"): (".nii", ".nii.gz"), ("render", "output"): (".png",)}
+              ("fod", "output"): (".nii", ".nii.gz"), ("5tt2gmwmi", "output"): (".nii", ".nii.gz"),
+              ("render", "output"): (".png",), ("map", "output"): (".nii", ".nii.gz")}
 
 
 def demo_outputs(folder: str) -> List[str]:
@@ -38,7 +42,7 @@ def demo_outputs(folder: str) -> List[str]:
                                               "phantom.png")]
 
 
-_POSITIONAL = {"fod", "output", "input", "tractogram", "dwi", "bval", "bvec", "files"}
+_POSITIONAL = {"fod", "output", "input", "tractogram", "dwi", "bval", "bvec", "files", "tracks", "image", "nodes"}
 
 
 def _label(name: str) -> str:

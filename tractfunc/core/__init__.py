@@ -6,6 +6,7 @@ are tested against.
   shsize       SH coefficient counts
   sh           real SH basis (MRtrix3 convention), pole-safe derivatives, tckgen's Legendre table
   shbasis      conversions between MRtrix3/tournier07 and descoteaux07 SH bases (legacy and not)
+  frames       MRtrix3's realigned voxel frame and its scanner -> voxel transform (Eigen's arithmetic)
   interpolate  trilinear sampling with MRtrix3's image-edge and zero-voxel rules
   fodgrad      compact backward of FOD sampling (one gradient buffer per tracking call)
   field        FOD and mask containers

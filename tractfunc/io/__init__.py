@@ -11,7 +11,8 @@ from .images import (Image, TckWriter, load_5tt, load_fod, load_mask, nonfinite_
                      same_grid, write_seeds_csv, write_tractogram)
 # read_image(path) -> (data, affine (4, 4), voxel sizes (3,)), NIfTI or .mif; load_nifti(path) -> (nibabel
 # image, data, affine (4, 4)), checked
-from .images import load_nifti, read_image
+from .images import load_nifti, read_image, save_nifti
 
-__all__ = ["TractfuncError", "Image", "TckWriter", "load_5tt", "load_fod", "load_mask", "nonfinite_error", "read_directions",
-           "read_seed_points", "same_grid", "write_seeds_csv", "write_tractogram", "read_image", "load_nifti"]
+__all__ = ["TractfuncError", "Image", "TckWriter", "load_5tt", "load_fod", "load_mask", "nonfinite_error",
+           "read_directions", "read_seed_points", "same_grid", "write_seeds_csv", "write_tractogram", "read_image",
+           "load_nifti", "save_nifti"]

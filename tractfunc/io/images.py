@@ -132,6 +132,32 @@ def load_5tt(path: str) -> Image:
     return Image(data, A, vox)
 
 
+def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, voxel_sizes=None, descrip: str = "",
+               reference_header=None) -> None:
+    """Write ``data`` (X, Y, Z[, C]) to NIfTI atomically (no partial file on failure). affine: (4, 4) voxel ->
+    scanner mm; the qform/sform (codes), zooms and units of ``reference_header`` (a nibabel NIfTI header) are
+    kept where given, else both forms are set to ``affine`` (code 1) with ``voxel_sizes`` (default the affine's
+    column norms) as zooms."""
+    import nibabel as nib
+    from .atomic import atomic_path
+    img = nib.Nifti1Image(data, affine)
+    zooms = voxel_sizes if voxel_sizes is not None else np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+    if reference_header is not None:
+        sform, scode = reference_header.get_sform(coded=True)
+        qform, qcode = reference_header.get_qform(coded=True)
+        img.set_sform(affine if sform is None else sform, int(scode) or 1)
+        img.set_qform(affine if qform is None else qform, int(qcode) or 1)
+        zooms = reference_header.get_zooms()[:3]
+        img.header.set_xyzt_units(*reference_header.get_xyzt_units())
+    else:
+        img.set_sform(affine, 1)
+        img.set_qform(affine, 1)
+    img.header.set_zooms(tuple(float(z) for z in zooms) + (1.0,) * (data.ndim - 3))
+    img.header["descrip"] = descrip.encode()[:79]
+    with atomic_path(path) as tmp:
+        nib.save(img, tmp)
+
+
 def same_grid(a: Image, b: Image) -> bool:
     return a.data.shape[:3] == b.data.shape[:3] and np.allclose(a.affine, b.affine, atol=1e-4)
 

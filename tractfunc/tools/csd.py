@@ -262,24 +262,9 @@ def compute_fod(data: np.ndarray, affine: np.ndarray, bvals: np.ndarray, bvecs_f
 
 def save_fod(path: str, fod: np.ndarray, reference) -> None:
     """Write (X, Y, Z, N) float32 to NIfTI with the reference image's affine, qform/sform codes and zooms."""
-    save_like(path, fod, reference, "tractfunc fod: DIPY CSD, MRtrix3 SH basis")
-
-
-def save_like(path: str, data: np.ndarray, reference, descrip: str) -> None:
-    """Write (X, Y, Z[, N]) float32 to NIfTI atomically, with the reference nibabel image's affine, qform/sform
-    codes and zooms."""
-    import nibabel as nib
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), reference.affine)
-    sform, scode = reference.header.get_sform(coded=True)
-    qform, qcode = reference.header.get_qform(coded=True)
-    img.set_sform(reference.affine if sform is None else sform, int(scode) or 1)
-    img.set_qform(reference.affine if qform is None else qform, int(qcode) or 1)
-    img.header.set_zooms((tuple(reference.header.get_zooms()[:3]) + (1.0,))[:img.ndim])
-    img.header.set_xyzt_units(*reference.header.get_xyzt_units())
-    img.header["descrip"] = descrip.encode()[:79]
-    from ..io.atomic import atomic_path
-    with atomic_path(path) as tmp:   # a failure (full disk, Ctrl-C) leaves no partial file
-        nib.save(img, tmp)
+    from ..io.images import save_nifti
+    save_nifti(path, np.asarray(fod, dtype=np.float32), reference.affine,
+               descrip="tractfunc fod: DIPY CSD, MRtrix3 SH basis", reference_header=reference.header)
 
 
 def fod_from_files(dwi: str, bval: str, bvec: str, out: str, mask: Optional[str] = None, lmax: int = 8,
