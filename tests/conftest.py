@@ -37,7 +37,7 @@ def require_philips():
     if not os.path.exists(fod):
         _missing(f"real data not found at {PHILIPS} (../shared/data next to the checkout)")
     return {"fod": fod, "seed": os.path.join(PHILIPS, "dwi_wmmask_FA0.3.nii.gz"),
-            "mask": os.path.join(PHILIPS, "dwi_brainmask.nii.gz")}
+            "mask": os.path.join(PHILIPS, "dwi_brainmask.nii.gz"), "5tt": os.path.join(PHILIPS, "dwi_5tt.nii.gz")}
 
 
 @pytest.fixture(scope="session")

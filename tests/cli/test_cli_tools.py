@@ -25,7 +25,7 @@ def run(*args, check=True, **kw):
 
 def test_help_lists_every_subcommand_and_each_has_examples():
     out = run("--help").stdout
-    listed = re.search(r"\{([a-z,]+)\}", out).group(1).split(",")
+    listed = re.search(r"\{([a-z0-9,]+)\}", out).group(1).split(",")
     assert set(SUBCOMMANDS) <= set(listed)
     for sub in listed:
         assert re.search(rf"^\s+{sub}\s+\S", out, re.M), f"{sub} has no one-line help"

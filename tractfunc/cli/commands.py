@@ -20,7 +20,7 @@ from ..tools import distributed
 from .. import io
 from ..core import params as P, seeds as S
 from ..errors import TractfuncError
-from ..tools.inputs import native_kernel, state_dtype, torch_inputs
+from ..tools.inputs import act_field, load_regions, native_kernel, state_dtype, torch_inputs
 from . import args as cli_args, header as tck_header, outputs, preflight
 
 
@@ -151,14 +151,53 @@ class _Sink:
             os.remove(self.part)
 
 
-def _track_points(a, fod, run, gen, sink, report):
-    pts = io.read_seed_points(a.seed_points)
+def _seed_sphere(spec: str):
+    """--seed-sphere x,y,z,r -> (centre (3,), radius); one-line error for anything else or a negative radius."""
+    try:
+        x, y, z, r = (float(v) for v in spec.split(","))
+    except ValueError:
+        raise TractfuncError(f"--seed-sphere {spec!r}: expected x,y,z,r (scanner mm)") from None
+    if not (np.isfinite([x, y, z, r]).all() and r >= 0):
+        raise TractfuncError(f"--seed-sphere {spec!r}: expected a finite centre and a radius >= 0 mm")
+    return (x, y, z), r
+
+
+def _per_voxel(pair):
+    """--seed-random-per-voxel / --seed-grid-per-voxel IMAGE N -> (mask image, N)."""
+    path, n = pair
+    try:
+        n = int(n)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise TractfuncError(f"{path} {pair[1]}: expected a number of seeds per voxel >= 1")
+    img = io.load_mask(path)
+    if not img.data.any():
+        raise TractfuncError(f"{path}: seed image has no non-zero voxel; expected a non-empty seed region")
+    return img, n
+
+
+def finite_seeds(a, gen):
+    """The seed points (n, 3) scanner mm of the finite seeding mechanisms (--seed-points, --seed-random-per-voxel,
+    --seed-grid-per-voxel: every point is tracked once) and their name, or None for the random ones."""
+    if a.seed_points:
+        return io.read_seed_points(a.seed_points), a.seed_points
+    if a.seed_random_per_voxel:
+        img, n = _per_voxel(a.seed_random_per_voxel)
+        return S.random_per_voxel_np(img.data, img.affine, n, gen), a.seed_random_per_voxel[0]
+    if a.seed_grid_per_voxel:
+        img, n = _per_voxel(a.seed_grid_per_voxel)
+        return S.grid_per_voxel_np(img.data, img.affine, n), a.seed_grid_per_voxel[0]
+    return None
+
+
+def _track_points(a, fod, run, gen, sink, report, pts, name):
     outside = ~_inside_image(fod, pts)
     dirs = io.read_directions(a.seed_directions, len(pts)) if a.seed_directions else None
     if dirs is None:   # tckgen draws a random start direction per seed
         dirs = S.random_directions_np(len(pts), gen)
     if outside.any():
-        what = (f"{a.seed_points}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
+        what = (f"{name}: {int(outside.sum())} of {len(pts)} seed points lie outside the FOD image "
                 f"(first: row {int(np.argmax(outside)) + 1})")
         if a.outside == "fail":
             raise TractfuncError(f"{what}; expected scanner-mm points inside it (or --outside skip)")
@@ -184,12 +223,31 @@ def _track_points(a, fod, run, gen, sink, report):
     return n_used
 
 
-def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
-    if a.seed_directions:
-        raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
+def _random_seeds(a):
+    """draw(n, gen) -> (n, 3) scanner mm seeds of --seed-image or --seed-sphere."""
+    if a.seed_sphere:
+        centre, r = _seed_sphere(a.seed_sphere)
+        return lambda n, gen: S.sphere_points_np(centre, r, n, gen)
+    if a.seed_rejection:
+        data, affine, _ = io.read_image(a.seed_rejection)
+        data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+        if data.ndim != 3:
+            raise TractfuncError(f"{a.seed_rejection}: seed image has shape {data.shape}; expected a 3-D image")
+        try:
+            S.weighted_in_image_np(data, affine, 1, np.random.default_rng(0))
+        except ValueError as e:
+            raise TractfuncError(f"{a.seed_rejection}: {e}") from None
+        return lambda n, gen: S.weighted_in_image_np(data, affine, n, gen)
     seed_img = io.load_mask(a.seed_image)
     if not seed_img.data.any():
         raise TractfuncError(f"{a.seed_image}: seed image has no non-zero voxel; expected a non-empty seed region")
+    return lambda n, gen: S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
+
+
+def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: int = 512):
+    if a.seed_directions:
+        raise TractfuncError("--seed-directions needs --seed-points (one direction per seed point)")
+    draw = _random_seeds(a)
     select, max_seeds = preflight.limits(a)   # tckgen's meanings: --select 0 / --seeds 0 = no limit
     hopeless = preflight.SEEDS_PER_SELECT * max(select, 1)   # unlimited seeds: give up if none accepted by then
     n_seeds = 0
@@ -203,7 +261,7 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
         rate = max(sink.count / n_seeds, 0.05) if n_seeds else 0.7
         want = overshoot * (select - sink.count) / rate if select else max_seeds
         n = int(min(max(want, min_batch), a.chunk, max_seeds - n_seeds, hopeless))
-        pts = S.random_in_mask_np(seed_img.data, seed_img.affine, n, gen)
+        pts = draw(n, gen)
         batch = run(pts, S.random_directions_np(n, gen))
         keep = batch.seed_ids.tolist()
         if select and sink.count + len(keep) >= select:
@@ -222,6 +280,21 @@ def _track_image(a, run, gen, sink, report, overshoot: float = 1.15, min_batch: 
 
 def cmd_track(a) -> int:
     preflight.check_track(a)   # limits, and whether any seed can land in the FOD and the mask: before any work
+    if a.backtrack:   # tckgen's rule for SD_Stream
+        raise TractfuncError("--backtrack: backtracking is not valid for deterministic algorithms (SD_Stream)"
+                             if a.act else "--backtrack needs --act (and is not valid for SD_Stream)")
+    rois = (a.act or a.include or a.include_ordered or a.exclude or a.stop or a.seed_unidirectional or a.seed_sphere
+            or a.seed_rejection
+            or a.seed_random_per_voxel or a.seed_grid_per_voxel)
+    if rois and (a.algorithm != "sd_stream" or a.workers > 1 or distributed.launched()):
+        raise TractfuncError("--act, the ROI options and the per-voxel / sphere seeding run with --algorithm "
+                             "sd_stream in one process (no --workers / torchrun)")
+    if a.seed_cutoff is not None and not (np.isfinite(a.seed_cutoff) and a.seed_cutoff >= 0):
+        raise TractfuncError(f"--seed-cutoff {a.seed_cutoff}: expected an FOD amplitude >= 0")
+    if a.max_attempts_per_seed is not None and a.max_attempts_per_seed < 1:
+        raise TractfuncError(f"--max-attempts-per-seed {a.max_attempts_per_seed}: expected a number >= 1")
+    if a.include_ordered and not a.seed_unidirectional:
+        raise TractfuncError("--include-ordered requires --seed-unidirectional (as tckgen)")
     if a.algorithm != "sd_stream":   # DIPY-style local tracking (tractfunc.local.tracker, docs/dipy_getters.md)
         if a.chunk < 1:
             raise TractfuncError(f"--chunk must be a positive number of seeds, got {a.chunk}")
@@ -255,6 +328,7 @@ def cmd_track(a) -> int:
             shard = distributed.Shard(device)
             device = shard.device(device)
         fod, prm, fld, msk = torch_inputs(a, dtype, device)
+        actf, regions = act_field(a, device), load_regions(a, fod)
         if a.workers > 1:
             if device.type != "cpu":
                 raise TractfuncError("--workers splits seeds across CPU processes; use it with --device cpu")
@@ -268,13 +342,14 @@ def cmd_track(a) -> int:
                 return pool.track(pts, dirs)
             res = track(fld, prm, torch.as_tensor(pts, dtype=dtype, device=device),
                         torch.as_tensor(dirs, dtype=dtype, device=device), mask=msk, compiled=a.compile,
-                        engine=a.engine)
+                        engine=a.engine, act=actf, regions=regions)
             return (*(x.cpu().numpy() for x in (res.vertices, res.lengths, res.seed_ids, res.seed_index)),
                     res.seeds_ok().cpu().numpy())
 
     leader = shard is None or shard.rank == 0
     report = _progress(leader and not a.quiet and sys.stderr.isatty())
-    if a.seed_points:
+    finite = finite_seeds(a, gen)
+    if finite is not None:
         limit_seeds, limit_tracks = 0, a.select or 0
     else:
         limit_tracks, limit_seeds = preflight.limits(a)
@@ -289,15 +364,15 @@ def cmd_track(a) -> int:
         return distributed.Batch(v, ln, ids, sidx, seed_ok=ok)
 
     try:
-        if a.seed_points:
-            n_seeds = _track_points(a, fod, run, gen, sink, report)
+        if finite is not None:
+            n_seeds = _track_points(a, fod, run, gen, sink, report, *finite)
         else:
             batching = dict(overshoot=1.02, min_batch=64) if native else {}
             n_seeds = _track_image(a, run, gen, sink, report, **batching)
         # tckgen's total_count: streamlines generated (written + rejected for their length), not seeds
         generated = max(n_seeds - sink.rejected, sink.count)
         if sink.count == 0:
-            raise TractfuncError(f"no streamline accepted from {n_seeds} seeds: {_rejections(sink, generated, prm)}; "
+            raise TractfuncError(f"no streamline accepted from {n_seeds} seeds: {_rejections(sink, generated, prm, bool(a.act or a.include or a.include_ordered or a.exclude))}; "
                                  "nothing written")
     except BaseException:
         sink.abort()
@@ -312,16 +387,20 @@ def cmd_track(a) -> int:
         io.write_seeds_csv(a.output_seeds, np.asarray(sink.seed_pts).reshape(-1, 3), sink.sidx)
     if not a.quiet and leader:
         print(f"{a.output}: {sink.count} streamlines from {n_seeds} seeds (count/total_count = "
-              f"{sink.count}/{generated}; {_rejections(sink, generated, prm)})")
+              f"{sink.count}/{generated}; {_rejections(sink, generated, prm, bool(a.act or a.include or a.include_ordered or a.exclude))})")
     return 0
 
 
-def _rejections(sink, generated: int, prm) -> str:
-    """The per-reason counts of a run: seeds rejected at the seed point, streamlines rejected for length."""
+def _rejections(sink, generated: int, prm, constrained: bool = False) -> str:
+    """The per-reason counts of a run: seeds rejected at the seed point, streamlines rejected for length (and,
+    when ``constrained``, by ACT's tissue rules or the ROIs)."""
     where = f" ({sink.outside} seed points outside the FOD image)" if sink.outside else ""
-    return (f"{sink.rejected} seeds rejected at the seed point: outside the mask or image, or no FOD peak above "
-            f"the cutoff {prm.cutoff:.6g}{where}; {generated - sink.count} streamlines shorter than the minimum "
-            f"length {prm.min_length:.6g} mm")
+    seed_rule, line_rule = (" or tissue (ACT) or exclusion region",
+                            " or rejected by ACT or the ROIs (entered CSF or an exclusion region, missed an include "
+                            "region, too long, poor termination)") if constrained else ("", "")
+    return (f"{sink.rejected} seeds rejected at the seed point: outside the mask or image{seed_rule}, or no FOD peak "
+            f"above the cutoff {prm.cutoff:.6g}{where}; {generated - sink.count} streamlines shorter than the minimum "
+            f"length {prm.min_length:.6g} mm{line_rule}")
 
 
 def cmd_demo(a) -> int:
@@ -440,6 +519,11 @@ def cmd_convert(a) -> int:
     return 0
 
 
+EXAMPLES_5TT2GMWMI = """examples:
+  tractfunc 5tt2gmwmi 5tt.nii.gz gmwmi.nii.gz
+  tractfunc 5tt2gmwmi 5tt.nii.gz gmwmi.nii.gz --mask brain.nii.gz --force
+"""
+
 EXAMPLES_INFO = """examples:
   tractfunc info out.tck
   tractfunc info a.tck b.trk c.trx --json -
@@ -500,6 +584,25 @@ def cmd_fod(a) -> int:
     return 0
 
 
+def cmd_5tt2gmwmi(a) -> int:
+    """``tractfunc 5tt2gmwmi``: MRtrix3's GM-WM interface map of a 5TT image (tractfunc.tools.gmwmi)."""
+    from ..tools import gmwmi
+    tt = io.load_5tt(a.input)
+    mask = None
+    if a.mask:
+        m = io.load_mask(a.mask)
+        if m.data.shape != tt.data.shape[:3]:
+            raise TractfuncError(f"{a.mask}: mask grid {m.data.shape} does not match the 5TT grid {tt.data.shape[:3]}")
+        mask = m.data
+    out = gmwmi.gmwmi(tt.data, mask)
+    img, _, _ = io.load_nifti(a.input)
+    io.save_nifti(a.output, np.asarray(out, dtype=np.float32), img.affine, descrip="tractfunc 5tt2gmwmi",
+                  reference_header=img.header)
+    if not a.quiet:
+        print(f"{a.output}: GM-WM interface in {int((out > 0).sum())} voxels (max {float(out.max()):.4g})")
+    return 0
+
+
 def cmd_render(a) -> int:
     from ..tools import render
     out = render.render_file(a.tractogram, a.output, a.background, a.max_streamlines, a.slab, a.rng_seed)
@@ -518,6 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = t.add_mutually_exclusive_group(required=True)
     g.add_argument("--seed-image", help="seed uniformly within the non-zero voxels of this image")
     g.add_argument("--seed-points", help="seed points file: rows 'x y z' (scanner mm) or a tckgen -output_seeds CSV")
+    g.add_argument("--seed-sphere", metavar="X,Y,Z,R", help="seed uniformly at random in this sphere (scanner mm)")
+    g.add_argument("--seed-rejection", metavar="IMAGE",
+                   help="seed at random, each voxel with probability proportional to its value in IMAGE (>= 0)")
+    g.add_argument("--seed-random-per-voxel", nargs=2, metavar=("IMAGE", "N"),
+                   help="N seeds at random positions in every non-zero voxel of IMAGE (each tracked once)")
+    g.add_argument("--seed-grid-per-voxel", nargs=2, metavar=("IMAGE", "N"),
+                   help="an N x N x N grid of seeds in every non-zero voxel of IMAGE (each tracked once)")
     t.add_argument("--seed-directions", help="rows 'dx dy dz', one start direction per seed point")
     t.add_argument("--select", type=int, help="number of streamlines to keep (default 5000 with --seed-image)")
     t.add_argument("--seeds", type=int, help="number of seeds to draw (with --seed-image)")
@@ -528,6 +638,25 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--min-length", type=float, help="minimum length in mm (default 5 x voxel)")
     t.add_argument("--max-length", type=float, help="maximum length in mm (default 100 x voxel)")
     t.add_argument("--rk4", action="store_true", help="fourth-order Runge-Kutta integration")
+    t.add_argument("--act", metavar="5TT", help="anatomically-constrained tracking with this five-tissue-type image "
+                                                "(tckgen -act; cutoff default 0.05, minimum length 2 x voxel)")
+    t.add_argument("--include", action="append", metavar="SPEC",
+                   help="include region, x,y,z,r (sphere, mm) or an image; streamlines must enter every one (repeatable)")
+    t.add_argument("--include-ordered", action="append", metavar="SPEC",
+                   help="include region to enter in the order given (repeatable; needs --seed-unidirectional)")
+    t.add_argument("--exclude", action="append", metavar="SPEC",
+                   help="exclusion region, x,y,z,r or an image: a streamline entering it is rejected (repeatable)")
+    t.add_argument("--stop", action="store_true", help="stop a streamline once it has entered every include region")
+    t.add_argument("--seed-unidirectional", action="store_true",
+                   help="track from each seed in one direction only (the seed is the first vertex)")
+    t.add_argument("--seed-cutoff", type=float, metavar="VALUE",
+                   help="FOD amplitude cutoff at the seed (tckgen -seed_cutoff); recorded in the header, without "
+                        "effect on SD_Stream (tckgen uses it for iFOD only)")
+    t.add_argument("--max-attempts-per-seed", type=int, metavar="N",
+                   help="start directions tried per seed (tckgen -max_attempts_per_seed); recorded in the header, "
+                        "without effect on SD_Stream (deterministic: one attempt)")
+    t.add_argument("--backtrack", action="store_true",
+                   help="ACT backtracking (tckgen -backtrack): not valid for SD_Stream, a deterministic algorithm")
     t.add_argument("--exact-sh", action="store_true", help="exact SH evaluation in peak search instead of tckgen's lookup table")
     t.add_argument("--sh-basis", default="mrtrix", choices=["mrtrix", "tournier07", "tournier07_legacy", "descoteaux07",
                                                             "descoteaux07_legacy"],
@@ -622,6 +751,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: differentiable routes vs the native forward in one run (tractfunc.tools.gradbench; "
                         "options --data --n --steps --threads --dtype --quick --json; see docs/benchmarks.md)")
     b.set_defaults(func=cmd_bench)
+    w = sub.add_parser("5tt2gmwmi", help="GM-WM interface map of a 5TT image, for seeding (MRtrix3 5tt2gmwmi)",
+                       epilog=EXAMPLES_5TT2GMWMI, formatter_class=argparse.RawDescriptionHelpFormatter)
+    w.add_argument("input", help="five-tissue-type image (cGM, sGM, WM, CSF, pathological), NIfTI or .mif")
+    w.add_argument("output", help="output interface map (.nii or .nii.gz)")
+    w.add_argument("--mask", help="only compute the interface in the non-zero voxels of this image")
+    w.add_argument("--quiet", action="store_true", help="no summary line")
+    cli_args.add_force(w)
+    w.set_defaults(func=cmd_5tt2gmwmi)
     n = sub.add_parser("info", help="tractogram summary like tckinfo: count, lengths, header (.tck/.trk/.trx)",
                        epilog=EXAMPLES_INFO, formatter_class=argparse.RawDescriptionHelpFormatter)
     n.add_argument("files", nargs="+", help="tractograms (.tck, .trk or .trx)")

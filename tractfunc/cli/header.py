@@ -34,18 +34,25 @@ def track_header(a, prm, max_num_seeds: int, max_num_tracks: int) -> dict:
     :class:`tractfunc.core.params.TrackParams`; ``max_num_seeds`` / ``max_num_tracks``: the seed and
     streamline limits, 0 = none).  ``count`` / ``total_count`` are added by the writer."""
     f32 = np.float32
-    seed = a.seed_image if a.seed_image else a.seed_points
+    seed = (a.seed_image or a.seed_points or getattr(a, "seed_sphere", None) or getattr(a, "seed_rejection", None)
+            or (getattr(a, "seed_random_per_voxel", None) or getattr(a, "seed_grid_per_voxel", None) or [""])[0])
     roi = [f"seed {os.path.basename(seed)}"]
     if a.mask:
         roi.append(f"mask {a.mask}")
-    return {
+    act = {"act": a.act, "backtrack": 0} if getattr(a, "act", None) else {}
+    for key, name in (("include", "include"), ("include_ordered", "include_ordered"), ("exclude", "exclude")):
+        roi += [f"{name} {spec}" for spec in getattr(a, key, None) or []]
+    return {**act,
         "command_history": command_history(getattr(a, "argv", [])),
-        "init_threshold": f32(prm.cutoff), "max_angle": f32(prm.angle), "max_dist": f32(prm.max_length),
-        "max_num_seeds": int(max_num_seeds), "max_num_tracks": int(max_num_tracks), "max_seed_attempts": 1000,
+        "init_threshold": f32(prm.cutoff if getattr(a, "seed_cutoff", None) is None else a.seed_cutoff),
+        "max_angle": f32(prm.angle), "max_dist": f32(prm.max_length),
+        "max_num_seeds": int(max_num_seeds), "max_num_tracks": int(max_num_tracks),
+        "max_seed_attempts": int(getattr(a, "max_attempts_per_seed", None) or 1000),
         "method": "SDStream", "min_dist": f32(prm.min_length), "rk4": int(prm.rk4),
         "sh_precomputed": int(prm.precomputed), "source": a.fod, "step_size": f32(prm.step),
-        "stop_on_all_include": 0, "threshold": f32(prm.cutoff), "timestamp": timestamp(),
-        "tractfunc_version": _version(), "unidirectional": 0, "roi": roi,
+        "stop_on_all_include": int(bool(getattr(a, "stop", False) and (getattr(a, "include", None)
+                                                                          or getattr(a, "include_ordered", None)))), "threshold": f32(prm.cutoff), "timestamp": timestamp(),
+        "tractfunc_version": _version(), "unidirectional": int(bool(getattr(a, "seed_unidirectional", False))), "roi": roi,
     }
 
 

@@ -16,7 +16,8 @@ from ..io.atomic import extension
 
 # command -> (input options, output options): Namespace attribute names (None / "-" values are skipped)
 FILES = {
-    "track": (("fod", "seed_image", "seed_points", "seed_directions", "mask", "fa_map"), ("output", "output_seeds")),
+    "track": (("fod", "seed_image", "seed_points", "seed_directions", "mask", "fa_map", "seed_rejection", "act"),
+              ("output", "output_seeds")),
     "convert": (("input", "reference"), ("output",)),
     "fod": (("dwi", "bval", "bvec", "mask", "response"), ("output",)),
     "render": (("tractogram", "background"), ("output",)),
@@ -24,14 +25,15 @@ FILES = {
     "bench": (("fod", "seed_image", "mask"), ("json",)),
     "parity": (("fod", "seed_image", "mask"), ()),
     "demo": ((), ()),
+    "5tt2gmwmi": (("input", "mask"), ("output",)),
     "map": (("tracks", "template", "tck_weights_in"), ("output",)),
     "sample": (("tracks", "image", "tck_weights_in"), ("output",)),
     "connectome": (("tracks", "nodes", "tck_weights_in"), ("output", "out_assignments")),
 }
 # output option -> extensions it accepts (the writer is chosen by extension)
 EXTENSIONS = {("track", "output"): (".tck", ".trk", ".trx"), ("convert", "output"): (".tck", ".trk", ".trx"),
-              ("fod", "output"): (".nii", ".nii.gz"), ("render", "output"): (".png",),
-              ("map", "output"): (".nii", ".nii.gz")}
+              ("fod", "output"): (".nii", ".nii.gz"), ("5tt2gmwmi", "output"): (".nii", ".nii.gz"),
+              ("render", "output"): (".png",), ("map", "output"): (".nii", ".nii.gz")}
 
 
 def demo_outputs(folder: str) -> List[str]:

@@ -45,10 +45,12 @@ def check_track(a) -> None:
     that can reach the FOD's field of view and the mask's non-zero voxels; seed points of which at least one
     can; ``--seeds`` only with ``--seed-image``."""
     check_device(getattr(a, "device", "cpu"))
-    if a.seed_points and a.seeds is not None:
-        raise TractfuncError("--seeds counts seeds drawn from --seed-image; with --seed-points every point is a "
-                             "seed (limit the streamlines with --select)")
-    if a.seed_image and getattr(a, "algorithm", "sd_stream") == "sd_stream":
+    finite = a.seed_points or getattr(a, "seed_random_per_voxel", None) or getattr(a, "seed_grid_per_voxel", None)
+    if finite and a.seeds is not None:
+        raise TractfuncError("--seeds counts seeds drawn from --seed-image / --seed-sphere; with --seed-points and the "
+                             "per-voxel seeding every point is a seed (limit the streamlines with --select)")
+    if ((a.seed_image or getattr(a, "seed_sphere", None) or getattr(a, "seed_rejection", None))
+            and getattr(a, "algorithm", "sd_stream") == "sd_stream"):
         limits(a)   # the DIPY-style algorithms draw --seeds (default 1000) and keep --select of them
     fod_affine, fod_dims = _fod_grid(a.fod)
     check_step(a, fod_affine, fod_dims)

@@ -1,4 +1,4 @@
-"""The read-only inputs of tracking: an FOD volume with its geometry, and an optional mask."""
+"""The read-only inputs of tracking: an FOD volume with its geometry, an optional mask and an optional 5TT image."""
 from __future__ import annotations
 
 from typing import NamedTuple, Optional
@@ -6,6 +6,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from . import sh
+from ..errors import TractfuncError
 from .arrays import as_tensor
 from .interpolate import Sample, sample_fod, to_voxel
 
@@ -77,3 +78,28 @@ def make_mask(mask_volume: Tensor, affine, voxel_sizes=None) -> MaskField:
     A = as_tensor(affine).to(dtype=torch.float64, device=mask_volume.device)
     return MaskField((mask_volume != 0).contiguous(), torch.linalg.inv(A),
                      None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))
+
+
+class ACTField(NamedTuple):
+    """A five-tissue-type (5TT) image for anatomically-constrained tracking (tckgen ``-act``).
+
+    tissues: (X, Y, Z, 5) partial volume fractions, volumes cortical GM, sub-cortical GM, WM, CSF, pathological
+    tissue; world_to_voxel: (4, 4) float64 inverse affine of the 5TT image (its own grid); voxel_sizes: as in
+    :class:`FODField`."""
+    tissues: Tensor
+    world_to_voxel: Tensor
+    voxel_sizes: Optional[tuple] = None
+
+
+def make_act(tissues: Tensor, affine, voxel_sizes=None) -> ACTField:
+    """5TT volume (X, Y, Z, 5) with its (4, 4) voxel->scanner affine -> :class:`ACTField`.
+
+    Raises TractfuncError when the image does not have 5 volumes (MRtrix3's ``5ttcheck`` rule; see
+    :func:`tractfunc.io.check_5tt` for the partial-volume sums)."""
+    tissues = as_tensor(tissues)
+    if tissues.ndim != 4 or tissues.shape[-1] != 5:
+        raise TractfuncError(f"a 5TT image has 4 dimensions with 5 volumes (cGM, sGM, WM, CSF, pathological), "
+                             f"got shape {tuple(tissues.shape)}")
+    A = as_tensor(affine).to(dtype=torch.float64, device=tissues.device)
+    return ACTField(tissues.contiguous(), torch.linalg.inv(A),
+                    None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))

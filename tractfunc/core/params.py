@@ -15,6 +15,8 @@ STEP_VOXELS_RK4 = 0.25
 ANGLE_DEG = 60.0
 CUTOFF = 0.1
 MIN_LENGTH_VOXELS = 5.0
+MIN_LENGTH_VOXELS_ACT = 2.0   # tckgen's default minimum length under -act
+CUTOFF_ACT_FACTOR = 0.5       # tckgen's default cutoff is halved under -act
 MAX_LENGTH_VOXELS = 100.0
 
 f32 = np.float32
@@ -75,7 +77,7 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
             angle: Optional[float] = None, cutoff: Optional[float] = None,
             min_length: Optional[float] = None, max_length: Optional[float] = None,
             precomputed: Optional[bool] = None, peak_polish: Optional[int] = None,
-            state_dtype: Optional[torch.dtype] = None, exact: bool = False) -> TrackParams:
+            state_dtype: Optional[torch.dtype] = None, exact: bool = False, act: bool = False) -> TrackParams:
     """Fill unspecified parameters with tckgen SD_Stream defaults for an FOD of the given voxel sizes.
 
     Args:
@@ -92,6 +94,7 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
         exact: the settings for gradients: exact SH (``precomputed=False``) and exact peaks
             (``peak_polish=3``), so that the forward is the exact maximum and autograd matches finite
             differences. tckgen's settings (False) are the default.
+        act: tckgen's defaults under ``-act``: the cutoff halved (0.05) and a 2-voxel minimum length.
     Returns:
         :class:`TrackParams`.
     Raises:
@@ -107,9 +110,10 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
     vox = mean_voxel_size(voxel_sizes)
     step = f32(step) if step is not None else f32(f32(STEP_VOXELS_RK4 if rk4 else STEP_VOXELS) * f32(vox))
     angle = f32(ANGLE_DEG if angle is None else angle)
-    cutoff = f32(CUTOFF if cutoff is None else cutoff)
+    cutoff = f32(cutoff) if cutoff is not None else f32(float(f32(CUTOFF)) * (CUTOFF_ACT_FACTOR if act else 1.0))
     max_dist = f32(max_length) if max_length is not None else f32(f32(MAX_LENGTH_VOXELS) * f32(vox))
-    min_dist = f32(min_length) if min_length is not None else f32(f32(MIN_LENGTH_VOXELS) * f32(vox))
+    min_dist = f32(min_length) if min_length is not None else \
+        f32(f32(MIN_LENGTH_VOXELS_ACT if act else MIN_LENGTH_VOXELS) * f32(vox))
     if not (np.isfinite(step) and step > 0):
         raise ValueError(f"step must be a positive number of mm, got {step}")
     if not (0 < angle <= 180):   # NaN fails too

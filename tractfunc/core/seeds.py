@@ -52,6 +52,55 @@ def random_in_mask_np(mask, affine, n: int, rng: np.random.Generator) -> np.ndar
     return voxel_points(vox, rng.integers(0, vox.shape[0], n), rng.random((n, 3)) - 0.5, affine)
 
 
+def grid_per_voxel_np(mask, affine, n: int) -> np.ndarray:
+    """tckgen ``-seed_grid_per_voxel``: an n x n x n grid of seeds in every non-zero voxel of ``mask`` (X, Y, Z),
+    at offsets -1/2 + (2k + 1) / (2n) voxel along each axis, k < n (symmetric about the voxel centre, so the same
+    scanner points in any voxel-axis order).  Returns (M n^3, 3) float64 scanner mm, voxel after voxel.
+    Raises ValueError for n < 1 or an empty mask."""
+    if n < 1:
+        raise ValueError(f"grid per voxel: expected n >= 1, got {n}")
+    vox = seed_voxels(mask)
+    k = -0.5 + (2 * np.arange(n) + 1) / (2.0 * n)
+    off = np.stack(np.meshgrid(k, k, k, indexing="ij"), -1).reshape(-1, 3)
+    pick = np.repeat(np.arange(vox.shape[0]), len(off))
+    return voxel_points(vox, pick, np.tile(off, (vox.shape[0], 1)), affine)
+
+
+def random_per_voxel_np(mask, affine, n: int, rng: np.random.Generator) -> np.ndarray:
+    """tckgen ``-seed_random_per_voxel``: n seeds uniformly at random in every non-zero voxel of ``mask`` (X, Y, Z).
+    Returns (M n, 3) float64 scanner mm, voxel after voxel.  Raises ValueError for n < 1 or an empty mask."""
+    if n < 1:
+        raise ValueError(f"random per voxel: expected n >= 1, got {n}")
+    vox = seed_voxels(mask)
+    pick = np.repeat(np.arange(vox.shape[0]), n)
+    return voxel_points(vox, pick, rng.random((len(pick), 3)) - 0.5, affine)
+
+
+def weighted_in_image_np(image, affine, n: int, rng: np.random.Generator) -> np.ndarray:
+    """tckgen ``-seed_rejection``: n seeds with voxel probability proportional to the value of ``image`` (X, Y, Z)
+    (values >= 0; tckgen's rejection sampling without interpolation), uniformly within the voxel.  Returns (n, 3)
+    float64 scanner mm.  Raises ValueError for negative or non-finite values or an empty image."""
+    w = np.asarray(image, dtype=np.float64)
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("rejection sampling needs finite values >= 0 in the seed image")
+    vox = seed_voxels(w)
+    p = w[tuple(vox.T)]
+    return voxel_points(vox, rng.choice(len(vox), n, p=p / p.sum()), rng.random((n, 3)) - 0.5, affine)
+
+
+def sphere_points_np(centre, radius: float, n: int, rng: np.random.Generator) -> np.ndarray:
+    """tckgen ``-seed_sphere``: n points uniformly in the ball of ``radius`` mm around ``centre`` (3,) scanner mm
+    (rejection sampling from the enclosing cube, as tckgen).  Returns (n, 3) float64."""
+    parts, have = [], 0
+    while have < n:
+        p = rng.random((max(2 * (n - have), 16), 3)) * 2.0 - 1.0
+        p = p[(p * p).sum(1) <= 1.0]
+        parts.append(p)
+        have += len(p)
+    unit = np.concatenate(parts)[:n] if parts else np.zeros((0, 3))
+    return np.asarray(centre, dtype=np.float64)[None] + float(radius) * unit
+
+
 def unit_rows(v: np.ndarray) -> np.ndarray:
     """Rows of (n, 3) scaled to unit length."""
     return v / np.linalg.norm(v, axis=-1, keepdims=True)

@@ -23,6 +23,12 @@ class Reason(IntEnum):
     EXIT_MASK = 4       # new vertex outside the tracking mask
     MAX_LENGTH = 5      # vertex budget used up (the last vertex is kept)
     SEED_REJECTED = 6   # seed outside mask/image, or no supra-threshold peak at the seed
+    ENTER_CGM = 7       # ACT: entered cortical grey matter (the vertex is kept)
+    ENTER_CSF = 8       # ACT: entered CSF (the streamline is rejected)
+    TERM_IN_SGM = 9     # ACT: stopped inside sub-cortical grey matter
+    EXIT_SGM = 10       # ACT: left sub-cortical grey matter (cut at its lowest-amplitude vertex there)
+    ENTER_EXCLUDE = 11  # entered an exclusion region (the streamline is rejected)
+    ALL_INCLUDE = 12    # entered every include region (tckgen -stop; the vertex is kept)
 
 
 CONTINUE = int(Reason.CONTINUE)   # plain int for comparisons inside compiled code

@@ -110,6 +110,28 @@ def load_mask(path: str) -> Image:
     return Image(data != 0, A, vox)
 
 
+FIVETT_SUM_TOLERANCE = 0.001   # MRtrix3 5ttcheck: a brain voxel's fractions sum to 1 within this
+
+
+def load_5tt(path: str) -> Image:
+    """Load a five-tissue-type image (X, Y, Z, 5) float32 for ACT (cortical GM, sub-cortical GM, WM, CSF,
+    pathological tissue), rejecting what MRtrix3's ``5ttcheck`` rejects: not 4-D with 5 volumes, values that are
+    not finite or outside [0, 1], or a voxel with any tissue whose fractions do not sum to 1 (within 0.001)."""
+    data, A, vox = read_image(path)
+    if data.ndim != 4 or data.shape[3] != 5:
+        raise TractfuncError(f"{path}: a 5TT image has 4 dimensions with 5 volumes (cGM, sGM, WM, CSF, "
+                             f"pathological), got shape {data.shape}")
+    data = np.asarray(data, dtype=np.float32)
+    if not np.isfinite(data).all() or data.min() < 0 or data.max() > 1:
+        raise TractfuncError(f"{path}: 5TT fractions must be finite and in [0, 1]")
+    total = data.astype(np.float64).sum(-1)
+    bad = int(((total != 0) & (np.abs(total - 1.0) > FIVETT_SUM_TOLERANCE)).sum())
+    if bad:
+        raise TractfuncError(f"{path}: {bad} voxels whose tissue fractions do not sum to 1 (5ttcheck would reject "
+                             f"it); expected a valid 5TT image (5ttgen)")
+    return Image(data, A, vox)
+
+
 def save_nifti(path: str, data: np.ndarray, affine: np.ndarray, voxel_sizes=None, descrip: str = "",
                reference_header=None) -> None:
     """Write ``data`` (X, Y, Z[, C]) to NIfTI atomically (no partial file on failure). affine: (4, 4) voxel ->

@@ -26,21 +26,22 @@ import sys
 import tempfile
 import platform
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional, Tuple
+from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 
 import numpy as np
 
 from ..core.frames import frame
 from ..core.params import TrackParams
+from ..errors import TractfuncError
 
 if TYPE_CHECKING:   # torch is imported only by the functions that take tensors
-    from ..core.field import FODField, MaskField
+    from ..core.field import ACTField, FODField, MaskField
 
 _SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
 _SRC_ADJOINT = Path(__file__).with_name("csrc") / "sd_adjoint.c"   # the fused engine's reverse sweep (fused.py)
 # No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-_ABI = 3
+_ABI = 4
 SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
 _lib = None
 _error: Optional[str] = None
@@ -48,18 +49,108 @@ _error: Optional[str] = None
 I64x3 = ctypes.c_int64 * 3
 
 
+class _Volume(ctypes.Structure):
+    _fields_ = [("data", ctypes.c_void_p), ("stride", ctypes.c_int64 * 4), ("dim", I64x3),
+                ("nonzero", ctypes.c_void_p), ("nz_stride", I64x3), ("s2v", ctypes.c_double * 12)]
+
+
+class _Roi(ctypes.Structure):
+    _fields_ = [("mask", ctypes.c_void_p), ("dim", I64x3), ("stride", I64x3), ("s2v", ctypes.c_float * 12),
+                ("centre", ctypes.c_float * 3), ("radius2", ctypes.c_float)]
+
+
 class _Config(ctypes.Structure):
     _fields_ = [
-        ("fod", ctypes.c_void_p), ("fod_stride", ctypes.c_int64 * 4), ("dim", I64x3),
-        ("ncoef", ctypes.c_int32), ("lmax", ctypes.c_int32),
-        ("nonzero", ctypes.c_void_p), ("nz_stride", I64x3),
-        ("s2v", ctypes.c_double * 12),
-        ("mask", ctypes.c_void_p), ("mask_dim", I64x3), ("mask_stride", I64x3), ("mask_s2v", ctypes.c_float * 12),
+        ("fod", _Volume), ("ncoef", ctypes.c_int32), ("lmax", ctypes.c_int32),
+        ("mask", _Roi),
         ("al", ctypes.c_void_p), ("al_ndir", ctypes.c_int32), ("al_n", ctypes.c_int32), ("al_inc", ctypes.c_float),
         ("step", ctypes.c_float), ("threshold", ctypes.c_float), ("dot_threshold", ctypes.c_float),
         ("cos_max_angle_ho", ctypes.c_float), ("rk4", ctypes.c_int32),
-        ("max_points", ctypes.c_int64), ("min_points", ctypes.c_int64),
+        ("max_points", ctypes.c_int64), ("min_points", ctypes.c_int64), ("act", _Volume),
+        ("include", ctypes.c_void_p), ("n_include", ctypes.c_int32), ("ordered", ctypes.c_void_p),
+        ("n_ordered", ctypes.c_int32), ("exclude", ctypes.c_void_p), ("n_exclude", ctypes.c_int32),
+        ("stop_on_all_include", ctypes.c_int32), ("unidirectional", ctypes.c_int32),
     ]
+
+MAX_ROIS = 64   # of each kind (csrc/sd_stream.c)
+
+
+class Sphere(NamedTuple):
+    """A spherical region (tckgen's ``x,y,z,r``): centre (3,) scanner mm, radius mm."""
+    centre: tuple
+    radius: float
+
+
+class ImageRegion(NamedTuple):
+    """An image region: data (X, Y, Z) (non-zero = inside), its (4, 4) voxel -> scanner affine, header voxel sizes
+    (3,) or None."""
+    data: np.ndarray
+    affine: np.ndarray
+    voxel_sizes: Optional[tuple] = None
+
+
+class Regions(NamedTuple):
+    """tckgen's ROIs: ``include`` (every one must be entered), ``include_ordered`` (entered in this order),
+    ``exclude`` (entering one rejects the streamline), each a sequence of :class:`Sphere` / :class:`ImageRegion`;
+    ``stop``: a streamline stops once it has entered every include region (tckgen ``-stop``); ``unidirectional``:
+    one half from each seed, the seed first (tckgen ``-seed_unidirectional``, which ``include_ordered`` needs)."""
+    include: tuple = ()
+    include_ordered: tuple = ()
+    exclude: tuple = ()
+    stop: bool = False
+    unidirectional: bool = False
+
+
+def check_regions(regions: Regions) -> None:
+    """TractfuncError (one line) for a sphere with a negative or non-finite radius or centre, an image region that
+    is not 3-D, more than MAX_ROIS regions of a kind, or ordered include regions without ``unidirectional``
+    (tckgen's rule)."""
+    if regions.include_ordered and not regions.unidirectional:
+        raise TractfuncError("ordered include regions need unidirectional seeding (tckgen: -include_ordered requires "
+                             "-seed_unidirectional)")
+    for name in ("include", "include_ordered", "exclude"):
+        items = list(getattr(regions, name))
+        if len(items) > MAX_ROIS:
+            raise TractfuncError(f"at most {MAX_ROIS} {name} regions, got {len(items)}")
+        for r in items:
+            if isinstance(r, Sphere):
+                c = np.asarray(r.centre, dtype=np.float64)
+                if c.shape != (3,) or not np.isfinite(c).all() or not (np.isfinite(r.radius) and r.radius >= 0):
+                    raise TractfuncError(f"{name} sphere {tuple(c.tolist())}, radius {r.radius}: expected a finite "
+                                         "centre x,y,z (mm) and a radius >= 0")
+            elif not isinstance(r, ImageRegion) or np.ndim(r.data) != 3:
+                raise TractfuncError(f"{name} region: expected a Sphere or a 3-D ImageRegion, got {type(r).__name__}")
+
+
+def _set_roi(roi: _Roi, region, keep: list) -> None:
+    """Fill ``roi`` from a :class:`Sphere` or :class:`ImageRegion` (its arrays appended to ``keep``)."""
+    if isinstance(region, Sphere):
+        roi.mask = None
+        roi.centre[:] = [float(np.float32(x)) for x in region.centre]
+        r = np.float32(region.radius)
+        roi.radius2 = float(r * r)
+        return
+    m = np.ascontiguousarray(np.asarray(region.data) != 0, dtype=np.uint8)
+    keep.append(m)
+    s2v, dims, st, off = frame(region.affine, list(m.shape), list(m.strides), region.voxel_sizes)
+    roi.mask = m.ctypes.data + off
+    roi.dim[:] = dims
+    roi.stride[:] = st
+    roi.s2v[:] = s2v.astype(np.float32).reshape(-1).tolist()
+
+
+def _set_regions(c: _Config, regions: Regions, keep: list) -> None:
+    for name, ptr, count in (("include", "include", "n_include"), ("include_ordered", "ordered", "n_ordered"),
+                             ("exclude", "exclude", "n_exclude")):
+        items = list(getattr(regions, name))
+        arr = (_Roi * max(len(items), 1))()
+        for roi, region in zip(arr, items):
+            _set_roi(roi, region, keep)
+        keep.append(arr)
+        setattr(c, ptr, ctypes.addressof(arr))
+        setattr(c, count, len(items))
+    c.stop_on_all_include = int(bool(regions.stop))
+    c.unidirectional = int(bool(regions.unidirectional))
 
 
 def _lmax(n: int) -> int:
@@ -215,6 +306,20 @@ def library():
 # Tracking
 
 
+def _point(vol: _Volume, data: np.ndarray, nonzero: np.ndarray, affine: np.ndarray, voxel_sizes) -> None:
+    """Point ``vol`` at a (X, Y, Z, K) float32 C-order volume and its (X, Y, Z) uint8 non-zero map (both kept alive
+    by the caller), in MRtrix3's realigned frame of the (4, 4) voxel -> scanner ``affine``."""
+    dims = list(data.shape[:3])
+    s2v, fdims, st, off = frame(affine, dims, [x // 4 for x in data.strides[:3]], voxel_sizes)
+    _, _, nst, noff = frame(affine, dims, list(nonzero.strides), voxel_sizes)
+    vol.data = data.ctypes.data + 4 * off
+    vol.stride[:] = st + [1]
+    vol.dim[:] = fdims
+    vol.nonzero = nonzero.ctypes.data + noff
+    vol.nz_stride[:] = nst
+    vol.s2v[:] = s2v.reshape(-1).tolist()
+
+
 class Kernel:
     """A loaded configuration of the C kernel: the FOD, its non-zero map, the optional mask and the
     parameters, with the arrays kept alive for the C side.  Build once, call :meth:`track` per batch.
@@ -222,12 +327,16 @@ class Kernel:
     sh: (X, Y, Z, N) float32 SH coefficients, C order (see :func:`prepare_volume`); affine: (4, 4)
     voxel -> scanner mm; nonzero: (X, Y, Z) voxels with any non-zero coefficient (computed if None);
     mask / mask_affine: tracking mask (X', Y', Z') and its own affine, or None; threads: kernel threads
-    (0: all CPUs); voxel_sizes / mask_voxel_sizes: the images' header voxel sizes (:func:`frame`).
+    (0: all CPUs); voxel_sizes / mask_voxel_sizes: the images' header voxel sizes (:func:`frame`);
+    act: optional 5TT image (X'', Y'', Z'', 5) (cortical GM, sub-cortical GM, WM, CSF, pathological fractions)
+    for anatomically-constrained tracking (tckgen ``-act``), sampled on its own grid (``act_affine``,
+    ``act_voxel_sizes``); regions: tckgen's include / exclude ROIs and ``-stop`` (:class:`Regions`).
     :meth:`from_field` builds one from the PyTorch containers."""
 
     def __init__(self, sh: np.ndarray, affine: np.ndarray, params: TrackParams, nonzero: Optional[np.ndarray] = None,
                  mask: Optional[np.ndarray] = None, mask_affine: Optional[np.ndarray] = None, threads: int = 0,
-                 voxel_sizes=None, mask_voxel_sizes=None):
+                 voxel_sizes=None, mask_voxel_sizes=None, act: Optional[np.ndarray] = None,
+                 act_affine: Optional[np.ndarray] = None, act_voxel_sizes=None, regions: Optional[Regions] = None):
         lib = _require()
         self.lib = lib
         if not (sh.dtype == np.float32 and sh.flags["C_CONTIGUOUS"]):
@@ -237,25 +346,18 @@ class Kernel:
         nz = np.ascontiguousarray(nonzero, dtype=np.uint8)
         self._keep = [sh, nz]
         c = _Config()
-        dims = list(sh.shape[:3])
-        s2v, fdims, fst, off = frame(affine, dims, [x // 4 for x in sh.strides[:3]], voxel_sizes)
-        _, _, nst, noff = frame(affine, dims, [x for x in nz.strides], voxel_sizes)
-        c.fod = sh.ctypes.data + 4 * off
-        c.fod_stride[:] = fst + [1]
-        c.dim[:] = fdims
+        _point(c.fod, sh, nz, affine, voxel_sizes)
         c.ncoef = sh.shape[3]
         c.lmax = _lmax(sh.shape[3])
-        c.nonzero = nz.ctypes.data + noff
-        c.nz_stride[:] = nst
-        c.s2v[:] = s2v.reshape(-1).tolist()
         if mask is not None:
-            m = np.ascontiguousarray(np.asarray(mask) != 0, dtype=np.uint8)
-            self._keep.append(m)
-            ms2v, mdims, mst, moff = frame(mask_affine, list(m.shape), list(m.strides), mask_voxel_sizes)
-            c.mask = m.ctypes.data + moff
-            c.mask_dim[:] = mdims
-            c.mask_stride[:] = mst
-            c.mask_s2v[:] = ms2v.astype(np.float32).reshape(-1).tolist()
+            _set_roi(c.mask, ImageRegion(mask, mask_affine, mask_voxel_sizes), self._keep)
+        if regions is not None:
+            check_regions(regions)
+        _set_regions(c, regions or Regions(), self._keep)
+        if act is not None:   # a 5TT image: tckgen's ACT rules
+            data, anz, _ = prepare_volume(np.asarray(act, dtype=np.float32), threads)
+            self._keep += [data, anz]
+            _point(c.act, data, anz, act_affine, act_voxel_sizes)
         ndir = 512
         al = np.zeros(ndir * lib.sd_al_size(c.lmax), dtype=np.float32)
         self._keep.append(al)
@@ -271,18 +373,22 @@ class Kernel:
 
     @classmethod
     def from_field(cls, field: "FODField", params: TrackParams, mask: Optional["MaskField"] = None,
-                   threads: int = 0) -> "Kernel":
-        """From the PyTorch containers (:func:`tractfunc.make_field` / :func:`tractfunc.make_mask`);
-        the FOD tensor is used in place (no copy)."""
+                   threads: int = 0, act: Optional["ACTField"] = None, regions: Optional[Regions] = None) -> "Kernel":
+        """From the PyTorch containers (:func:`tractfunc.make_field` / :func:`tractfunc.make_mask`;
+        ``act``: a 5TT image as :func:`tractfunc.make_act` builds it); the FOD tensor is used in place (no copy)."""
         import torch
-        affine = torch.linalg.inv(field.world_to_voxel.double().cpu()).numpy()
+
+        def affine(f):
+            return torch.linalg.inv(f.world_to_voxel.double().cpu()).numpy()
+
         m = ma = None
         if mask is not None:
-            m = mask.mask.cpu().numpy()
-            ma = torch.linalg.inv(mask.world_to_voxel.double().cpu()).numpy()
+            m, ma = mask.mask.cpu().numpy(), affine(mask)
         sh = field.sh.detach().contiguous().numpy()
-        return cls(sh, affine, params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
-                   None if mask is None else mask.voxel_sizes)
+        tis = None if act is None else act.tissues.detach().float().cpu().numpy()
+        return cls(sh, affine(field), params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
+                   None if mask is None else mask.voxel_sizes, tis, None if act is None else affine(act),
+                   None if act is None else act.voxel_sizes, regions)
 
     def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0, record: bool = False):
         """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.

@@ -13,11 +13,12 @@ import torch
 
 from ..core import fodgrad
 from ..core.arrays import as_tensor
-from ..core.field import FODField, MaskField, tracking_field
+from ..core.field import ACTField, FODField, MaskField, tracking_field
 from ..core.params import TrackParams
 from ..core.seeds import random_directions
 from ..core import tracks as T
 from ..core.tracks import Tracks
+from ..errors import TractfuncError
 from . import engine as E
 from .eager import track_chunk
 from .fixed import track_fixed
@@ -26,16 +27,18 @@ from .step import check_inputs
 Tensor = torch.Tensor
 
 
-def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField]):
-    """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params``: the decider of
-    the follow engine."""
+def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField], act: Optional[ACTField] = None,
+                    regions=None):
+    """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params`` (and ACT's rules
+    with a 5TT image ``act``): the decider of the follow engine."""
     from . import native
     from ..core.tracing import unwrap
     step = float(unwrap(params.step).detach()) if torch.is_tensor(params.step) else params.step
     with torch._C._DisableFuncTorch():   # plain tensors for the kernel, also under torch.func.grad / vjp
         return native.Kernel.from_field(field._replace(sh=unwrap(field.sh).detach().to("cpu", torch.float32),
                                                        nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
-                                        params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask)
+                                        params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask,
+                                        act=act, regions=regions)
 
 
 def _follow_chunk(field, params, kernel, seeds, init_dirs):
@@ -60,7 +63,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
           mask: Optional[MaskField] = None, engine: str = "auto", stopping: E.Stopping = None,
           gradient: E.Gradient = None, n_steps: Optional[int] = None, generator: Optional[torch.Generator] = None,
           chunk_size: int = 20000, progress: Optional[Callable[[int, int, int], None]] = None,
-          compiled: bool = False) -> Tracks:
+          compiled: bool = False, act: Optional[ACTField] = None, regions=None) -> Tracks:
     """Track SD_Stream streamlines from every seed (tckgen ``-algorithm SD_Stream``), with any engine.
 
     Differentiable wherever the inputs ask for it: give ``field.sh``, ``seeds`` or ``params.step`` (a 0-d
@@ -85,6 +88,11 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         progress: called as ``progress(done_seeds, total_seeds, accepted)`` after each chunk.
         compiled: the eager engine's Newton move fused by ``torch.compile`` (float32 results then differ from
             tckgen's arithmetic in the last bits).
+        act: a 5TT image (:func:`tractfunc.make_act`) for anatomically-constrained tracking with tckgen's
+            ``-act`` rules (resolve ``params`` with ``act=True`` for tckgen's ACT defaults).  Runs on the native
+            kernel, and on the follow engine (values and gradients along the kernel's ACT decisions).
+        regions: tckgen's ROIs (:class:`tractfunc.Regions`: include, ordered include, exclude spheres / images,
+            and ``stop``), with tckgen's acceptance, rejection and truncation; native and follow engines.
     Returns:
         :class:`tractfunc.Tracks` (``engine`` records which engine ran; ``decisions()`` which discrete decisions
         each streamline took).
@@ -97,6 +105,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     field = tracking_field(field, params)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
+    if (act is not None or regions is not None) and name not in ("native", "follow"):
+        raise TractfuncError(f"ACT (act=) and ROIs (regions=) run on the native or follow engine, not {name!r} "
+                             "(hard stopping: stopping=None)")
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
@@ -105,9 +116,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     kernel = None
     if name == "native":
         from . import native
-        kernel = native.Kernel.from_field(field, params, mask)
+        kernel = native.Kernel.from_field(field, params, mask, act=act, regions=regions)
     elif name == "follow":
-        kernel = decision_kernel(field, params, mask)
+        kernel = decision_kernel(field, params, mask, act, regions)
     from . import fused
     use_fused = name == "follow" and fused.applies(field, params)
     if name == "eager" or (name == "follow" and not use_fused):   # one compact FOD-gradient buffer for the call

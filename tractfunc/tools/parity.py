@@ -257,19 +257,26 @@ class ParityResult(NamedTuple):
 
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
             precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = None,
-            start: Optional[np.ndarray] = None, engine: str = "auto",
-            **param_overrides) -> ParityResult:
+            start: Optional[np.ndarray] = None, engine: str = "auto", act_path: Optional[str] = None,
+            regions=None, **param_overrides) -> ParityResult:
     """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.
 
     start: (3,) the start direction tckgen was given (``-seed_direction``) -- then no reconstruction; else
     start directions are reconstructed (:func:`reconstruct_native` where the kernel is available, else
     :func:`reconstruct_seed_dirs`) when ``reconstruct``, or the first-step directions are used.
     engine: the engine that re-tracks (:func:`tractfunc.track`; "auto": native for float32, follow for float64).
-    state_dtype: the PyTorch engines' state precision (tckgen's: float32; None keeps the full ``dtype``)."""
+    state_dtype: the PyTorch engines' state precision (tckgen's: float32; None keeps the full ``dtype``).
+    act_path: the 5TT image tckgen was given (``-act``), for ACT's rules and defaults; regions: its ROIs
+    (:class:`tractfunc.Regions`: ``-include``, ``-include_ordered``, ``-exclude``, ``-stop``)."""
     import time
     from ..sdstream import native
     fod = io.load_fod(fod_path)
+    param_overrides["act"] = act_path is not None
     prm = P.resolve(fod.voxel_sizes, rk4=rk4, precomputed=precomputed, state_dtype=state_dtype, **param_overrides)
+    act = tis = None
+    if act_path:
+        tis = io.load_5tt(act_path)
+        act = F.make_act(torch.as_tensor(tis.data), tis.affine, tis.voxel_sizes)
     fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype), fod.affine, precomputed=precomputed,
                        voxel_sizes=fod.voxel_sizes)
     msk = mimg = None
@@ -282,7 +289,8 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     elif reconstruct and native.available()[0] and precomputed:
         k = native.Kernel(fod.data, fod.affine, P.resolve(fod.voxel_sizes, rk4=rk4, **param_overrides), None,
                           None if mimg is None else mimg.data, None if mimg is None else mimg.affine, 0,
-                          fod.voxel_sizes, None if mimg is None else mimg.voxel_sizes)
+                          fod.voxel_sizes, None if mimg is None else mimg.voxel_sizes,
+                          *((None, None, None) if tis is None else tis), regions)
         dirs = reconstruct_native(k, ref)[0]
     elif reconstruct:
         with torch.no_grad():
@@ -290,7 +298,8 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     else:
         dirs = ref.dirs
     seeds = torch.as_tensor(ref.seeds, dtype=dtype)
-    out = track(fld, prm, seeds, torch.as_tensor(np.asarray(dirs), dtype=dtype), mask=msk, engine=engine)
+    out = track(fld, prm, seeds, torch.as_tensor(np.asarray(dirs), dtype=dtype), mask=msk, engine=engine, act=act,
+                regions=regions)
     used = out.engine
     sec = time.time() - t0
     got = {int(i): l.double().numpy() for i, l in zip(out.seed_ids, out.streamlines())}

@@ -12,7 +12,16 @@
  *     -ffast-math): the rounding of every operation is what is being reproduced.
  *
  * Termination codes (tractfunc.stop.Reason): 0 continue, 1 left the image, 2 cutoff / no peak,
- * 3 curvature, 4 left the mask, 5 vertex budget reached, 6 seed rejected.
+ * 3 curvature, 4 left the mask, 5 vertex budget reached, 6 seed rejected; with ACT (a 5TT image) also
+ * 7 entered cortical GM, 8 entered CSF, 9 terminated in sub-cortical GM, 10 exited sub-cortical GM; with ROIs
+ * 11 entered an exclusion region (rejected), 12 traversed every include region (-stop).
+ *
+ * ACT (anatomically-constrained tracking, tckgen -act; off when act is NULL) follows tckgen 3.0.3's rules:
+ * tissue fractions trilinearly interpolated on the 5TT image's own grid after each step (after the mask
+ * test's place in the order: structural test first), the seed test (sub-cortical GM, or WM near the
+ * GM-WM interface), the unidirectional seeds at the interface, the priors that reject a streamline (entered
+ * CSF, too long, poor termination outside sub-cortical GM) and the truncation on leaving sub-cortical GM at
+ * the vertex of lowest FOD amplitude along the path.
  */
 #include <math.h>
 #include <stdint.h>
@@ -27,27 +36,49 @@
 #define R_EXIT_MASK 4
 #define R_MAX_LENGTH 5
 #define R_SEED_REJECTED 6
+#define R_ENTER_CGM 7
+#define R_ENTER_CSF 8
+#define R_TERM_IN_SGM 9
+#define R_EXIT_SGM 10
+#define R_ENTER_EXCLUDE 11
+#define R_ALL_INCLUDE 12
+
+#define TISSUE_SUM_THRESHOLD 0.5
+#define GMWMI_ACCURACY 0.01
+#define GMWMI_NORMAL_PERTURBATION 0.001
 
 #define MAX_COEF 91          /* lmax 12 */
 #define MAX_AL 64            /* (lmax/2 + 1)^2 for lmax 14 */
 
+/* A volume on its own grid: value k at voxel (x, y, z) = data[x*s0 + y*s1 + z*s2 + k*sk], in MRtrix3's realigned
+ * frame; the voxels holding any non-zero value (same frame), uint8; scanner mm -> voxel (double, row-major 3x4). */
 typedef struct {
-    /* FOD: value of coefficient k at voxel (x, y, z) = fod[x*s0 + y*s1 + z*s2 + k*sk] */
-    const float *fod;
-    int64_t fod_stride[4];
+    const float *data;
+    int64_t stride[4];
     int64_t dim[3];
-    int32_t ncoef;
-    int32_t lmax;
-    /* voxels holding any non-zero coefficient (same frame), uint8 */
     const uint8_t *nonzero;
     int64_t nz_stride[3];
-    /* scanner mm -> voxel (double, row-major 3x4) */
     double s2v[12];
-    /* optional tracking mask (NULL: none), its own grid and single-precision transform */
+} sd_volume;
+
+/* A region: an image (mask != NULL: nearest voxel non-zero, on its own grid, single-precision transform) or a
+ * sphere (mask NULL: squared distance from centre <= radius2), as MRtrix3's ROI. */
+typedef struct {
     const uint8_t *mask;
-    int64_t mask_dim[3];
-    int64_t mask_stride[3];
-    float mask_s2v[12];
+    int64_t dim[3];
+    int64_t stride[3];
+    float s2v[12];
+    float centre[3];
+    float radius2;
+} sd_roi;
+
+#define MAX_ROIS 64
+
+typedef struct {
+    sd_volume fod;            /* the FOD, ncoef SH coefficients per voxel */
+    int32_t ncoef;
+    int32_t lmax;
+    sd_roi mask;              /* the tracking mask (its mask NULL: none) */
     /* Legendre lookup table: al[n * al_n + index_mpos(l, m)], n < al_ndir */
     const float *al;
     int32_t al_ndir;
@@ -61,6 +92,17 @@ typedef struct {
     int32_t rk4;
     int64_t max_points;
     int64_t min_points;
+    /* optional ACT 5TT image (data NULL: no ACT): tissues cortical GM, sub-cortical GM, WM, CSF, pathological */
+    sd_volume act;
+    /* ROIs (tckgen -include, -include_ordered, -exclude; at most MAX_ROIS of each) and -stop */
+    const sd_roi *include;
+    int32_t n_include;
+    const sd_roi *ordered;
+    int32_t n_ordered;
+    const sd_roi *exclude;
+    int32_t n_exclude;
+    int32_t stop_on_all_include;
+    int32_t unidirectional;   /* tckgen -seed_unidirectional: one half from each seed, the seed first */
 } sd_config;
 
 static inline int index_sh(int l, int m) { return l * (l + 1) / 2 + m; }
@@ -269,23 +311,26 @@ static float get_peak(const sd_config *c, const float *sh, float *u) {
 
 static inline int64_t clampi(int64_t x, int64_t dim) { return x < 0 ? 0 : (x >= dim ? dim - 1 : x); }
 
-/* Interpolated FOD coefficients at scanner position pos; returns 0 when outside the image or where
- * the nearest voxel is all zero (tckgen: the streamline leaves the image). */
-static int get_data(const sd_config *c, const float *pos, float *values) {
+/* Trilinear values (ncoef of them) of a (dim, ncoef) float volume at scanner position pos (MRtrix3's masked
+ * linear interpolator); returns 0 when outside the image or where the nearest voxel is all zero. */
+static inline int sample_volume(const sd_volume *vol, int ncoef, const float *pos, float *values) {
+    const int64_t *stride = vol->stride, *dim = vol->dim, *nz_stride = vol->nz_stride;
+    const uint8_t *nonzero = vol->nonzero;
+    const float *data = vol->data;
     double v[3];
     {
         /* Eigen's affine * vector: rows 0-1 as a 2-wide SIMD product, row 2 scalar, each in its order */
-        const double *s = c->s2v, p0 = pos[0], p1 = pos[1], p2 = pos[2];
+        const double *s = vol->s2v, p0 = pos[0], p1 = pos[1], p2 = pos[2];
         v[0] = ((s[0] * p0 + s[1] * p1) + s[2] * p2) + s[3];
         v[1] = ((s[4] * p0 + s[5] * p1) + s[6] * p2) + s[7];
         v[2] = (s[10] * p2 + s[11]) + (s[8] * p0 + s[9] * p1);
     }
     for (int i = 0; i < 3; i++)
-        if (!(v[i] > -0.5 && v[i] < (double)c->dim[i] - 0.5)) return 0;
+        if (!(v[i] > -0.5 && v[i] < (double)dim[i] - 0.5)) return 0;
     {
         int64_t o = 0;
-        for (int i = 0; i < 3; i++) o += (int64_t)round(v[i]) * c->nz_stride[i];
-        if (!c->nonzero[o]) return 0;
+        for (int i = 0; i < 3; i++) o += (int64_t)round(v[i]) * nz_stride[i];
+        if (!nonzero[o]) return 0;
     }
     double f[3];
     int64_t base[3];
@@ -293,7 +338,7 @@ static int get_data(const sd_config *c, const float *pos, float *values) {
         double fl = floor(v[i]);
         f[i] = v[i] - fl;
         base[i] = (int64_t)fl;
-        if (v[i] < 0.0 || v[i] > ((double)c->dim[i] - 0.5) - 0.5) f[i] = 0.0;
+        if (v[i] < 0.0 || v[i] > ((double)dim[i] - 0.5) - 0.5) f[i] = 0.0;
     }
     const float xw[2] = {(float)(1 - f[0]), (float)f[0]};
     const float yw[2] = {(float)(1 - f[1]), (float)f[1]};
@@ -302,21 +347,21 @@ static int get_data(const sd_config *c, const float *pos, float *values) {
     const float *src[8];
     int k = 0;
     for (int z = 0; z < 2; z++) {
-        int64_t oz = clampi(base[2] + z, c->dim[2]) * c->fod_stride[2];
+        int64_t oz = clampi(base[2] + z, dim[2]) * stride[2];
         for (int y = 0; y < 2; y++) {
-            int64_t oy = clampi(base[1] + y, c->dim[1]) * c->fod_stride[1];
+            int64_t oy = clampi(base[1] + y, dim[1]) * stride[1];
             float pw = yw[y] * zw[z];
             for (int x = 0; x < 2; x++) {
-                int64_t ox = clampi(base[0] + x, c->dim[0]) * c->fod_stride[0];
+                int64_t ox = clampi(base[0] + x, dim[0]) * stride[0];
                 w[k] = xw[x] * pw;
                 if (w[k] < 1e-6f) w[k] = 0.0f;
-                src[k] = c->fod + ox + oy + oz;
+                src[k] = data + ox + oy + oz;
                 k++;
             }
         }
     }
-    const int64_t sk = c->fod_stride[3];
-    for (int n = 0; n < c->ncoef; n++) {
+    const int64_t sk = stride[3];
+    for (int n = 0; n < ncoef; n++) {
         const int64_t o = n * sk;
         /* the 8-term dot product in the order of a 4-wide SIMD reduction */
         float a0 = src[0][o] * w[0] + src[4][o] * w[4];
@@ -325,23 +370,45 @@ static int get_data(const sd_config *c, const float *pos, float *values) {
         float a3 = src[3][o] * w[3] + src[7][o] * w[7];
         values[n] = (a0 + a2) + (a1 + a3);
     }
+    return 1;
+}
+
+/* Interpolated FOD coefficients at scanner position pos; returns 0 when outside the image or where
+ * the nearest voxel is all zero (tckgen: the streamline leaves the image). */
+static int get_data(const sd_config *c, const float *pos, float *values) {
+    if (!sample_volume(&c->fod, c->ncoef, pos, values))
+        return 0;
     return !isnan(values[0]);
 }
 
-/* Nearest-voxel mask test in the mask's single-precision frame. */
-static int mask_contains(const sd_config *c, const float *pos) {
-    if (!c->mask) return 1;
+/* Whether a region contains pos: the nearest voxel of an image (in its single-precision frame), or a sphere. */
+static int roi_contains(const sd_roi *r, const float *pos) {
+    if (!r->mask) {
+        const float d[3] = {r->centre[0] - pos[0], r->centre[1] - pos[1], r->centre[2] - pos[2]};
+        return dot3(d, d) <= r->radius2;
+    }
     int64_t o = 0;
     for (int i = 0; i < 3; i++) {
-        const float *r = c->mask_s2v + 4 * i;
-        float v = r[0] * pos[0] + (r[1] * pos[1] + r[2] * pos[2]) + r[3];
+        const float *m = r->s2v + 4 * i;
+        float v = m[0] * pos[0] + (m[1] * pos[1] + m[2] * pos[2]) + m[3];
         /* outside for sure (also NaN/Inf, whose integer conversion below would be undefined) */
-        if (!(v > -1.0f && v < (float)c->mask_dim[i])) return 0;
+        if (!(v > -1.0f && v < (float)r->dim[i])) return 0;
         int64_t idx = (int64_t)roundf(v);
-        if (idx < 0 || idx >= c->mask_dim[i]) return 0;
-        o += idx * c->mask_stride[i];
+        if (idx < 0 || idx >= r->dim[i]) return 0;
+        o += idx * r->stride[i];
     }
-    return c->mask[o] != 0;
+    return r->mask[o] != 0;
+}
+
+/* Nearest-voxel tracking mask test (no mask: everywhere). */
+static int mask_contains(const sd_config *c, const float *pos) {
+    return !c->mask.mask || roi_contains(&c->mask, pos);
+}
+
+static int any_contains(const sd_roi *r, int32_t n, const float *pos) {
+    for (int32_t i = 0; i < n; i++)
+        if (roi_contains(r + i, pos)) return 1;
+    return 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -351,7 +418,131 @@ typedef struct {
     float pos[3], dir[3];
     float values[MAX_COEF];
     float stage[12];   /* the peak directions of the last step: Euler u, RK4 d1..d4 (for the adjoint) */
+    /* ACT state: the tissues of the last structural sample (cortical GM, sub-cortical GM, WM, CSF,
+     * pathological; clamped to [0, 1]), whether they were valid, steps taken in sub-cortical GM, and whether the
+     * seed was in sub-cortical GM and has since reached WM */
+    float tis[5];
+    int tis_valid;
+    int64_t sgm_depth;
+    int seed_in_sgm, sgm_seed_to_wm;
+    /* include regions visited (bit i: unordered region i); ordered regions: next expected, order still legal */
+    uint64_t visited;
+    int32_t next_ordered, order_ok;
 } walker;
+
+/* ------------------------------------------------------------------------------------------------ */
+/* Include regions (tckgen's visitation: every unordered region entered, the ordered ones in order)      */
+
+static void visit(const sd_config *c, walker *w, const float *pos) {
+    for (int32_t i = 0; i < c->n_include; i++)
+        if (roi_contains(c->include + i, pos)) w->visited |= (uint64_t)1 << i;
+    if (!w->order_ok) return;
+    for (int32_t i = 0; i < c->n_ordered; i++)
+        if (roi_contains(c->ordered + i, pos)) {
+            if (i == w->next_ordered) w->next_ordered++;
+            else if (i != w->next_ordered - 1) w->order_ok = 0;
+            break;
+        }
+}
+
+static int all_included(const sd_config *c, const walker *w) {
+    const uint64_t all = c->n_include >= 64 ? ~(uint64_t)0 : (((uint64_t)1 << c->n_include) - 1);
+    return (w->visited & all) == all && w->order_ok && w->next_ordered == c->n_ordered;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* ACT: tissue rules (tckgen 3.0.3)                                                                  */
+
+enum { T_CGM, T_SGM, T_WM, T_CSF, T_PATH };
+
+static inline float clamp01(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
+
+/* Sample the 5TT image at pos into w->tis; 0 (tissues zeroed) outside the image, on an all-zero voxel, on a
+ * NaN, or where the fractions sum below TISSUE_SUM_THRESHOLD. */
+static int fetch_tissues(const sd_config *c, walker *w, const float *pos) {
+    float v[5];
+    int ok = sample_volume(&c->act, 5, pos, v);
+    for (int k = 0; k < 5; k++) ok = ok && !isnan(v[k]);
+    if (!ok) {
+        for (int k = 0; k < 5; k++) w->tis[k] = 0.0f;
+        return w->tis_valid = 0;
+    }
+    for (int k = 0; k < 5; k++) w->tis[k] = clamp01(v[k]);
+    const float *t = w->tis;
+    return w->tis_valid = ((((t[0] + t[1]) + t[2]) + t[3]) + t[4]) >= TISSUE_SUM_THRESHOLD;
+}
+
+static inline float t_gm(const float *t) { return t[T_CGM] + t[T_SGM]; }
+static inline int is_sgm(const float *t) {
+    return t[T_SGM] > t[T_CGM] && t[T_SGM] >= t[T_WM] && t[T_SGM] > t[T_CSF] && t[T_SGM] > t[T_PATH];
+}
+static inline int is_csf(const float *t) {
+    return t[T_CSF] >= t[T_CGM] && t[T_CSF] >= t[T_SGM] && t[T_CSF] >= t[T_WM] && t[T_CSF] >= t[T_PATH];
+}
+static inline int is_path(const float *t) {
+    return t[T_PATH] >= t[T_CGM] && t[T_PATH] >= t[T_SGM] && t[T_PATH] >= t[T_WM] && t[T_PATH] > t[T_CSF];
+}
+static inline int is_gm(const float *t) {
+    const float gm = t_gm(t);
+    return gm >= t[T_WM] && gm > t[T_CSF] && gm > t[T_PATH];
+}
+
+/* The structural test after each step: a termination code, or R_CONTINUE. */
+static int check_structural(const sd_config *c, walker *w) {
+    if (!fetch_tissues(c, w, w->pos)) return R_EXIT_IMAGE;
+    const float *t = w->tis;
+    if (is_csf(t)) return w->sgm_depth ? R_EXIT_SGM : R_ENTER_CSF;
+    if (is_gm(t)) {
+        if (t[T_CGM] >= t[T_SGM]) return R_ENTER_CGM;
+        ++w->sgm_depth;
+    } else if (w->sgm_depth) {
+        if (w->seed_in_sgm && !w->sgm_seed_to_wm) {
+            w->sgm_seed_to_wm = 1;
+            w->sgm_depth = 0;
+            return R_CONTINUE;
+        }
+        return R_EXIT_SGM;
+    }
+    return R_CONTINUE;
+}
+
+/* Whether a seed at pos may be tracked: in sub-cortical GM, or with some WM, no CSF majority and GM not
+ * exceeding WM by GMWMI_ACCURACY or more. */
+static int act_check_seed(const sd_config *c, walker *w, const float *pos) {
+    w->sgm_depth = 0;
+    if (!fetch_tissues(c, w, pos)) return 0;
+    const float *t = w->tis;
+    if (is_sgm(t)) {
+        w->seed_in_sgm = 1;
+        w->sgm_seed_to_wm = 0;
+        return 1;
+    }
+    w->seed_in_sgm = 0;
+    if (is_csf(t) || !t[T_WM] || (t_gm(t) - t[T_WM]) >= GMWMI_ACCURACY) return 0;
+    return 1;
+}
+
+/* A seed with more GM than WM (cortical above sub-cortical) is tracked one way only, into WM: w->dir is
+ * flipped when GM - WM grows along it.  The seed's tissues (w->tis) are kept. */
+static int act_unidirectional(const sd_config *c, walker *w) {
+    const float *t = w->tis;
+    if (is_sgm(t)) return 0;
+    if (t[T_WM] >= t_gm(t) || t[T_SGM] >= t[T_CGM]) return 0;
+    float at_seed[5];
+    memcpy(at_seed, w->tis, sizeof at_seed);
+    const float e = (float)GMWMI_NORMAL_PERTURBATION;
+    float p[3], m[3];
+    for (int i = 0; i < 3; i++) { p[i] = w->pos[i] + w->dir[i] * e; m[i] = w->pos[i] - w->dir[i] * e; }
+    fetch_tissues(c, w, p);
+    const float plus = t_gm(w->tis) - w->tis[T_WM];
+    fetch_tissues(c, w, m);
+    const float minus = t_gm(w->tis) - w->tis[T_WM];
+    const float gradient = plus - minus;
+    if (gradient > 0.0) for (int i = 0; i < 3; i++) w->dir[i] = -w->dir[i];
+    memcpy(w->tis, at_seed, sizeof at_seed);
+    w->tis_valid = 1;
+    return 1;
+}
 
 static float find_peak(const sd_config *c, walker *w) {
     float amp = get_peak(c, w->values, w->dir);
@@ -406,9 +597,13 @@ static int next_rk4(const sd_config *c, walker *w) {
 
 static int iterate(const sd_config *c, walker *w) {
     int t = c->rk4 ? next_rk4(c, w) : sd_next(c, w);
-    if (t) return t;
+    if (t) return (c->act.data && w->sgm_depth) ? R_TERM_IN_SGM : t;
     if (!c->rk4) memcpy(w->stage, w->dir, 3 * sizeof(float));
+    if (c->act.data && (t = check_structural(c, w))) return t;
     if (!mask_contains(c, w->pos)) return R_EXIT_MASK;
+    if (any_contains(c->exclude, c->n_exclude, w->pos)) return R_ENTER_EXCLUDE;
+    visit(c, w, w->pos);
+    if (c->stop_on_all_include && all_included(c, w)) return R_ALL_INCLUDE;
     return R_CONTINUE;
 }
 
@@ -441,16 +636,73 @@ static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int6
     int t;
     do {
         t = iterate(c, w);
-        if (t == R_CONTINUE) {
+        if (t == R_CONTINUE || t == R_ENTER_CGM || t == R_ENTER_CSF || t == R_ENTER_EXCLUDE || t == R_ALL_INCLUDE) {
+            /* the vertices tckgen keeps */
             if (!reserve(out, *n + 1)) return R_NO_MEMORY;
             if (dout && !reserve(dout, *n + 1)) return R_NO_MEMORY;
             memcpy(out->v + 3 * *n, w->pos, 3 * sizeof(float));
             if (dout) memcpy(dout->v + dout->width * *n, w->stage, dout->width * sizeof(float));
             (*n)++;
-            if (*n >= c->max_points) t = R_MAX_LENGTH;
+            if (t == R_CONTINUE && *n >= c->max_points) t = R_MAX_LENGTH;
         }
     } while (t == R_CONTINUE);
     return t;
+}
+
+/* FOD amplitude at pos along the unit direction d (tckgen's get_metric; 0 outside the image). */
+static float amplitude_at(const sd_config *c, walker *w, const float *pos, const float *d) {
+    if (!get_data(c, pos, w->values)) return 0.0f;
+    sh_derivs o;
+    derivatives(c, w->values, acosf(d[2]), atan2f(d[1], d[0]), &o);
+    return o.amp;
+}
+
+/* The priors on a half's termination t (possibly changed; ACT's, and entering an exclusion region): 1 when the
+ * streamline is rejected. */
+static int act_excluded(const sd_config *c, const walker *w, int *t) {
+    if (*t == R_ENTER_EXCLUDE) return 1;
+    if (!c->act.data) return 0;
+    switch (*t) {
+    case R_ENTER_CSF: case R_MAX_LENGTH:
+        return 1;
+    case R_CUTOFF: case R_CURVATURE:
+        if (w->sgm_depth) { *t = R_TERM_IN_SGM; return 0; }
+        return !(w->tis_valid && is_path(w->tis));
+    default:
+        return 0;
+    }
+}
+
+/* On leaving sub-cortical GM: cut the streamline (n vertices in v) after its vertex in sub-cortical GM where the
+ * FOD amplitude along the path is lowest.  Returns the new vertex count. */
+static int64_t truncate_exit_sgm(const sd_config *c, walker *w, const float *v, int64_t n) {
+    int64_t best = n - 1;
+    float lowest = INFINITY;
+    for (int64_t i = n - w->sgm_depth; i < n; i++) {
+        float d[3];
+        for (int k = 0; k < 3; k++) d[k] = v[3 * i + k] - v[3 * (i - 1) + k];
+        normalize3(d);
+        const float a = amplitude_at(c, w, v + 3 * i, d);
+        if (a < lowest) { lowest = a; best = i; }
+    }
+    return best + 1;
+}
+
+/* A whole half with ACT's priors: the termination code, *excluded set when the streamline is rejected. */
+static int act_half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int64_t *n, int *excluded) {
+    int t = half(c, w, out, dout, n);
+    if (t == R_NO_MEMORY) return t;
+    *excluded = act_excluded(c, w, &t);
+    if (t == R_EXIT_SGM) *n = truncate_exit_sgm(c, w, out->v, *n);
+    return t;
+}
+
+/* tckgen's acceptance of a finished streamline of n vertices: long enough, (ACT) a seed in sub-cortical GM must
+ * have reached WM, and every include region visited (the ordered ones in order). */
+static int act_accepts(const sd_config *c, const walker *w, int64_t n) {
+    if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
+    if (c->act.data && w->seed_in_sgm && !w->sgm_seed_to_wm) return 0;
+    return all_included(c, w);
 }
 
 /* Track one seed into out (grown as needed).  Returns the vertex count (0 when rejected, -1 when out of
@@ -462,18 +714,30 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     reasons[0] = reasons[1] = R_SEED_REJECTED;
     *seed_index = 0;
     if (!(isfinite(w->pos[0]) && isfinite(w->pos[1]) && isfinite(w->pos[2]))) return 0;
-    if (!mask_contains(c, w->pos)) return 0;
+    if (!mask_contains(c, w->pos) || any_contains(c->exclude, c->n_exclude, w->pos)) return 0;
+    if (c->act.data && !act_check_seed(c, w, w->pos)) return 0;
     if (!get_data(c, w->pos, w->values)) return 0;
     normalize3(w->dir);
     if (find_peak(c, w) == 0.0f) return 0;
+    const int unidirectional = c->unidirectional || (c->act.data && act_unidirectional(c, w));
+    w->visited = 0;
+    w->next_ordered = 0;
+    w->order_ok = 1;
+    visit(c, w, w->pos);
     const float seed_dir[3] = {w->dir[0], w->dir[1], w->dir[2]};
     int64_t n = 1;
+    int excluded = 0;
     if (!reserve(out, 1)) return -1;
     if (dout && !reserve(dout, 1)) return -1;
     float *v = out->v;
     memcpy(v, w->pos, 3 * sizeof(float));
     if (dout) memset(dout->v, 0, dout->width * sizeof(float));   /* the seed vertex: no step */
-    if ((reasons[0] = half(c, w, out, dout, &n)) == R_NO_MEMORY) return -1;
+    if ((reasons[0] = act_half(c, w, out, dout, &n, &excluded)) == R_NO_MEMORY) return -1;
+    if (excluded) { reasons[1] = R_CONTINUE; return 0; }
+    if (unidirectional) {   /* the seed stays first, as tckgen writes it */
+        reasons[1] = R_CONTINUE;
+        return act_accepts(c, w, n) ? n : 0;
+    }
     v = out->v;
     /* reverse the forward half so it ends at the seed */
     for (int64_t i = 0, j = n - 1; i < j; i++, j--)
@@ -487,9 +751,10 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     *seed_index = n - 1;
     memcpy(w->pos, v + 3 * (n - 1), 3 * sizeof(float));
     for (int k = 0; k < 3; k++) w->dir[k] = -seed_dir[k];
-    if ((reasons[1] = half(c, w, out, dout, &n)) == R_NO_MEMORY) return -1;
-    if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
-    return n;
+    w->sgm_depth = 0;
+    if ((reasons[1] = act_half(c, w, out, dout, &n, &excluded)) == R_NO_MEMORY) return -1;
+    if (excluded) return 0;
+    return act_accepts(c, w, n) ? n : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -617,14 +882,21 @@ void sd_seed_steps(const sd_config *c, int64_t n, const float *seeds, const floa
         for (int k = 0; k < 3; k++) pk[k] = f[k] = b[k] = NAN;
         memcpy(w.pos, seeds + 3 * i, sizeof w.pos);
         memcpy(w.dir, dirs + 3 * i, sizeof w.dir);
-        if (!mask_contains(c, w.pos) || !get_data(c, w.pos, w.values)) continue;
+        if (!mask_contains(c, w.pos) || any_contains(c->exclude, c->n_exclude, w.pos)
+            || (c->act.data && !act_check_seed(c, &w, w.pos)) || !get_data(c, w.pos, w.values))
+            continue;
+        w.visited = 0;
+        w.next_ordered = 0;
+        w.order_ok = 1;
         normalize3(w.dir);
         if (find_peak(c, &w) == 0.0f) continue;
+        if (c->act.data && !c->unidirectional) act_unidirectional(c, &w);
         const float p1[3] = {w.dir[0], w.dir[1], w.dir[2]};
         memcpy(pk, p1, sizeof p1);
         if (iterate(c, &w) == R_CONTINUE) memcpy(f, w.pos, sizeof w.pos);
         memcpy(w.pos, seeds + 3 * i, sizeof w.pos);
         for (int k = 0; k < 3; k++) w.dir[k] = -p1[k];
+        w.sgm_depth = 0;
         if (iterate(c, &w) == R_CONTINUE) memcpy(b, w.pos, sizeof w.pos);
     }
 }
@@ -697,4 +969,4 @@ int64_t sd_repack(const float *src, const int64_t *st, const int64_t *dim, float
     return j.bad;
 }
 
-int32_t sd_abi_version(void) { return 3; }
+int32_t sd_abi_version(void) { return 4; }
