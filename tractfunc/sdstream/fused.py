@@ -12,7 +12,7 @@ in C (``csrc/sd_adjoint.c``), with the same decisions and the same derivative ru
 * **backward**: one reverse sweep per streamline (``sd_adjoint``), O(vertices x coefficients), no Newton
   iterations and no autograd graph: each peak's derivative is the implicit-function one
   (:mod:`tractfunc.core.implicit`), scattered into the 8 voxels of its trilinear sample (one dense gradient
-  buffer per thread), RK4 by the chain rule through its four stages.  Saved for backward: the vertices and the
+  buffer per thread, of which only touched voxels are reduced), RK4 by the chain rule through its four stages.  Saved for backward: the vertices and the
   step directions, 24 (Euler) to 60 (RK4) bytes per vertex with tckgen's settings in float32, 48 to 120 in
   double with exact peaks.
 

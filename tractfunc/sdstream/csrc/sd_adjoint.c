@@ -250,7 +250,7 @@ static int polish_peak(const adj_config *c, const double *pos, double *u) {
  * FOD) for the peak u (unit) of the sample at pos.  No contribution where outside, u is not finite or the
  * tangent Hessian is not regular (core.implicit.attach_peak's rules). */
 static void peak_vjp(const adj_config *c, const double *pos, const double *u, const double *ubar, double *gpos,
-                     void *gfod) {
+                     void *gfod, uint8_t *dirty) {
     if (!(isfinite(u[0]) && isfinite(u[1]) && isfinite(u[2]))) return;
     if (ubar[0] == 0.0 && ubar[1] == 0.0 && ubar[2] == 0.0) return;
     const int n = c->ncoef;
@@ -284,6 +284,7 @@ static void peak_vjp(const adj_config *c, const double *pos, const double *u, co
         }
         if (gfod && si.w[k] != 0.0) {
             const double w = si.w[k];
+            if (dirty) dirty[si.row[k]] = 1;
             if (c->fod_double) { double *g = (double *)gfod + r; for (int j = 0; j < n; j++) g[j] += w * cbar[j]; }
             else { float *g = (float *)gfod + r; for (int j = 0; j < n; j++) g[j] += (float)(w * cbar[j]); }
         }
@@ -297,7 +298,7 @@ static void peak_jacobian(const adj_config *c, const double *pos, const double *
     for (int i = 0; i < 3; i++) {
         double e[3] = {0.0, 0.0, 0.0}, row[3] = {0.0, 0.0, 0.0};
         e[i] = 1.0;
-        peak_vjp(c, pos, u, e, row, NULL);
+        peak_vjp(c, pos, u, e, row, NULL, NULL);
         for (int j = 0; j < 3; j++) U[i][j] = row[j];
     }
 }
@@ -399,7 +400,7 @@ static int replay_half(const adj_config *c, const half_rows *h, const double *se
 /* Reverse sweep of one half: returns in abar the adjoint of the seed from this half's steps (its own loss term
  * excluded); gh += d/dstep. */
 static void adjoint_half(const adj_config *c, const half_rows *h, const double *verts, const double *sdirs,
-                         const double *gverts, double *abar, double *gh, void *gfod) {
+                         const double *gverts, double *abar, double *gh, void *gfod, uint8_t *dirty) {
     const int width = c->rk4 ? 12 : 3;
     const double hs = c->step;
     double a[3] = {0.0, 0.0, 0.0};
@@ -411,7 +412,7 @@ static void adjoint_half(const adj_config *c, const half_rows *h, const double *
         if (!c->rk4) {
             double ubar[3] = {hs * a[0], hs * a[1], hs * a[2]};
             *gh += a[0] * sd[0] + a[1] * sd[1] + a[2] * sd[2];
-            peak_vjp(c, x, sd, ubar, g, gfod);
+            peak_vjp(c, x, sd, ubar, g, gfod, dirty);
             for (int i = 0; i < 3; i++) a[i] += g[i];
             continue;
         }
@@ -430,24 +431,24 @@ static void adjoint_half(const adj_config *c, const half_rows *h, const double *
         /* stage 4 at x + d3 h */
         for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
         memset(g, 0, sizeof g);
-        peak_vjp(c, p, d4, b4, g, gfod);
+        peak_vjp(c, p, d4, b4, g, gfod, dirty);
         for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b3[i] += hs * g[i]; }
         *gh += g[0] * d3[0] + g[1] * d3[1] + g[2] * d3[2];
         /* stage 3 at x + d2 h/2 */
         for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
         memset(g, 0, sizeof g);
-        peak_vjp(c, p, d3, b3, g, gfod);
+        peak_vjp(c, p, d3, b3, g, gfod, dirty);
         for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b2[i] += 0.5 * hs * g[i]; }
         *gh += 0.5 * (g[0] * d2[0] + g[1] * d2[1] + g[2] * d2[2]);
         /* stage 2 at x + d1 h/2 */
         for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
         memset(g, 0, sizeof g);
-        peak_vjp(c, p, d2, b2, g, gfod);
+        peak_vjp(c, p, d2, b2, g, gfod, dirty);
         for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b1[i] += 0.5 * hs * g[i]; }
         *gh += 0.5 * (g[0] * d1[0] + g[1] * d1[1] + g[2] * d1[2]);
         /* stage 1 at x */
         memset(g, 0, sizeof g);
-        peak_vjp(c, x, d1, b1, g, gfod);
+        peak_vjp(c, x, d1, b1, g, gfod, dirty);
         for (int i = 0; i < 3; i++) a[i] = p0bar[i] + g[i];
     }
     memcpy(abar, a, sizeof a);
@@ -470,6 +471,7 @@ typedef struct {
     size_t gfod_bytes;
     double gh[256];
     void *gfod_t[256];
+    uint8_t *dirty_t[256];      /* voxels a thread's private buffer holds (only those are reduced) */
     int32_t failed;
     int64_t next;
     int replay;
@@ -483,11 +485,19 @@ static void *adj_worker(void *arg) {
     adj_job *j = ((adj_arg *)arg)->j;
     const int t = ((adj_arg *)arg)->t;
     void *gfod = j->gfod;
+    uint8_t *dirty = NULL;
     if (gfod && t > 0) {
+        const int64_t nvox = (int64_t)j->c->dim[0] * j->c->dim[1] * j->c->dim[2];
         gfod = calloc(1, j->gfod_bytes);
-        if (!gfod) { __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED); return NULL; }
+        dirty = (uint8_t *)calloc((size_t)nvox, 1);
+        if (!gfod || !dirty) {
+            free(gfod); free(dirty);
+            __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
+            return NULL;
+        }
     }
     j->gfod_t[t] = t > 0 ? gfod : NULL;
+    j->dirty_t[t] = dirty;
     double gh = 0.0;
     for (;;) {
         int64_t i = __atomic_fetch_add(&j->next, 1, __ATOMIC_RELAXED);
@@ -515,8 +525,8 @@ static void *adj_worker(void *arg) {
             j->ok[i] = (uint8_t)ok;
         } else {
             double a0[3], a1[3];
-            adjoint_half(j->c, &h[0], j->verts, j->sdirs, j->gverts, a0, &gh, gfod);
-            adjoint_half(j->c, &h[1], j->verts, j->sdirs, j->gverts, a1, &gh, gfod);
+            adjoint_half(j->c, &h[0], j->verts, j->sdirs, j->gverts, a0, &gh, gfod, dirty);
+            adjoint_half(j->c, &h[1], j->verts, j->sdirs, j->gverts, a1, &gh, gfod, dirty);
             const double *gs = j->gverts + 3 * h[0].seed_row;
             for (int k = 0; k < 3; k++) j->gseeds[3 * i + k] = gs[k] + a0[k] + a1[k];
         }
@@ -531,7 +541,7 @@ static int run_threads(adj_job *j, int nthreads) {
     pthread_t th[256];
     adj_arg args[256];
     int started = 0;
-    for (int t = 0; t < 256; t++) { j->gh[t] = 0.0; j->gfod_t[t] = NULL; }
+    for (int t = 0; t < 256; t++) { j->gh[t] = 0.0; j->gfod_t[t] = NULL; j->dirty_t[t] = NULL; }
     for (int t = 1; t < nthreads; t++) {
         args[t].j = j; args[t].t = t;
         if (pthread_create(&th[started], NULL, adj_worker, &args[t]) != 0) break;
@@ -573,14 +583,20 @@ int32_t sd_adjoint(const adj_config *c, int64_t A, const int64_t *starts, const 
     double gh = 0.0;
     for (int t = 0; t < used; t++) gh += j.gh[t];
     *gstep = gh;
-    const int64_t total = (int64_t)c->dim[0] * c->dim[1] * c->dim[2] * c->ncoef;
-    for (int t = 1; t < used; t++) {
-        if (!j.gfod_t[t]) continue;
-        if (c->fod_double) { double *d = (double *)gfod; const double *s = (const double *)j.gfod_t[t];
-                             for (int64_t i = 0; i < total; i++) d[i] += s[i]; }
-        else { float *d = (float *)gfod; const float *s = (const float *)j.gfod_t[t];
-               for (int64_t i = 0; i < total; i++) d[i] += s[i]; }
+    const int64_t nvox = (int64_t)c->dim[0] * c->dim[1] * c->dim[2], n = c->ncoef;
+    for (int t = 1; t < used; t++) {   /* add each private buffer's touched voxels into the output */
+        const uint8_t *dirty = j.dirty_t[t];
+        if (j.gfod_t[t] && dirty) {
+            for (int64_t v = 0; v < nvox; v++) {
+                if (!dirty[v]) continue;
+                if (c->fod_double) { double *d = (double *)gfod + v * n; const double *s = (const double *)j.gfod_t[t] + v * n;
+                                     for (int k = 0; k < n; k++) d[k] += s[k]; }
+                else { float *d = (float *)gfod + v * n; const float *s = (const float *)j.gfod_t[t] + v * n;
+                       for (int k = 0; k < n; k++) d[k] += s[k]; }
+            }
+        }
         free(j.gfod_t[t]);
+        free(j.dirty_t[t]);
     }
     return j.failed ? -2 : 0;
 }
