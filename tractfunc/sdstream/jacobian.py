@@ -53,10 +53,15 @@ def seed_jacobian_packed(field: FODField, params: TrackParams, seeds: Tensor, in
     """The follow engine's streamlines and each vertex's Jacobian with respect to its seed, packed: the fast path
     (C, forward propagation of every step's 3 x 3 Jacobian; :mod:`tractfunc.sdstream.fused`).
 
-    Args: as :func:`tractfunc.track` (CPU, lmax <= 12, tckgen's settings in float32 or exact peaks).
+    Args:
+        field, params: as :func:`tractfunc.track` (CPU, lmax <= 12, tckgen's settings in float32 or exact peaks).
+        seeds: (S, 3) scanner mm; init_dirs: (S, 3) start directions of the seed peak searches, or None for random
+            ones from ``generator``; mask: optional tracking mask.
     Returns:
-        (:class:`tractfunc.Tracks` (engine "follow", detached), J (V, 3, 3) with ``J[v, i, k] = d x_vi / d s_k``
-        for the seed s of vertex v's streamline; the identity at seed vertices).
+        (:class:`tractfunc.Tracks` (engine "follow", detached), J (V, 3, 3) in the field's dtype, mm per mm, with
+        ``J[v, i, k] = d x_vi / d s_k`` for the seed s of vertex v's streamline; the identity at seed vertices).
+        Plain tensors only: the kernel is not traced, so under ``torch.func`` transforms or ``torch.compile`` use
+        :func:`seed_jacobian` (fixed shapes) instead.
     Raises:
         TractfuncError: where the fused engine cannot run (use :func:`seed_jacobian` on the fixed engine).
     """

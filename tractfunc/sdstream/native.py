@@ -248,8 +248,6 @@ def _load():
         lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int32]
         lib.sd_seed_jacobian.restype = None
         lib.sd_seed_jacobian.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int32]
-        lib.sd_polish.restype = None
-        lib.sd_polish.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.sd_sample.restype = None
         lib.sd_sample.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p]

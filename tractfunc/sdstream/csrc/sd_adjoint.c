@@ -614,21 +614,3 @@ void sd_seed_jacobian(const adj_config *c, int64_t A, const int64_t *starts, con
     run_threads(&j, nthreads);
 }
 
-/* Exact peak polish alone (for tests): rows (n, N) double coefficients, u (n, 3) updated in place. */
-void sd_polish(const adj_config *c, int64_t n, const double *coef, double *u) {
-    pthread_once(&tables_once, init_tables);
-    double dB[A_MAXC][3];
-    for (int64_t i = 0; i < n; i++) {
-        double *v = u + 3 * i;
-        normalize(v);
-        for (int it = 0; it < c->polish; it++) {
-            tangent_jet t;
-            if (!tangent(c->lmax, c->ncoef, coef + (int64_t)c->ncoef * i, v, &t, dB)) break;
-            const double x0 = -(t.d * t.g0 - t.b * t.g1) / t.det, x1 = -(t.a * t.g1 - t.c * t.g0) / t.det;
-            for (int k = 0; k < 3; k++) v[k] += t.e1[k] * x0 + t.e2[k] * x1;
-            normalize(v);
-        }
-    }
-}
-
-int32_t sd_adjoint_abi_version(void) { return 1; }
