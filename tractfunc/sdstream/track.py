@@ -28,9 +28,10 @@ Tensor = torch.Tensor
 
 
 def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField], act: Optional[ACTField] = None,
-                    regions=None):
+                    regions=None, soft_steps: Optional[int] = None):
     """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params`` (and ACT's rules
-    with a 5TT image ``act``): the decider of the follow engine."""
+    with a 5TT image ``act``; soft stopping with ``soft_steps`` steps per half): the decider of the follow
+    engine."""
     from . import native
     from ..core.tracing import unwrap
     step = float(unwrap(params.step).detach()) if torch.is_tensor(params.step) else params.step
@@ -38,7 +39,7 @@ def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskFie
         return native.Kernel.from_field(field._replace(sh=unwrap(field.sh).detach().to("cpu", torch.float32),
                                                        nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
                                         params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask,
-                                        act=act, regions=regions)
+                                        act=act, regions=regions, soft_steps=soft_steps)
 
 
 def _follow_chunk(field, params, kernel, seeds, init_dirs):
@@ -80,9 +81,11 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         engine: "auto" (default), "native", "follow", "eager" or "fixed"; see
             :mod:`tractfunc.sdstream.engine` for what each does and the rule "auto" applies.
         stopping: None (hard, tckgen) or :class:`tractfunc.Soft` (temperature): survival weights in
-            ``Tracks.weights``.
-        gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward).
-        n_steps: steps per half for the fixed engine (None: ``params.max_points``, never cut short).
+            ``Tracks.weights`` (fixed engine, and the follow engine's fused C form).
+        gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward; the
+            follow engine's fused C form stores 24 to 120 bytes per vertex and needs no checkpoints).
+        n_steps: steps per half for the fixed engine and for soft stopping (None: ``params.max_points``, never cut
+            short).
         generator: the source of random start directions.
         chunk_size: seeds per batch (bounds memory).
         progress: called as ``progress(done_seeds, total_seeds, accepted)`` after each chunk.
@@ -114,18 +117,19 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     if name in ("eager", "fixed"):   # (the kernel normalises in single precision, as tckgen does)
         init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     kernel = None
+    soft = stopping is not None
     if name == "native":
         from . import native
         kernel = native.Kernel.from_field(field, params, mask, act=act, regions=regions)
     elif name == "follow":
-        kernel = decision_kernel(field, params, mask, act, regions)
+        steps = (params.max_points if n_steps is None else int(n_steps)) if soft else None
+        kernel = decision_kernel(field, params, mask, act, regions, steps)
     from . import fused
     use_fused = name == "follow" and fused.applies(field, params)
     if name == "eager" or (name == "follow" and not use_fused):   # one compact FOD-gradient buffer for the call
         token, sink = fodgrad.attach(field.sh)
         if sink is not None:
             field = field._replace(grad_token=token, grad_sink=sink)
-    soft = stopping is not None
     parts, offsets, n_acc = [], [], 0
     with contextlib.nullcontext() if job.grad else torch.no_grad():
         for start in range(0, S, chunk_size):
@@ -134,7 +138,8 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             if name == "native":
                 part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
             elif use_fused:
-                part = Tracks(*fused.track_fused(field, params, kernel, s, d), None, name)
+                part = Tracks(*fused.track_fused(field, params, kernel, s, d, stopping.temperature if soft else None),
+                              name)
             elif name == "follow":
                 part = Tracks(*_follow_chunk(field, params, kernel, s, d), None, name)
             elif name == "eager":
