@@ -70,7 +70,7 @@ class _Config(ctypes.Structure):
         ("include", ctypes.c_void_p), ("n_include", ctypes.c_int32), ("ordered", ctypes.c_void_p),
         ("n_ordered", ctypes.c_int32), ("exclude", ctypes.c_void_p), ("n_exclude", ctypes.c_int32),
         ("stop_on_all_include", ctypes.c_int32), ("unidirectional", ctypes.c_int32),
-        ("soft", ctypes.c_int32), ("soft_steps", ctypes.c_int64),
+        ("soft", ctypes.c_int32), ("half_steps", ctypes.c_int64),
     ]
 
 MAX_ROIS = 64   # of each kind (csrc/sd_stream.c)
@@ -335,14 +335,16 @@ class Kernel:
     for anatomically-constrained tracking (tckgen ``-act``), sampled on its own grid (``act_affine``,
     ``act_voxel_sizes``); regions: tckgen's include / exclude ROIs and ``-stop`` (:class:`Regions`); soft_steps:
     None (tckgen's hard stopping) or the steps per half of soft stopping (:class:`tractfunc.Soft`: the cutoff and the
-    angle no longer stop, their margins are recorded for the fused engine's survival weights; no ACT or ROIs).
+    angle no longer stop, their margins are recorded for the fused engine's survival weights; no ACT or ROIs);
+    half_steps: hard stopping's steps per half at most (0: none; a half cut there ends with reason CONTINUE, as
+    :func:`tractfunc.track_fixed` cuts at ``n_steps``).
     :meth:`from_field` builds one from the PyTorch containers."""
 
     def __init__(self, sh: np.ndarray, affine: np.ndarray, params: TrackParams, nonzero: Optional[np.ndarray] = None,
                  mask: Optional[np.ndarray] = None, mask_affine: Optional[np.ndarray] = None, threads: int = 0,
                  voxel_sizes=None, mask_voxel_sizes=None, act: Optional[np.ndarray] = None,
                  act_affine: Optional[np.ndarray] = None, act_voxel_sizes=None, regions: Optional[Regions] = None,
-                 soft_steps: Optional[int] = None):
+                 soft_steps: Optional[int] = None, half_steps: int = 0):
         lib = _require()
         self.lib = lib
         if not (sh.dtype == np.float32 and sh.flags["C_CONTIGUOUS"]):
@@ -377,14 +379,16 @@ class Kernel:
         if soft_steps is not None:
             if act is not None or (regions is not None and regions != Regions()):
                 raise TractfuncError("soft stopping runs without ACT or ROIs (they stop hard)")
-            c.soft, c.soft_steps = 1, int(soft_steps)
+            c.soft, c.half_steps = 1, int(soft_steps)
+        elif half_steps:
+            c.half_steps = int(half_steps)
         self.config = c
         self.threads = threads
 
     @classmethod
     def from_field(cls, field: "FODField", params: TrackParams, mask: Optional["MaskField"] = None,
                    threads: int = 0, act: Optional["ACTField"] = None, regions: Optional[Regions] = None,
-                   soft_steps: Optional[int] = None) -> "Kernel":
+                   soft_steps: Optional[int] = None, half_steps: int = 0) -> "Kernel":
         """From the PyTorch containers (:func:`tractfunc.make_field` / :func:`tractfunc.make_mask`;
         ``act``: a 5TT image as :func:`tractfunc.make_act` builds it); the FOD tensor is used in place (no copy)."""
         import torch
@@ -399,7 +403,7 @@ class Kernel:
         tis = None if act is None else act.tissues.detach().float().cpu().numpy()
         return cls(sh, affine(field), params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
                    None if mask is None else mask.voxel_sizes, tis, None if act is None else affine(act),
-                   None if act is None else act.voxel_sizes, regions, soft_steps)
+                   None if act is None else act.voxel_sizes, regions, soft_steps, half_steps)
 
     def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0, record: bool = False):
         """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.

@@ -28,10 +28,10 @@ Tensor = torch.Tensor
 
 
 def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField], act: Optional[ACTField] = None,
-                    regions=None, soft_steps: Optional[int] = None):
+                    regions=None, soft_steps: Optional[int] = None, half_steps: int = 0):
     """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params`` (and ACT's rules
-    with a 5TT image ``act``; soft stopping with ``soft_steps`` steps per half): the decider of the follow
-    engine."""
+    with a 5TT image ``act``; soft stopping with ``soft_steps`` steps per half; hard stopping cut after
+    ``half_steps`` steps per half, 0 for never): the decider of the follow engine."""
     from . import native
     from ..core.tracing import unwrap
     step = float(unwrap(params.step).detach()) if torch.is_tensor(params.step) else params.step
@@ -39,7 +39,7 @@ def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskFie
         return native.Kernel.from_field(field._replace(sh=unwrap(field.sh).detach().to("cpu", torch.float32),
                                                        nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
                                         params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask,
-                                        act=act, regions=regions, soft_steps=soft_steps)
+                                        act=act, regions=regions, soft_steps=soft_steps, half_steps=half_steps)
 
 
 def _follow_chunk(field, params, kernel, seeds, init_dirs):
@@ -84,8 +84,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             ``Tracks.weights`` (fixed engine, and the follow engine's fused C form).
         gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward; the
             follow engine's fused C form stores 24 to 120 bytes per vertex and needs no checkpoints).
-        n_steps: steps per half for the fixed engine and for soft stopping (None: ``params.max_points``, never cut
-            short).
+        n_steps: steps per half at most, for the fixed and follow engines (None: ``params.max_points`` under soft
+            stopping, else no limit; a half cut there ends with reason CONTINUE and its streamline is kept from 2
+            vertices, as :func:`tractfunc.track_fixed` does).
         generator: the source of random start directions.
         chunk_size: seeds per batch (bounds memory).
         progress: called as ``progress(done_seeds, total_seeds, accepted)`` after each chunk.
@@ -123,7 +124,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         kernel = native.Kernel.from_field(field, params, mask, act=act, regions=regions)
     elif name == "follow":
         steps = (params.max_points if n_steps is None else int(n_steps)) if soft else None
-        kernel = decision_kernel(field, params, mask, act, regions, steps)
+        kernel = decision_kernel(field, params, mask, act, regions, steps, 0 if n_steps is None else int(n_steps))
     from . import fused
     use_fused = name == "follow" and fused.applies(field, params)
     if name == "eager" or (name == "follow" and not use_fused):   # one compact FOD-gradient buffer for the call

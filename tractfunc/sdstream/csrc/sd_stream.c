@@ -107,11 +107,14 @@ typedef struct {
     int32_t n_exclude;
     int32_t stop_on_all_include;
     int32_t unidirectional;   /* tckgen -seed_unidirectional: one half from each seed, the seed first */
-    /* soft stopping (tractfunc's Soft; off when 0): the cutoff and the angle no longer stop a streamline, each half
-     * takes at most soft_steps steps, and only steps that hard tracking would still take count towards max_points
-     * (tractfunc.sdstream.step.step with a temperature); no ACT or ROIs */
+    /* soft stopping (tractfunc's Soft; off when 0): the cutoff and the angle no longer stop a streamline, and only
+     * steps that hard tracking would still take count towards max_points (tractfunc.sdstream.step.step with a
+     * temperature); no ACT or ROIs */
     int32_t soft;
-    int64_t soft_steps;
+    /* steps per half at most (0: no limit; soft stopping needs one): a half still running after them stops with
+     * R_CONTINUE and the streamline is accepted from 2 vertices (tractfunc.track_fixed's n_steps); min_points 0
+     * then accepts every streamline whose seed passed (the caller applies the length rule) */
+    int64_t half_steps;
 } sd_config;
 
 static inline int index_sh(int l, int m) { return l * (l + 1) / 2 + m; }
@@ -679,6 +682,7 @@ static int reserve(growbuf *b, int64_t n) {
  * not grow). */
 static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int64_t *n) {
     int t;
+    int64_t steps = 0;
     do {
         t = iterate(c, w);
         if (t == R_CONTINUE || t == R_ENTER_CGM || t == R_ENTER_CSF || t == R_ENTER_EXCLUDE || t == R_ALL_INCLUDE) {
@@ -689,6 +693,7 @@ static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int6
             if (dout) memcpy(dout->v + dout->width * *n, w->stage, dout->width * sizeof(float));
             (*n)++;
             if (t == R_CONTINUE && *n >= c->max_points) t = R_MAX_LENGTH;
+            if (t == R_CONTINUE && c->half_steps && ++steps >= c->half_steps) return R_CONTINUE;   /* cut */
         }
     } while (t == R_CONTINUE);
     return t;
@@ -700,7 +705,7 @@ static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int6
  * (R_CONTINUE when cut after soft_steps steps). */
 static int soft_half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int64_t *n, int64_t *counted) {
     int hard = 1;
-    for (int64_t s = 0; s < c->soft_steps; s++) {
+    for (int64_t s = 0; s < c->half_steps; s++) {
         const int t = iterate(c, w);
         if (t != R_CONTINUE) return t;
         if (!reserve(out, *n + 1)) return R_NO_MEMORY;
@@ -764,7 +769,9 @@ static int act_half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, 
 
 /* tckgen's acceptance of a finished streamline of n vertices: long enough, (ACT) a seed in sub-cortical GM must
  * have reached WM, and every include region visited (the ordered ones in order). */
-static int act_accepts(const sd_config *c, const walker *w, int64_t n) {
+static int act_accepts(const sd_config *c, const walker *w, int64_t n, int cut) {
+    if (c->half_steps && c->min_points <= 0) return 1;
+    if (cut && n >= 2) return all_included(c, w);
     if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
     if (c->act.data && w->seed_in_sgm && !w->sgm_seed_to_wm) return 0;
     return all_included(c, w);
@@ -783,7 +790,8 @@ static void reverse_rows(growbuf *out, growbuf *dout, int64_t n) {
 }
 
 /* track_one with soft stopping (no ACT, no ROIs; the seed test stays hard): both halves from the seed, at most
- * soft_steps steps each; accepted when at least max(min_points, 2) vertices were kept, or 2 when a half was cut.
+ * half_steps steps each; accepted when at least max(min_points, 2) vertices were kept, or 2 when a half was cut
+ * (min_points 0: always).
  * The seed vertex records the seed peak (the previous direction of both halves' first steps, negated for the
  * second). */
 static int64_t track_one_soft(const sd_config *c, walker *w, const float *seed, const float *init_dir, growbuf *out,
@@ -810,7 +818,7 @@ static int64_t track_one_soft(const sd_config *c, walker *w, const float *seed, 
     memcpy(w->pos, out->v + 3 * (n - 1), 3 * sizeof(float));
     for (int k = 0; k < 3; k++) w->dir[k] = -seed_dir[k];
     if ((reasons[1] = soft_half(c, w, out, dout, &n, &counted)) == R_NO_MEMORY) return -1;
-    const int64_t need = c->min_points > 2 ? c->min_points : 2;
+    const int64_t need = c->min_points > 2 ? c->min_points : (c->min_points <= 0 ? 1 : 2);
     const int cut = reasons[0] == R_CONTINUE || reasons[1] == R_CONTINUE;
     return (n >= need || (cut && n >= 2)) ? n : 0;
 }
@@ -846,7 +854,7 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     if (excluded) { reasons[1] = R_CONTINUE; return 0; }
     if (unidirectional) {   /* the seed stays first, as tckgen writes it */
         reasons[1] = R_CONTINUE;
-        return act_accepts(c, w, n) ? n : 0;
+        return act_accepts(c, w, n, reasons[0] == R_CONTINUE) ? n : 0;
     }
     v = out->v;
     reverse_rows(out, dout, n);
@@ -856,7 +864,7 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     w->sgm_depth = 0;
     if ((reasons[1] = act_half(c, w, out, dout, &n, &excluded)) == R_NO_MEMORY) return -1;
     if (excluded) return 0;
-    return act_accepts(c, w, n) ? n : 0;
+    return act_accepts(c, w, n, reasons[0] == R_CONTINUE || reasons[1] == R_CONTINUE) ? n : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
