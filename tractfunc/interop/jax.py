@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import weakref
 from collections import OrderedDict
 from typing import Callable, NamedTuple, Optional, Sequence
 
@@ -319,20 +320,46 @@ class PaddedTracks(NamedTuple):
 
 
 def per_seed(tracks, n_seeds: int, max_vertices: int) -> tuple:
-    """Packed :class:`tractfunc.Tracks` -> the torch tensors of :class:`PaddedTracks` (differentiable wrt
-    ``tracks.vertices``).
+    """Packed :class:`tractfunc.Tracks` -> the torch tensors of :class:`PaddedTracks` (one scatter of the vertices,
+    differentiable wrt ``tracks.vertices``).
 
     Raises:
         TractfuncError: a streamline longer than ``max_vertices``."""
-    longest = int(tracks.lengths.max()) if tracks.lengths.numel() else 0
-    if longest > max_vertices:
-        raise TractfuncError(f"a streamline has {longest} vertices, more than max_vertices={max_vertices}")
-    v, ok = tracks.padded()                                                   # (A, longest, 3), (A, longest)
-    ids, S, L = tracks.seed_ids, n_seeds, max_vertices
-    verts = v.new_zeros(S, L, 3).index_copy(0, ids, torch.nn.functional.pad(v, (0, 0, 0, L - longest)))
-    valid = ok.new_zeros(S, L).index_copy(0, ids, torch.nn.functional.pad(ok, (0, L - longest)))
-    rows = lambda x: x.new_zeros(S).index_copy(0, ids, x).to(torch.int32)     # noqa: E731
-    return verts, valid, rows(tracks.lengths), rows(tracks.seed_index), _int32(tracks.reasons), tracks.accepted
+    ln, ids, S, L = tracks.lengths, tracks.seed_ids, n_seeds, max_vertices
+    if ln.numel() and int(ln.max()) > L:
+        raise TractfuncError(f"a streamline has {int(ln.max())} vertices, more than max_vertices={L}")
+    start = torch.cumsum(ln, 0) - ln
+    col = torch.arange(tracks.vertices.shape[0], device=ln.device) - start.repeat_interleave(ln)
+    flat = ids.repeat_interleave(ln) * L + col                                 # (V,) slot of each vertex
+    verts = tracks.vertices.new_zeros(S * L, 3).index_copy(0, flat, tracks.vertices).reshape(S, L, 3)
+    lengths = ln.new_zeros(S).index_copy(0, ids, ln)
+    valid = torch.arange(L, device=ln.device) < lengths.unsqueeze(1)
+    seed_index = ln.new_zeros(S).index_copy(0, ids, tracks.seed_index)
+    return verts, valid, _int32(lengths), _int32(seed_index), _int32(tracks.reasons), tracks.accepted
+
+
+# The field of the last FOD arrays tracked eagerly (JAX arrays are immutable: the same array object, still alive,
+# has the same contents), so that repeated calls on one FOD do not rebuild its non-zero mask and lookup table.
+_FIELDS: dict = {}
+
+
+def _field_of(sh, affine, precomputed: bool, voxel_sizes) -> Callable:
+    """torch FOD tensor (the contents of JAX array ``sh``) -> its :class:`FODField`, reusing the last field built
+    for the same concrete ``sh``, affine and settings."""
+    if isinstance(sh, jax.core.Tracer):
+        return lambda s: _field(s, affine, precomputed, voxel_sizes)
+    key = (id(sh), np.asarray(affine, dtype=np.float64).tobytes(), bool(precomputed),
+           None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))
+    hit = _FIELDS.get(key)
+    if hit is not None and hit[0]() is sh:
+        return lambda s: hit[1]._replace(sh=s)
+
+    def build(s):
+        f = _field(s, affine, precomputed, voxel_sizes)
+        _FIELDS.clear()
+        _FIELDS[key] = (weakref.ref(sh), f._replace(sh=None))   # not the volume: the JAX array owns it
+        return f
+    return build
 
 
 def track(sh, params: TrackParams, seeds, init_dirs, *, affine, mask: Optional[MaskField] = None,
@@ -370,8 +397,10 @@ def track(sh, params: TrackParams, seeds, init_dirs, *, affine, mask: Optional[M
     specs = [_spec((S, L, 3), dt), _spec((S, L), bool), _spec((S,), np.int32), _spec((S,), np.int32),
              _spec((S, 2), np.int32), _spec((S,), bool)]
 
+    field_of = _field_of(sh, affine, params.precomputed, voxel_sizes)
+
     def fn(s, p, d):
-        tr = _track.track(_field(s, affine, params.precomputed, voxel_sizes), params, p, d,
+        tr = _track.track(field_of(s), params, p, d,
                           mask=_mask_on(mask, s.device), engine=engine)
         return per_seed(tr, S, L)
     return PaddedTracks(*_bridge(fn, specs, sh, seeds, init_dirs))
