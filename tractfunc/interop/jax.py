@@ -26,6 +26,7 @@ Requires the ``jax`` extra: ``pip install 'tractfunc[jax]'``.
 """
 from __future__ import annotations
 
+import contextvars
 import itertools
 import threading
 import weakref
@@ -52,6 +53,7 @@ from ..core.params import TrackParams
 __all__ = ["basis", "amplitude", "sh_jet", "trilinear", "peak", "euler", "rk4", "track", "track_fixed",
            "PaddedTracks"]
 
+_ARRAYS: contextvars.ContextVar = contextvars.ContextVar("tractfunc_jax_arrays", default=(None,))
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float64): torch.float64,
                  np.dtype(np.int32): torch.int32, np.dtype(np.bool_): torch.bool}
 
@@ -76,7 +78,11 @@ def _call(fn: Callable, specs: Sequence[jax.ShapeDtypeStruct], args: Sequence) -
     Concrete inputs: DLPack both ways (no copy, torch on the arrays' device).  Traced inputs (jit, vmap):
     ``jax.pure_callback`` on the host, one call per vmapped element."""
     def torch_side(*xs):
-        out = fn(*(as_tensor(x) for x in xs))
+        entered = _ARRAYS.set(xs)   # the JAX arrays themselves, for :func:`_field_of`
+        try:
+            out = fn(*(as_tensor(x) for x in xs))
+        finally:
+            _ARRAYS.reset(entered)
         return tuple(t.detach().to(_TORCH_DTYPES[np.dtype(s.dtype)]) for t, s in zip(out, specs))
 
     if any(isinstance(a, jax.core.Tracer) for a in args):
@@ -338,28 +344,26 @@ def per_seed(tracks, n_seeds: int, max_vertices: int) -> tuple:
     return verts, valid, _int32(lengths), _int32(seed_index), _int32(tracks.reasons), tracks.accepted
 
 
-# The field of the last FOD arrays tracked eagerly (JAX arrays are immutable: the same array object, still alive,
-# has the same contents), so that repeated calls on one FOD do not rebuild its non-zero mask and lookup table.
+# The field of the last FOD array tracked (JAX arrays are immutable: the same array object, still alive, has the
+# same contents), so that repeated calls on one FOD do not rebuild its non-zero mask and lookup table.
 _FIELDS: dict = {}
 
 
-def _field_of(sh, affine, precomputed: bool, voxel_sizes) -> Callable:
-    """torch FOD tensor (the contents of JAX array ``sh``) -> its :class:`FODField`, reusing the last field built
-    for the same concrete ``sh``, affine and settings."""
-    if isinstance(sh, jax.core.Tracer):
-        return lambda s: _field(s, affine, precomputed, voxel_sizes)
-    key = (id(sh), np.asarray(affine, dtype=np.float64).tobytes(), bool(precomputed),
+def _field_of(s: torch.Tensor, affine, precomputed: bool, voxel_sizes) -> FODField:
+    """The :class:`FODField` of torch FOD tensor ``s``, the first array of the running :func:`_call`; the last field
+    built for the same JAX array object, affine and settings is reused."""
+    arr = _ARRAYS.get()[0]
+    if not isinstance(arr, jax.Array) or isinstance(arr, jax.core.Tracer):
+        return _field(s, affine, precomputed, voxel_sizes)
+    key = (id(arr), np.asarray(affine, dtype=np.float64).tobytes(), bool(precomputed),
            None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))
     hit = _FIELDS.get(key)
-    if hit is not None and hit[0]() is sh:
-        return lambda s: hit[1]._replace(sh=s)
-
-    def build(s):
-        f = _field(s, affine, precomputed, voxel_sizes)
-        _FIELDS.clear()
-        _FIELDS[key] = (weakref.ref(sh), f._replace(sh=None))   # not the volume: the JAX array owns it
-        return f
-    return build
+    if hit is not None and hit[0]() is arr:
+        return hit[1]._replace(sh=s)
+    f = _field(s, affine, precomputed, voxel_sizes)
+    _FIELDS.clear()
+    _FIELDS[key] = (weakref.ref(arr), f._replace(sh=None))   # not the volume: the JAX array owns it
+    return f
 
 
 def track(sh, params: TrackParams, seeds, init_dirs, *, affine, mask: Optional[MaskField] = None,
@@ -397,10 +401,8 @@ def track(sh, params: TrackParams, seeds, init_dirs, *, affine, mask: Optional[M
     specs = [_spec((S, L, 3), dt), _spec((S, L), bool), _spec((S,), np.int32), _spec((S,), np.int32),
              _spec((S, 2), np.int32), _spec((S,), bool)]
 
-    field_of = _field_of(sh, affine, params.precomputed, voxel_sizes)
-
     def fn(s, p, d):
-        tr = _track.track(field_of(s), params, p, d,
+        tr = _track.track(_field_of(s, affine, params.precomputed, voxel_sizes), params, p, d,
                           mask=_mask_on(mask, s.device), engine=engine)
         return per_seed(tr, S, L)
     return PaddedTracks(*_bridge(fn, specs, sh, seeds, init_dirs))
