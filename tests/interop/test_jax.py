@@ -334,6 +334,12 @@ def test_track_rows_are_tf_track_streamlines(tfj, fast_case):
     np.testing.assert_array_equal(np.asarray(r.reasons), ref.reasons.numpy())
     assert int(r.valid.sum()) == ref.vertices.shape[0] and float(jnp.abs(jnp.where(r.valid[..., None], 0,
                                                                                   r.vertices)).max()) == 0
+    fod = jnp.asarray(k["fod"])                        # one JAX array twice: the second call reuses its field
+    again = [tfj.track(fod, k["params"], k["seeds"], k["dirs"], affine=k["affine"], mask=k["mask"]) for _ in "ab"]
+    assert len(tfj._FIELDS) == 1 and next(iter(tfj._FIELDS.values()))[0]() is fod
+    for x, y, z in zip(r, *again):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(z), np.asarray(x))
     with pytest.raises(TractfuncError, match="more than max_vertices"):
         tfj.track(k["fod"], k["params"], k["seeds"], k["dirs"], affine=k["affine"], mask=k["mask"],
                   max_vertices=k["L"] - 1)
