@@ -34,6 +34,7 @@ import argparse
 import json
 import math
 import os
+import pathlib
 import platform
 import time
 
@@ -258,8 +259,7 @@ def main(argv=None) -> int:
         print(f"| {r['route']} | {r['mode']} | {r['seconds']:.3f} | {r['vertices']} | {r['vertices_per_s']:.0f} | "
               f"{r['ratio_to_native']:.4f} |")
     if a.json_path:
-        with open(a.json_path, "w") as f:
-            json.dump(res, f, indent=1)
+        pathlib.Path(a.json_path).write_text(json.dumps(res, indent=1))
     return 0
 
 
