@@ -16,6 +16,7 @@ from ..core.arrays import as_tensor
 from ..core.field import ACTField, FODField, MaskField, tracking_field
 from ..core.params import TrackParams
 from ..core.seeds import random_directions
+from ..core.stop import CONTINUE
 from ..core import tracks as T
 from ..core.tracks import Tracks
 from ..errors import TractfuncError
@@ -50,13 +51,26 @@ def _follow_chunk(field, params, kernel, seeds, init_dirs):
     seed_peak = None
     if params.rk4:   # RK4's first stages search from the seed peak (Euler searches from each step's own direction)
         rows = ids.numpy()
-        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0]).to(dev)
+        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0])
+        # follow() starts the half after the seed from -peak: a unidirectional streamline's only half goes along it
+        uni = (r[ids][:, 1] == CONTINUE).unsqueeze(-1)
+        seed_peak = torch.where(uni, -seed_peak, seed_peak).to(dev)
     ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
     fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
     if not bool(fol.faithful.all()):
         warnings.warn(f"{int((~fol.faithful).sum())} streamline(s) could not take every step of the native "
                       f"kernel's decisions in {seeds.dtype} (a peak search failed or a step left the image)")
     return fol.vertices, ln, ids, si, r.to(dev), a.to(dev)
+
+
+def _cropped(act: Optional[ACTField], part: Tracks) -> Tracks:
+    """``part`` (a follow engine's chunk) with tckgen's ``-crop_at_gmwmi`` applied when ``act`` asks for it (the
+    kernel cropped its own float32 vertices; the follow engine recomputes them as steps)."""
+    if act is None or not act.crop_at_gmwmi or not part.lengths.numel():
+        return part
+    from .act import crop_ends
+    return part._replace(vertices=crop_ends(act, part.vertices, part.lengths, part.seed_index,
+                                            part.reasons[part.seed_ids]))
 
 
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None, *,
@@ -89,8 +103,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         compiled: the eager engine's Newton move fused by ``torch.compile`` (float32 results then differ from
             tckgen's arithmetic in the last bits).
         act: a 5TT image (:func:`tractfunc.make_act`) for anatomically-constrained tracking with tckgen's
-            ``-act`` rules (resolve ``params`` with ``act=True`` for tckgen's ACT defaults).  Runs on the native
-            kernel, and on the follow engine (values and gradients along the kernel's ACT decisions).
+            ``-act`` rules (resolve ``params`` with ``act=True`` for tckgen's ACT defaults; ``make_act(...,
+            crop_at_gmwmi=True)`` for ``-crop_at_gmwmi``).  Runs on the native kernel, and on the follow engine
+            (values and gradients along the kernel's ACT decisions).
         regions: tckgen's ROIs (:class:`tractfunc.Regions`: include, ordered include, exclude spheres / images,
             and ``stop``), with tckgen's acceptance, rejection and truncation; native and follow engines.
     Returns:
@@ -134,9 +149,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             if name == "native":
                 part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
             elif use_fused:
-                part = Tracks(*fused.track_fused(field, params, kernel, s, d), None, name)
+                part = _cropped(act, Tracks(*fused.track_fused(field, params, kernel, s, d), None, name))
             elif name == "follow":
-                part = Tracks(*_follow_chunk(field, params, kernel, s, d), None, name)
+                part = _cropped(act, Tracks(*_follow_chunk(field, params, kernel, s, d), None, name))
             elif name == "eager":
                 part = Tracks(*track_chunk(field, params, mask, s, d, compiled=compiled), None, name)
             else:
