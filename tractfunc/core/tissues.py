@@ -10,6 +10,8 @@ are held fixed).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .field import ACTField
@@ -49,7 +51,7 @@ def hermite_weights(mu: Tensor, tension: float = HERMITE_TENSION) -> Tensor:
                         ((2.0 + 2.0 * t) * p2 + (0.5 - t) * mu) - (1.5 + t) * p3, (0.5 - t) * (p3 - p2)], -1)
 
 
-def crop_at_interface(act: ACTField, last3: Tensor) -> Tensor:
+def crop_at_interface(act: ACTField, last3: Tensor, todo: Optional[Tensor] = None) -> Tensor:
     """tckgen's ``-crop_at_gmwmi`` for streamline ends: the point where GM - WM crosses 0 on the Hermite curve
     through each end's last three vertices and their extrapolation (10 bisections), or the end vertex itself where
     its last two vertices do not straddle the interface, either is outside the 5TT image, or the end is already
@@ -58,13 +60,16 @@ def crop_at_interface(act: ACTField, last3: Tensor) -> Tensor:
     Args:
         act: the 5TT image.
         last3: (E, 3, 3) per end, its vertices [end, previous, the one before] in scanner mm.
+        todo: (E,) bool, which ends to crop, when decided elsewhere (the native kernel: an end next to a seed on
+            the interface straddles it or not at rounding level); None decides here.
     Returns:
         (E, 3) the new end vertices, differentiable wrt ``last3`` (the bisection's choices are held fixed)."""
     pe, pp, pq = last3[:, 0], last3[:, 1], last3[:, 2]
     with torch.no_grad():
         (te, ie), (tp, ip) = sample_tissues(act, pe), sample_tissues(act, pp)
         de, dp = gm_minus_wm(te), gm_minus_wm(tp)
-        todo = ie & ip & (((de > 0) & (dp < 0)) | ((de < 0) & (dp > 0))) & (de >= GMWMI_ACCURACY)
+        if todo is None:
+            todo = ie & ip & (((de > 0) & (dp < 0)) | ((de < 0) & (dp > 0))) & (de >= GMWMI_ACCURACY)
     curv = (pe - pp) - (pp - pq)
     dom = torch.stack([pq, pp, pe, pe + ((pe - pp) + curv)], 1)                       # (E, 4, 3)
     with torch.no_grad():

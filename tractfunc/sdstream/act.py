@@ -6,6 +6,8 @@ dtype and differentiably wrt them.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from ..core.field import ACTField
@@ -15,13 +17,19 @@ from ..core.tissues import crop_at_interface
 Tensor = torch.Tensor
 
 
-def crop_ends(act: ACTField, vertices: Tensor, lengths: Tensor, seed_index: Tensor, reasons: Tensor) -> Tensor:
+MOVED = 1e-3   # mm: a kernel end farther than this from the followed one was cropped by the kernel
+
+
+def crop_ends(act: ACTField, vertices: Tensor, lengths: Tensor, seed_index: Tensor, reasons: Tensor,
+              decided: Optional[Tensor] = None) -> Tensor:
     """tckgen's ``-crop_at_gmwmi`` on packed streamlines.
 
     Args:
         act: the 5TT image; vertices (V, 3) scanner mm, packed; lengths, seed_index (A,) as in
             :class:`tractfunc.Tracks`; reasons (A, 2) each accepted streamline's termination codes (first half,
-            second half; the second CONTINUE for a unidirectional streamline, whose only half ends last).
+            second half; the second CONTINUE for a unidirectional streamline, whose only half ends last);
+        decided: (V, 3) the native kernel's (cropped) vertices of the same streamlines, or None: an end is cropped
+            where the kernel moved it (more than MOVED mm from the followed end), else as decided here.
     Returns:
         (V, 3) the vertices with every end that entered cortical GM moved onto the GM-WM interface (the first
         half's end as tckgen crops it, on that half alone, before the second half's)."""
@@ -36,5 +44,7 @@ def crop_ends(act: ACTField, vertices: Tensor, lengths: Tensor, seed_index: Tens
     for rows, step in ((start[first], 1), (end[last], -1)):
         if rows.numel():
             idx = rows.unsqueeze(1) + step * torch.arange(3, device=rows.device)
-            out = out.index_copy(0, rows, crop_at_interface(act, out[idx]))
+            todo = None if decided is None else \
+                torch.linalg.vector_norm(decided[rows].to(out.dtype) - out[rows].detach(), dim=-1) > MOVED
+            out = out.index_copy(0, rows, crop_at_interface(act, out[idx], todo))
     return out

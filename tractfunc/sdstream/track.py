@@ -42,8 +42,9 @@ def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskFie
                                         act=act, regions=regions)
 
 
-def _follow_chunk(field, params, kernel, seeds, init_dirs):
-    """Decisions from ``kernel`` (tckgen's arithmetic), values in ``field``'s dtype and device."""
+def _follow_chunk(field, params, kernel, seeds, init_dirs, act: Optional[ACTField] = None):
+    """Decisions from ``kernel`` (tckgen's arithmetic), values in ``field``'s dtype and device (and ``act``'s
+    ``-crop_at_gmwmi`` crops where the kernel made them)."""
     from .follow import follow
     s32, d32 = seeds.detach().float().cpu().numpy(), init_dirs.detach().float().cpu().numpy()
     v, ln, ids, si, r, a = (torch.from_numpy(x) for x in kernel.track(s32, d32))
@@ -57,15 +58,20 @@ def _follow_chunk(field, params, kernel, seeds, init_dirs):
         seed_peak = torch.where(uni, -seed_peak, seed_peak).to(dev)
     ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
     fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
+    verts = fol.vertices
+    if act is not None and act.crop_at_gmwmi and ln.numel():   # the kernel's crops, redone in this dtype
+        from .act import crop_ends
+        verts = crop_ends(act, verts, ln, si, r.to(dev)[ids], v.to(dev))
     if not bool(fol.faithful.all()):
         warnings.warn(f"{int((~fol.faithful).sum())} streamline(s) could not take every step of the native "
                       f"kernel's decisions in {seeds.dtype} (a peak search failed or a step left the image)")
-    return fol.vertices, ln, ids, si, r.to(dev), a.to(dev)
+    return verts, ln, ids, si, r.to(dev), a.to(dev)
 
 
 def _cropped(act: Optional[ACTField], part: Tracks) -> Tracks:
-    """``part`` (a follow engine's chunk) with tckgen's ``-crop_at_gmwmi`` applied when ``act`` asks for it (the
-    kernel cropped its own float32 vertices; the follow engine recomputes them as steps)."""
+    """``part`` (a fused follow engine's chunk) with tckgen's ``-crop_at_gmwmi`` applied when ``act`` asks for it
+    (the kernel cropped its own float32 vertices; the fused engine recomputes them as steps), deciding here which
+    ends straddle the interface."""
     if act is None or not act.crop_at_gmwmi or not part.lengths.numel():
         return part
     from .act import crop_ends
@@ -151,7 +157,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             elif use_fused:
                 part = _cropped(act, Tracks(*fused.track_fused(field, params, kernel, s, d), None, name))
             elif name == "follow":
-                part = _cropped(act, Tracks(*_follow_chunk(field, params, kernel, s, d), None, name))
+                part = Tracks(*_follow_chunk(field, params, kernel, s, d, act), None, name)
             elif name == "eager":
                 part = Tracks(*track_chunk(field, params, mask, s, d, compiled=compiled), None, name)
             else:

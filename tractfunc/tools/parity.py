@@ -137,16 +137,17 @@ def hausdorff(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_tckgen(fod: str, out_tck: str, out_seeds: str, seed_image: str, mask: Optional[str], select: int,
                rk4: bool = False, nthreads: int = 2, extra=(), rng_seed: Optional[int] = None,
-               seed_direction=None) -> None:
+               seed_direction=None, seed_option: str = "-seed_image") -> None:
     """Run ``tckgen -algorithm SD_Stream`` (must be on PATH) with ``-output_seeds``.
 
+    seed_option: how ``seed_image`` seeds (``-seed_image``, ``-seed_gmwmi`` ...).
     With ``rng_seed`` set (MRTRIX_RNG_SEED) and ``nthreads=0`` the output is reproducible.
     seed_direction: (3,) start direction of every seed's peak search (``-seed_direction``), or None for
     tckgen's random ones."""
     exe = shutil.which("tckgen")
     if exe is None:
         raise FileNotFoundError("tckgen not found on PATH (install MRtrix3: apt-get install -y mrtrix3)")
-    cmd = [exe, fod, out_tck, "-algorithm", "SD_Stream", "-seed_image", seed_image, "-select", str(select),
+    cmd = [exe, fod, out_tck, "-algorithm", "SD_Stream", seed_option, seed_image, "-select", str(select),
            "-output_seeds", out_seeds, "-nthreads", str(nthreads), "-force", "-quiet"]
     if mask:
         cmd += ["-mask", mask]
