@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 
 from .field import ACTField
-from .interpolate import to_voxel, trilinear
+from .interpolate import nearest_value, to_voxel, trilinear
 
 Tensor = torch.Tensor
 
@@ -25,15 +25,18 @@ GMWMI_MAX_ITERS = 10         # bisections on the Hermite curve (tckgen)
 HERMITE_TENSION = 0.1
 
 
-def sample_tissues(act: ACTField, pos: Tensor) -> tuple:
-    """Tissue fractions at ``pos`` (..., 3) scanner mm, by plain trilinear interpolation (MRtrix3's unmasked linear
-    interpolator, in ``act.tissues``' dtype).
+def sample_tissues(act: ACTField, pos: Tensor, masked: bool = False) -> tuple:
+    """Tissue fractions at ``pos`` (..., 3) scanner mm, by trilinear interpolation (MRtrix3's linear interpolator,
+    in ``act.tissues``' dtype; ``masked``: a point whose nearest voxel is all zero counts as outside, as the ACT
+    tracking rules sample).
 
     Returns (t (..., 5) clamped to [0, 1], zeros outside the image or on a NaN; inside (...,) bool)."""
     vox = to_voxel(pos, act.world_to_voxel.to(torch.float64))
     s = trilinear(act.tissues, vox)
+    if masked:
+        s = s._replace(inside=s.inside & nearest_value((act.tissues != 0).any(-1), vox))
     t = torch.nan_to_num(s.values.clamp(0.0, 1.0), nan=0.0)
-    bad = torch.isnan(s.values).any(-1, keepdim=True)
+    bad = torch.isnan(s.values).any(-1, keepdim=True) | ~s.inside.unsqueeze(-1)
     return torch.where(bad, torch.zeros_like(t), t), s.inside
 
 
@@ -89,3 +92,14 @@ def crop_at_interface(act: ACTField, last3: Tensor, todo: Optional[Tensor] = Non
     w = hermite_weights(best.clamp(min=0.0)).to(dom.dtype)
     crop = (w.unsqueeze(-1) * dom).sum(1)
     return torch.where((best >= 0).unsqueeze(-1), crop, pe)
+
+
+def class_margins(t: Tensor) -> tuple:
+    """tckgen's tissue classes as signed margins (positive inside the class), from tissues (..., 5):
+    (m_csf, m_gm) = (CSF - max(cGM, sGM, WM, pathology), GM - max(WM, CSF, pathology)) with GM = cGM + sGM.
+    ``m_csf >= 0`` is tckgen's ``is_csf``; ``m_gm >= 0`` its ``is_gm`` (up to the tie rules, measure zero)."""
+    gm = t[..., CGM] + t[..., SGM]
+    others = torch.stack([t[..., CGM], t[..., SGM], t[..., WM], t[..., PATH]], -1).amax(-1)
+    m_csf = t[..., CSF] - others
+    m_gm = gm - torch.stack([t[..., WM], t[..., CSF], t[..., PATH]], -1).amax(-1)
+    return m_csf, m_gm

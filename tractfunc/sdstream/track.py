@@ -113,7 +113,9 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             crop_at_gmwmi=True)`` for ``-crop_at_gmwmi``).  Runs on the native kernel, and on the follow engine
             (values and gradients along the kernel's ACT decisions).
         regions: tckgen's ROIs (:class:`tractfunc.Regions`: include, ordered include, exclude spheres / images,
-            and ``stop``), with tckgen's acceptance, rejection and truncation; native and follow engines.
+            and ``stop``), with tckgen's acceptance, rejection and truncation; native and follow engines.  On the
+            fixed engine with ``stopping=Soft(T)``, ``act`` and ``regions`` (include, exclude) are soft: survival
+            and acceptance weights in ``Tracks.weights`` (:func:`tractfunc.sdstream.act.soft_act`).
     Returns:
         :class:`tractfunc.Tracks` (``engine`` records which engine ran; ``decisions()`` which discrete decisions
         each streamline took).
@@ -126,9 +128,10 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     field = tracking_field(field, params)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
-    if (act is not None or regions is not None) and name not in ("native", "follow"):
-        raise TractfuncError(f"ACT (act=) and ROIs (regions=) run on the native or follow engine, not {name!r} "
-                             "(hard stopping: stopping=None)")
+    if (act is not None or regions is not None) and name not in ("native", "follow") and \
+            not (name == "fixed" and stopping is not None):
+        raise TractfuncError(f"ACT (act=) and ROIs (regions=) run on the native or follow engine (hard), or softly on "
+                             f"the fixed engine (engine='fixed', stopping=Soft(T)), not {name!r}")
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
@@ -162,7 +165,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
                 part = Tracks(*track_chunk(field, params, mask, s, d, compiled=compiled), None, name)
             else:
                 part = track_fixed(field, params, s, d, n_steps, mask, stopping.temperature if soft else None,
-                                   gradient.every if gradient is not None else 0).to_tracks(soft)
+                                   gradient.every if gradient is not None else 0, act, regions).to_tracks(soft)
             parts.append(part)
             offsets.append(start)
             n_acc += part.lengths.numel()
