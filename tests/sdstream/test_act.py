@@ -70,7 +70,7 @@ def test_act_bit_identical_to_tckgen_real_data_5000(tmp_path, rk4):
     assert r.identical >= 0.999 and r.within_01 >= 0.999
 
 
-@pytest.mark.parametrize("rk4", [False, True])
+@pytest.mark.parametrize("rk4", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_crop_at_gmwmi_bit_identical_to_tckgen(tmp_path, rk4):
     """tckgen -act -seed_gmwmi -crop_at_gmwmi -seed_direction: the seeds at the GM-WM interface tracked one way,
     the ends entering cortical GM moved onto the interface: every streamline equal bit for bit (300 seeds)."""
@@ -78,7 +78,8 @@ def test_crop_at_gmwmi_bit_identical_to_tckgen(tmp_path, rk4):
     assert r.engine == "native" and r.identical >= 0.999 and r.within_01 >= 0.999
 
 
-@pytest.mark.parametrize("rk4", [False, pytest.param(True, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("rk4", [False, True])
 def test_crop_at_gmwmi_float64_follows_tckgen(tmp_path, rk4):
     """float64 on the follow engine, which crops the followed ends in PyTorch (core.tissues.crop_at_interface):
     within 0.1 mm of tckgen."""
@@ -107,7 +108,8 @@ def test_crop_moves_ends_onto_the_interface():
                          [[4.4, 2.0, 2.0], [3.4, 2.0, 2.0], [2.4, 2.0, 2.0]]], dtype=torch.float64, requires_grad=True)
     out = crop_at_interface(act, line)
     d = gm_minus_wm(sample_tissues(act, out)[0])
-    assert 0 <= float(d[0]) < 0.01 and abs(float(out[0, 0]) - 5.0) < 0.01 and torch.equal(out[1], line[1].detach()[0])
+    assert 0 <= float(d[0]) < 0.01 and abs(float(out[0, 0]) - 5.0) < 0.01
+    assert torch.equal(out[1].detach(), line[1].detach()[0])
     out[0, 0].backward()
     assert line.grad is not None and float(line.grad.abs().sum()) > 0
 

@@ -15,8 +15,8 @@ from conftest import START, require_philips
 from test_native import _kernel_available
 
 
-@pytest.mark.parametrize("n,max_length,rois", [(24, 15.0, False), pytest.param(60, 30.0, True,
-                                                                              marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("n,max_length,rois", [(24, 15.0, False), (60, 30.0, True)])
 def test_soft_act_tends_to_the_hard_rules_real_data(n, max_length, rois):
     """Philips, ACT (and, under -m slow, an include and an exclude sphere), T = 1e-4, float64, seeds in WM: a
     streamline's acceptance is > 0.5 exactly where the native kernel accepts it, and its vertices of weight > 0.5
@@ -70,12 +70,17 @@ def test_soft_regions_and_tissues_are_differentiable(phantom_field):
     seeds = (torch.tensor([centre], dtype=torch.float64) + torch.tensor([[-3.0, 0.5, 0.0], [-2.0, -0.5, 0.3]],
                                                                          dtype=torch.float64)).requires_grad_(True)
     sh = fld.sh.detach().clone().requires_grad_(True)
-    out = track_fixed(fld._replace(sh=sh), prm, seeds, None, 20, temperature=0.05, act=act, regions=regions)
+    d0 = torch.tensor([[1.0, 0.2, 0.0], [1.0, -0.1, 0.1]], dtype=torch.float64)
+    out = track_fixed(fld._replace(sh=sh), prm, seeds, d0, 10, temperature=0.05, act=act, regions=regions)
     loss = out.reach.sum() + out.acceptance.sum()
     gs, gf, gt = torch.autograd.grad(loss, (seeds, sh, tissues), allow_unused=True)
     for gr in (gs, gf, gt):
         assert gr is not None and torch.isfinite(gr).all() and float(gr.abs().sum()) > 0
     with pytest.raises(TractfuncError, match="softly"):
         track_fixed(fld, prm, seeds.detach(), None, 5, act=act)
+    # the front door: tf.track(engine="fixed", stopping=Soft(T)) carries the acceptance in Tracks.weights
+    tr = tf.track(fld, prm, seeds.detach(), d0, engine="fixed", stopping=tf.Soft(0.05), n_steps=10, act=act,
+                  regions=regions)
+    assert tr.weights is not None and torch.allclose(tr.weights, out.weights[out.valid & out.accepted[:, None]])
     s = region_indicator(tf.Sphere((0.0, 0.0, 0.0), 2.0), torch.tensor([[0.0, 0.0, 1.0], [0.0, 0.0, 3.0]]), 1e-3)
     assert float(s[0]) > 0.999 and float(s[1]) < 1e-3
