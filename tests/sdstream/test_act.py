@@ -186,8 +186,9 @@ def test_cli_act_reproduces_tckgen(tmp_path):
         assert not bad.exists()
 
 
-@pytest.mark.parametrize("rk4", [False, True])
-def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
+@pytest.mark.parametrize("rk4,crop", [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.slow),
+                                      pytest.param(True, True, marks=pytest.mark.slow)])
+def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4, crop):
     """Every seed of a grid (tckgen -seed_grid_per_voxel, finite: tckgen tracks each once) with a known start:
     the streamlines tckgen accepts are exactly those accepted here (none missing, none extra), within 0.1 mm,
     with ACT and an include and an exclude sphere.  The grid points are computed here (not read from tckgen),
@@ -207,7 +208,8 @@ def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
     tck = str(tmp_path / "grid.tck")
     cmd = ["tckgen", d["fod"], tck, "-algorithm", "SD_Stream", "-seed_grid_per_voxel", roi_path, "1", "-select", "0",
            "-seed_direction", ",".join(map(str, START)), "-act", d["5tt"], "-include", ",".join(map(str, inc)),
-           "-exclude", ",".join(map(str, exc)), "-nthreads", "0", "-force", "-quiet"] + (["-rk4"] if rk4 else [])
+           "-exclude", ",".join(map(str, exc)), "-nthreads", "0", "-force", "-quiet"] + (["-rk4"] if rk4 else []) + \
+        (["-crop_at_gmwmi"] if crop else [])
     import subprocess
     subprocess.run(cmd, check=True)
     ref = [np.asarray(t, dtype=np.float64) for t in nib.streamlines.load(tck).streamlines]
@@ -216,7 +218,7 @@ def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
     out = track(make_field(torch.as_tensor(fod.data), fod.affine, voxel_sizes=fod.voxel_sizes),
                 P.resolve(fod.voxel_sizes, rk4=rk4, act=True), torch.as_tensor(pts, dtype=torch.float32),
                 torch.as_tensor(np.tile(START, (len(pts), 1)), dtype=torch.float32),
-                act=make_act(torch.as_tensor(tt.data), tt.affine, tt.voxel_sizes),
+                act=make_act(torch.as_tensor(tt.data), tt.affine, tt.voxel_sizes, crop),
                 regions=Regions(include=(Sphere(inc[:3], inc[3]),), exclude=(Sphere(exc[:3], exc[3]),)))
     mine = [l.double().numpy() for l in out.streamlines()]
     seeds_mine = pts[out.seed_ids.numpy()]
@@ -226,6 +228,6 @@ def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
         j = int(np.argmin(np.linalg.norm(seeds_mine[:, None, :] - t[None, :, :], axis=2).min(1)))
         H.append(parity.hausdorff(t, mine[j]))
     H = np.array(H)
-    print(f"grid ACT+ROIs rk4={rk4}: {len(pts)} seeds, tckgen {len(ref)}, here {len(mine)}, "
+    print(f"grid ACT+ROIs rk4={rk4} crop={crop}: {len(pts)} seeds, tckgen {len(ref)}, here {len(mine)}, "
           f"{(H < 0.1).mean():.4f} within 0.1 mm")
     assert len(ref) > 20 and len(mine) == len(ref) and (H < 0.1).mean() >= 0.999
