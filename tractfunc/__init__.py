@@ -1,7 +1,8 @@
 """tractfunc: differentiable streamline tractography in PyTorch, faithful to MRtrix3 SD_Stream.
 
 The front door is :func:`track` (any engine, one result type :class:`Tracks`); :func:`track_fixed` is the
-fixed-shape functional reference that composes with ``torch.func``. The folders are the layers, each importing
+fixed-shape functional reference that composes with ``torch.func``, and :func:`follow_fixed` its fused C form
+(custom ops: ``torch.compile``, ``vmap``, ``jacrev``). The folders are the layers, each importing
 only those below it:
 
   errors     TractfuncError, the one exception type
@@ -29,6 +30,7 @@ _EXPORTS = {
     "Checkpoint": ("sdstream.engine", "Checkpoint"),
     # the functional reference and its pieces
     "track_fixed": ("sdstream.fixed", "track_fixed"), "FixedTracks": ("sdstream.fixed", "FixedTracks"),
+    "follow_fixed": ("sdstream.ops", "follow_fixed"),
     "step": ("sdstream.step", "step"), "TrackState": ("sdstream.step", "TrackState"),
     "seed_jacobian": ("sdstream.jacobian", "seed_jacobian"),
     "seed_jacobian_packed": ("sdstream.jacobian", "seed_jacobian_packed"),

@@ -62,19 +62,25 @@ def test_auto_rule_and_its_errors(phantom_field):
     assert E.choose(E.describe(fld64, prm, pts64)) == "follow"
     assert E.choose(E.describe(fld64, _short(f, exact=True), pts64)) == "follow"
     assert E.choose(E.describe(fld64, _short(f, precomputed=False), pts64)) == "eager"
-    assert E.choose(E.describe(fld, prm, pts), stopping=tf.Soft(0.1)) == "fixed"
-    assert E.choose(E.describe(fld, prm, pts), gradient=tf.Checkpoint(5)) == "fixed"
+    # soft stopping and checkpoints: the follow engine's fused C form where it applies, else fixed
+    assert E.choose(E.describe(fld, prm, pts), stopping=tf.Soft(0.1)) == "follow"
+    assert E.choose(E.describe(fld64, _short(f, exact=True), pts64), stopping=tf.Soft(0.1)) == "follow"
+    assert E.choose(E.describe(fld64, prm, pts64), stopping=tf.Soft(0.1)) == "fixed"
+    assert E.choose(E.describe(fld, prm, pts), gradient=tf.Checkpoint(5)) == "follow"
+    assert E.choose(E.describe(fld64, prm, pts64), gradient=tf.Checkpoint(5)) == "fixed"
     grad = E.describe(fld._replace(sh=fld.sh.clone().requires_grad_(True)), prm, pts)
     assert E.choose(grad) == "follow"
     for kw, msg in ((dict(engine="eager", stopping=tf.Soft(0.1)), "engine='fixed'"),
                     (dict(stopping=tf.Soft(0.0)), "temperature > 0"),
                     (dict(gradient=tf.Checkpoint(0)), "every >= 1"),
                     (dict(engine="native", stopping=tf.Soft(0.1)), "stops hard"),
-                    (dict(engine="follow", gradient=tf.Checkpoint(3)), "direct gradients"),
+                    (dict(engine="follow", gradient=tf.Checkpoint(3), f64=True), "fused C form"),
                     (dict(engine="fixed", compiled=True), "compiled"),
                     (dict(compiled=True, params=_short(f, rk4=True)), "not apply to RK4")):
+        args = (fld64, kw.pop("params", prm), pts64, dirs64) if kw.pop("f64", False) else (
+            fld, kw.pop("params", prm), pts, dirs)
         with pytest.raises(TractfuncError, match=msg):
-            tf.track(fld, kw.pop("params", prm), pts, dirs, **kw)
+            tf.track(*args, **kw)
 
 
 def test_soft_and_checkpointed_through_the_front_door(phantom_field):
@@ -86,14 +92,15 @@ def test_soft_and_checkpointed_through_the_front_door(phantom_field):
     sh = fld.sh.clone().requires_grad_(True)
     grads = []
     for gradient in (None, tf.Checkpoint(4)):
-        r = tf.track(fld._replace(sh=sh), prm, pts, dirs, mask=f["mask"], stopping=tf.Soft(0.05), gradient=gradient)
+        r = tf.track(fld._replace(sh=sh), prm, pts, dirs, mask=f["mask"], stopping=tf.Soft(0.05), gradient=gradient,
+                     engine="fixed")
         assert r.engine == "fixed" and r.weights.shape == r.vertices.shape[:1]
         assert bool(((r.weights > 0) & (r.weights <= 1)).all())
         (g,) = torch.autograd.grad((r.weights[:, None] * r.vertices).sum(), sh)
         grads.append(g)
     assert torch.equal(grads[0], grads[1]) and float(grads[0].abs().sum()) > 0
     hard = tf.track(fld, prm, pts, dirs, mask=f["mask"], engine="eager")
-    cold = tf.track(fld, prm, pts, dirs, mask=f["mask"], stopping=tf.Soft(1e-6))
+    cold = tf.track(fld, prm, pts, dirs, mask=f["mask"], stopping=tf.Soft(1e-6), engine="fixed")
     for h, c, w in zip(hard.streamlines(), cold.streamlines(),
                        torch.split(cold.weights, cold.lengths.tolist())):
         assert torch.equal(c[w > 0.5], h)

@@ -7,9 +7,11 @@ engine     what runs                                           gradients        
 =========  ==================================================  ====================  ==========================
 native     the C kernel, tckgen's float32 arithmetic bit for   none                  hard
            bit (:mod:`tractfunc.sdstream.native`)
-follow     the PyTorch primitives along the kernel's discrete  direct                hard
-           decisions (:mod:`tractfunc.sdstream.follow`):
-           tckgen's streamlines, values in the field's dtype
+follow     values along the kernel's discrete decisions:       a C reverse sweep     hard, or soft (fused)
+           tckgen's streamlines, in the field's dtype; fused   (fused), else direct
+           in C on the CPU with tckgen's float32 settings or
+           exact peaks (:mod:`tractfunc.sdstream.fused`), else
+           the PyTorch primitives (:mod:`~.follow`)
 eager      the PyTorch primitives, own decisions, dead         direct                hard
            streamlines dropped between steps
 fixed      :func:`tractfunc.track_fixed`: fixed shapes and an  direct or             hard or soft
@@ -17,10 +19,10 @@ fixed      :func:`tractfunc.track_fixed`: fixed shapes and an  direct or        
 =========  ==================================================  ====================  ==========================
 
 ``engine="auto"`` (the default of the API and the command line alike) takes the first that applies: native
-(float32 on the CPU, no gradient, tckgen's lookup-table peaks), follow (tckgen's lookup-table peaks on the CPU,
-hard stopping: float64 runs and gradients then follow tckgen's own streamlines), eager (hard stopping,
-direct gradients), fixed (soft stopping or checkpointing). The rule reads only plain values, so the command
-line applies it before importing torch.
+(float32 on the CPU, no gradient, tckgen's lookup-table peaks), follow (tckgen's lookup-table peaks or exact peaks
+on the CPU, not traced by vmap or compile; soft stopping and checkpointing only in its fused form, where
+checkpoints are moot), eager (hard stopping, direct gradients), fixed (soft stopping or checkpointing otherwise,
+and everything traced). The rule reads only plain values, so the command line applies it before importing torch.
 """
 from __future__ import annotations
 
@@ -86,14 +88,22 @@ def _native_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[s
     return None if job.kernel else "the kernel is unavailable on this machine"
 
 
+def fused_fits(job: Job) -> bool:
+    """Whether the follow engine runs in its fused C form (:mod:`tractfunc.sdstream.fused`): the CPU, lmax <= 12,
+    float32 with tckgen's settings or exact peaks (``peak_polish > 0``) in either dtype."""
+    return job.device == "cpu" and job.lmax_ok and (job.polish > 0 or (job.lut and job.dtype == "float32"
+                                                                         and job.state32))
+
+
 def _follow_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
-    if stopping is not None or gradient is not None:
-        return "it stops hard and takes direct gradients"
     if job.traced:
         return "its decisions come from the C kernel, which torch.func.vmap and torch.compile do not trace"
     if not ((job.lut or job.polish > 0) and job.lmax_ok):
         return ("it takes tckgen's lookup-table peaks (precomputed=True) or exact peaks (peak_polish > 0), "
                 "and lmax <= 12")
+    if (stopping is not None or gradient is not None) and not fused_fits(job):
+        return ("soft stopping and checkpointing run on its fused C form only: the CPU, float32 with tckgen's "
+                "settings or exact peaks (peak_polish > 0)")
     if job.compiled:
         return "compiled applies to the eager engine"
     return None if job.kernel else "the kernel is unavailable on this machine"

@@ -26,7 +26,7 @@ Under plain autograd and ``torch.func.grad`` / ``vjp`` (the op unwraps to plain 
 from __future__ import annotations
 
 import ctypes
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -46,7 +46,8 @@ class _AdjConfig(ctypes.Structure):
     _fields_ = [("fod", ctypes.c_void_p), ("fod_double", ctypes.c_int32), ("dim", ctypes.c_int64 * 3),
                 ("ncoef", ctypes.c_int32), ("lmax", ctypes.c_int32), ("nonzero", ctypes.c_void_p),
                 ("w2v", ctypes.c_double * 12), ("step", ctypes.c_double), ("rk4", ctypes.c_int32),
-                ("polish", ctypes.c_int32)]
+                ("polish", ctypes.c_int32), ("soft", ctypes.c_int32), ("temperature", ctypes.c_double),
+                ("cutoff", ctypes.c_double), ("cos_max", ctypes.c_double)]
 
 
 def applies(field: FODField, params: TrackParams) -> bool:
@@ -60,8 +61,9 @@ def applies(field: FODField, params: TrackParams) -> bool:
 
 
 class _Tape(NamedTuple):
-    """What the reverse sweep reads: the config (and the arrays it points into), the packed rows, and the
-    forward's vertices and step directions (double, or the kernel's float32: :func:`_double` converts)."""
+    """What the reverse sweep reads: the config (and the arrays it points into), the packed rows, the forward's
+    vertices and step records (double, or the kernel's float32: :func:`_double` converts) and, with soft stopping,
+    the survival weights (double; else None)."""
     config: _AdjConfig
     keep: tuple
     starts: np.ndarray
@@ -69,9 +71,10 @@ class _Tape(NamedTuple):
     seed_index: np.ndarray
     verts: np.ndarray
     sdirs: np.ndarray
+    weights: Optional[np.ndarray] = None
 
 
-def _config(field: FODField, params: TrackParams) -> tuple:
+def _config(field: FODField, params: TrackParams, temperature: Optional[float] = None) -> tuple:
     sh = field.sh.detach()
     nz = field.nonzero.to(torch.uint8).contiguous()
     c = _AdjConfig()
@@ -85,6 +88,9 @@ def _config(field: FODField, params: TrackParams) -> tuple:
     c.step = float(params.step.detach()) if torch.is_tensor(params.step) else float(params.step)
     c.rk4 = int(params.rk4)
     c.polish = max(POLISH_MAX, int(params.peak_polish))
+    if temperature is not None:
+        c.soft, c.temperature, c.cutoff = 1, float(temperature), float(params.cutoff)
+        c.cos_max = float(params.cos_angle_rk4 if params.rk4 else params.cos_angle_step)
     return c, (sh, nz)
 
 
@@ -97,41 +103,50 @@ def _double(a: np.ndarray) -> np.ndarray:
 
 
 class _Fused(torch.autograd.Function):
-    """(sh, seeds (S, 3), step (0-d) or None, init_dirs, field, params, kernel) -> (vertices (V, 3), lengths, seed_ids,
-    seed_index, reasons, accepted): the kernel and the replay run in forward (on plain tensors, also under
-    ``torch.func.grad`` / ``vjp``, which unwrap them), the C reverse sweep in backward."""
+    """(sh, seeds (S, 3), step (0-d) or None, init_dirs, field, params, kernel, temperature) -> (vertices (V, 3),
+    weights (V,) (empty for hard stopping), lengths, seed_ids, seed_index, reasons, accepted): the kernel and the
+    replay run in forward (on plain tensors, also under ``torch.func.grad`` / ``vjp``, which unwrap them), the C
+    reverse sweep in backward."""
 
     @staticmethod
-    def forward(sh, seeds, step, init_dirs, field, params, kernel):
+    def forward(sh, seeds, step, init_dirs, field, params, kernel, temperature):
         prm = params if step is None else params._replace(step=step)
-        values, tape, ids, reasons, acc = _forward(field._replace(sh=sh), prm, kernel, seeds, init_dirs)
-        return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc, tape
+        values, weights, tape, ids, reasons, acc = _forward(field._replace(sh=sh), prm, kernel, seeds, init_dirs,
+                                                            temperature)
+        w = weights if weights is not None else values.new_zeros(0)
+        return (values, w, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc,
+                tape)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         sh, seeds, step = inputs[:3]
-        ctx.tape, ctx.ids = output[6], output[2]
+        ctx.tape, ctx.ids = output[7], output[3]
         ctx.meta = (sh.dtype, seeds.dtype, seeds.shape[0], step is not None)
-        ctx.mark_non_differentiable(*output[1:6])
+        ctx.mark_non_differentiable(*output[2:7])
 
     @staticmethod
-    def backward(ctx, gv, *_unused):
+    def backward(ctx, gv, gw, *_unused):
         with torch._C._DisableFuncTorch():   # plain tensors for C (torch.func.grad / vjp wrap the cotangent)
-            return _Fused._sweep(ctx, unwrap(gv))
+            return _Fused._sweep(ctx, unwrap(gv), None if gw is None else unwrap(gw))
 
     @staticmethod
-    def _sweep(ctx, gv):
+    def _sweep(ctx, gv, gw):
         t: _Tape = ctx.tape
         sh_dtype, seeds_dtype, S, has_step = ctx.meta
         lib = native.library()
         gverts = np.ascontiguousarray(gv.detach().cpu().numpy(), dtype=np.float64)
+        gweights = None
+        if t.weights is not None and gw is not None and gw.numel():
+            gweights = np.ascontiguousarray(gw.detach().cpu().numpy(), dtype=np.float64)
         A = t.lengths.shape[0]
         gseeds = np.zeros((A, 3), dtype=np.float64)
         gstep = np.zeros(1, dtype=np.float64)
         gsh = torch.zeros_like(t.keep[0]) if ctx.needs_input_grad[0] else None
         verts, sdirs = _double(t.verts), _double(t.sdirs)   # (held: the C call reads them)
         rc = lib.sd_adjoint(ctypes.byref(t.config), A, _ptr(t.starts), _ptr(t.lengths), _ptr(t.seed_index),
-                            _ptr(verts), _ptr(sdirs), _ptr(gverts), _ptr(gseeds), _ptr(gstep),
+                            _ptr(verts), _ptr(sdirs), _ptr(gverts),
+                            None if gweights is None else _ptr(t.weights),
+                            None if gweights is None else _ptr(gweights), _ptr(gseeds), _ptr(gstep),
                             None if gsh is None else gsh.data_ptr(), torch.get_num_threads())
         if rc == -2:
             raise MemoryError("out of memory for the per-thread FOD gradient buffers (fewer threads need less)")
@@ -140,18 +155,19 @@ class _Fused(torch.autograd.Function):
             g_seeds = torch.zeros(S, 3, dtype=seeds_dtype).index_add_(0, ctx.ids, torch.from_numpy(gseeds).to(
                 seeds_dtype))
         g_step = torch.tensor(gstep[0], dtype=sh_dtype) if has_step and ctx.needs_input_grad[2] else None
-        return gsh, g_seeds, g_step, None, None, None, None
+        return gsh, g_seeds, g_step, None, None, None, None, None
 
 
-def _forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor):
-    """The kernel's decisions and the forward values -> (values (V, 3) in the field's dtype, tape, ids, reasons,
-    accepted) (see :func:`track_fused`)."""
+def _forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
+             temperature: Optional[float] = None):
+    """The kernel's decisions and the forward values -> (values (V, 3) in the field's dtype, weights (V,) or None,
+    tape, ids, reasons, accepted) (see :func:`track_fused`)."""
     s32 = seeds.detach().to("cpu", torch.float32).numpy()
     d32 = init_dirs.detach().to("cpu", torch.float32).numpy()
     v32, ln, ids, si, reasons, acc, sd32 = kernel.track(s32, d32, record=True)
     starts = np.ascontiguousarray(np.cumsum(ln) - ln, dtype=np.int64)
     ln, si = np.ascontiguousarray(ln, dtype=np.int64), np.ascontiguousarray(si, dtype=np.int64)
-    config, keep = _config(field, params)
+    config, keep = _config(field, params, temperature)
     if params.peak_polish > 0:
         seeds_acc = np.ascontiguousarray(seeds.detach().cpu().double().numpy()[ids])
         sd32 = np.ascontiguousarray(sd32)
@@ -165,11 +181,20 @@ def _forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seed
     else:   # kept in float32 until a sweep needs them (12 + 12 or 48 bytes per vertex between forward and backward)
         verts, sdirs = v32, sd32
         values = torch.from_numpy(v32)
-    tape = _Tape(config, keep, starts, ln, si, verts, sdirs)
-    return values, tape, torch.from_numpy(ids).to(torch.long), torch.from_numpy(reasons), torch.from_numpy(acc)
+    w = None
+    if temperature is not None:   # survival weights from the recorded (or replayed) margins
+        rec = _double(sdirs)
+        w = np.empty(verts.shape[0], dtype=np.float64)
+        native.library().sd_soft_weights(ctypes.byref(config), ln.shape[0], _ptr(starts), _ptr(ln), _ptr(si),
+                                         _ptr(rec), _ptr(w), torch.get_num_threads())
+    tape = _Tape(config, keep, starts, ln, si, verts, sdirs, w)
+    weights = None if w is None else torch.from_numpy(w).to(field.sh.dtype)
+    return (values, weights, tape, torch.from_numpy(ids).to(torch.long), torch.from_numpy(reasons),
+            torch.from_numpy(acc))
 
 
-def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor):
+def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
+                temperature: Optional[float] = None):
     """Track with the kernel's decisions; values and gradients as :mod:`tractfunc.sdstream.follow`'s.
 
     Args:
@@ -178,17 +203,19 @@ def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", s
         params: its parameters (``params.step`` may be a tensor requiring grad); :func:`applies` must hold.
         kernel: the decision kernel (:func:`tractfunc.sdstream.track.decision_kernel`).
         seeds: (S, 3) scanner mm (may require grad); init_dirs: (S, 3) start directions.
+        temperature: None (hard stopping) or soft stopping's T; the kernel must then have been built with
+            ``soft_steps`` (the steps per half).
     Returns:
         (vertices (V, 3) in the field's dtype, differentiable wrt ``field.sh``, ``seeds`` and a tensor step;
-        lengths (A,), seed_ids (A,), seed_index (A,), reasons (S, 2), accepted (S,)), as
-        :class:`tractfunc.Tracks` packs them.
+        lengths (A,), seed_ids (A,), seed_index (A,), reasons (S, 2), accepted (S,), weights (V,) or None), as
+        :class:`tractfunc.Tracks` packs them; the weights (soft stopping) are differentiable as the vertices.
     """
     step = params.step if torch.is_tensor(params.step) else None
     if needs_grad(field.sh, seeds, *(() if step is None else (step,))):
-        out = _Fused.apply(field.sh, seeds, step, init_dirs, field._replace(sh=None), params, kernel)
-        return out[:6]
-    values, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs)
-    return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc
+        out = _Fused.apply(field.sh, seeds, step, init_dirs, field._replace(sh=None), params, kernel, temperature)
+        return (out[0], *out[2:7], out[1] if temperature is not None else None)
+    values, weights, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs, temperature)
+    return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc, weights
 
 
 def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor,
@@ -198,7 +225,7 @@ def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Ke
     Returns (the same tuple as :func:`track_fused`, J (V, 3, 3) in the field's dtype, ``J[v, i, k] = d x_vi /
     d seed_k`` of the vertex's own seed; the identity at seed vertices), by forward propagation of each step's
     3 x 3 Jacobian in C (the implicit-function derivative of every peak, RK4 through its stages)."""
-    values, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs)
+    values, _, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs)
     J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
     verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
     native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),

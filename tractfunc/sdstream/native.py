@@ -12,7 +12,7 @@ sums; SD_Stream is chaotic at rounding level (a Newton search hovering at its 50
 streamline or not depending on the last bit), so only tckgen's exact operation order reproduces tckgen's
 streamlines everywhere.  The kernel keeps that order and tckgen's single/double precision mix, and works
 in MRtrix3's realigned voxel frame (axes permuted and flipped towards RAS, which sets the order of the
-trilinear sum).  It is the forward pass only; gradients use :func:`tractfunc.track_fixed`.
+trilinear sum).  The forward pass; the fused engine (:mod:`tractfunc.sdstream.fused`) adds gradients along its decisions.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ _SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
 _SRC_ADJOINT = Path(__file__).with_name("csrc") / "sd_adjoint.c"   # the fused engine's reverse sweep (fused.py)
 # No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-_ABI = 5
+_ABI = 6
 SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
 _lib = None
 _error: Optional[str] = None
@@ -71,6 +71,7 @@ class _Config(ctypes.Structure):
         ("include", ctypes.c_void_p), ("n_include", ctypes.c_int32), ("ordered", ctypes.c_void_p),
         ("n_ordered", ctypes.c_int32), ("exclude", ctypes.c_void_p), ("n_exclude", ctypes.c_int32),
         ("stop_on_all_include", ctypes.c_int32), ("unidirectional", ctypes.c_int32),
+        ("soft", ctypes.c_int32), ("half_steps", ctypes.c_int64),
         ("crop_at_gmwmi", ctypes.c_int32), ("min_points_postds", ctypes.c_int64), ("max_points_postds", ctypes.c_int64),
         ("min_dist", ctypes.c_float), ("max_dist", ctypes.c_float), ("act_min_vox", ctypes.c_float),
     ]
@@ -230,6 +231,8 @@ def _load():
         lib.sd_track_batch_dirs.restype = ctypes.c_int32
         lib.sd_track_batch_dirs.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64] + [ctypes.c_void_p] * 7 + [
             ctypes.c_int32]
+        lib.sd_record_width.restype = ctypes.c_int32
+        lib.sd_record_width.argtypes = [ctypes.POINTER(_Config)]
         lib.sd_gather_width.restype = None
         lib.sd_gather_width.argtypes = [ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                         ctypes.c_int32]
@@ -248,7 +251,9 @@ def _load():
         lib.sd_replay.restype = None
         lib.sd_replay.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int32]
         lib.sd_adjoint.restype = ctypes.c_int32
-        lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 9 + [ctypes.c_int32]
+        lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11 + [ctypes.c_int32]
+        lib.sd_soft_weights.restype = None
+        lib.sd_soft_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
         lib.sd_seed_jacobian.restype = None
         lib.sd_seed_jacobian.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int32]
         lib.sd_gmwmi_seeds.restype = None
@@ -334,15 +339,19 @@ class Kernel:
     (0: all CPUs); voxel_sizes / mask_voxel_sizes: the images' header voxel sizes (:func:`frame`);
     act: optional 5TT image (X'', Y'', Z'', 5) (cortical GM, sub-cortical GM, WM, CSF, pathological fractions)
     for anatomically-constrained tracking (tckgen ``-act``), sampled on its own grid (``act_affine``,
-    ``act_voxel_sizes``); regions: tckgen's include / exclude ROIs and ``-stop`` (:class:`Regions`); crop_at_gmwmi:
-    tckgen's ``-crop_at_gmwmi`` with ``act`` (a half entering cortical GM ends on the GM-WM interface).
+    ``act_voxel_sizes``); regions: tckgen's include / exclude ROIs and ``-stop`` (:class:`Regions`); soft_steps:
+    None (tckgen's hard stopping) or the steps per half of soft stopping (:class:`tractfunc.Soft`: the cutoff and the
+    angle no longer stop, their margins are recorded for the fused engine's survival weights; no ACT or ROIs);
+    half_steps: hard stopping's steps per half at most (0: none; a half cut there ends with reason CONTINUE, as
+    :func:`tractfunc.track_fixed` cuts at ``n_steps``).
+    crop_at_gmwmi: tckgen's ``-crop_at_gmwmi`` with ``act`` (a half entering cortical GM ends on the GM-WM interface).
     :meth:`from_field` builds one from the PyTorch containers."""
 
     def __init__(self, sh: np.ndarray, affine: np.ndarray, params: TrackParams, nonzero: Optional[np.ndarray] = None,
                  mask: Optional[np.ndarray] = None, mask_affine: Optional[np.ndarray] = None, threads: int = 0,
                  voxel_sizes=None, mask_voxel_sizes=None, act: Optional[np.ndarray] = None,
                  act_affine: Optional[np.ndarray] = None, act_voxel_sizes=None, regions: Optional[Regions] = None,
-                 crop_at_gmwmi: bool = False):
+                 soft_steps: Optional[int] = None, half_steps: int = 0, crop_at_gmwmi: bool = False):
         lib = _require()
         self.lib = lib
         if not (sh.dtype == np.float32 and sh.flags["C_CONTIGUOUS"]):
@@ -378,12 +387,19 @@ class Kernel:
         c.cos_max_angle_ho = params.cos_angle_rk4
         c.rk4 = int(params.rk4)
         c.max_points, c.min_points = params.max_points, params.min_points
+        if soft_steps is not None:
+            if act is not None or (regions is not None and regions != Regions()):
+                raise TractfuncError("soft stopping runs without ACT or ROIs (they stop hard)")
+            c.soft, c.half_steps = 1, int(soft_steps)
+        elif half_steps:
+            c.half_steps = int(half_steps)
         self.config = c
         self.threads = threads
 
     @classmethod
     def from_field(cls, field: "FODField", params: TrackParams, mask: Optional["MaskField"] = None,
-                   threads: int = 0, act: Optional["ACTField"] = None, regions: Optional[Regions] = None) -> "Kernel":
+                   threads: int = 0, act: Optional["ACTField"] = None, regions: Optional[Regions] = None,
+                   soft_steps: Optional[int] = None, half_steps: int = 0) -> "Kernel":
         """From the PyTorch containers (:func:`tractfunc.make_field` / :func:`tractfunc.make_mask`;
         ``act``: a 5TT image as :func:`tractfunc.make_act` builds it); the FOD tensor is used in place (no copy)."""
         import torch
@@ -398,16 +414,19 @@ class Kernel:
         tis = None if act is None else act.tissues.detach().float().cpu().numpy()
         return cls(sh, affine(field), params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
                    None if mask is None else mask.voxel_sizes, tis, None if act is None else affine(act),
-                   None if act is None else act.voxel_sizes, regions, act is not None and act.crop_at_gmwmi)
+                   None if act is None else act.voxel_sizes, regions, soft_steps, half_steps,
+                   crop_at_gmwmi=act is not None and act.crop_at_gmwmi)
 
     def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0, record: bool = False):
         """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.
 
         Returns (vertices (V, 3) float32 streamline after streamline in tckgen order, lengths (A,),
         accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool), and with
-        ``record`` also each vertex's step directions (V, 3) (Euler: the peak the step moved along) or (V, 12)
-        (RK4: the four stage peaks), float32, zeros at seed vertices: what the adjoint needs
-        (:mod:`tractfunc.sdstream.fused`).
+        ``record`` also each vertex's step record (V, w) float32, what the adjoint needs
+        (:mod:`tractfunc.sdstream.fused`): Euler w = 3, the peak the step moved along; RK4 w = 12, the four stage
+        peaks; zeros at seed vertices.  With soft stopping Euler w = 5 (the peak, the amplitude margin, the cosine
+        margin; the seed vertex holds the seed peak) and RK4 w = 18 (the stage peaks, the peak at the new vertex,
+        the two margins, the stage of the smallest amplitude).
         Memory follows the streamlines traced (each grows as it is tracked), not ``max_points``; MemoryError
         when they do not fit."""
         seeds = np.ascontiguousarray(seeds, dtype=np.float32)
@@ -425,7 +444,7 @@ class Kernel:
         if rc == -2:
             raise MemoryError(f"out of memory tracking {S} seeds (streamlines longer than memory allows; "
                               "a smaller --chunk or --max-length bounds them)")
-        width = 12 if self.config.rk4 else 3
+        width = self.lib.sd_record_width(ctypes.byref(self.config))
         try:
             verts = np.empty((int(lengths.sum()), 3), dtype=np.float32)
             sdirs = np.empty((verts.shape[0], width), dtype=np.float32) if record else None

@@ -29,9 +29,10 @@ Tensor = torch.Tensor
 
 
 def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskField], act: Optional[ACTField] = None,
-                    regions=None):
+                    regions=None, soft_steps: Optional[int] = None, half_steps: int = 0):
     """The native kernel on a float32 CPU copy of the field, with tckgen's settings of ``params`` (and ACT's rules
-    with a 5TT image ``act``): the decider of the follow engine."""
+    with a 5TT image ``act``; soft stopping with ``soft_steps`` steps per half; hard stopping cut after
+    ``half_steps`` steps per half, 0 for never): the decider of the follow engine."""
     from . import native
     from ..core.tracing import unwrap
     step = float(unwrap(params.step).detach()) if torch.is_tensor(params.step) else params.step
@@ -39,7 +40,7 @@ def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskFie
         return native.Kernel.from_field(field._replace(sh=unwrap(field.sh).detach().to("cpu", torch.float32),
                                                        nonzero=field.nonzero.cpu(), grad_token=None, grad_sink=None),
                                         params._replace(step=step, peak_polish=0, state_dtype=torch.float32), mask,
-                                        act=act, regions=regions)
+                                        act=act, regions=regions, soft_steps=soft_steps, half_steps=half_steps)
 
 
 def _follow_chunk(field, params, kernel, seeds, init_dirs, act: Optional[ACTField] = None):
@@ -100,9 +101,12 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         engine: "auto" (default), "native", "follow", "eager" or "fixed"; see
             :mod:`tractfunc.sdstream.engine` for what each does and the rule "auto" applies.
         stopping: None (hard, tckgen) or :class:`tractfunc.Soft` (temperature): survival weights in
-            ``Tracks.weights``.
-        gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward).
-        n_steps: steps per half for the fixed engine (None: ``params.max_points``, never cut short).
+            ``Tracks.weights`` (fixed engine, and the follow engine's fused C form).
+        gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward; the
+            follow engine's fused C form stores 24 to 120 bytes per vertex and needs no checkpoints).
+        n_steps: steps per half at most, for the fixed and follow engines (None: ``params.max_points`` under soft
+            stopping, else no limit; a half cut there ends with reason CONTINUE and its streamline is kept from 2
+            vertices, as :func:`tractfunc.track_fixed` does).
         generator: the source of random start directions.
         chunk_size: seeds per batch (bounds memory).
         progress: called as ``progress(done_seeds, total_seeds, accepted)`` after each chunk.
@@ -128,28 +132,30 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     field = tracking_field(field, params)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
-    if (act is not None or regions is not None) and name not in ("native", "follow") and \
+    if (act is not None or regions is not None) and (name not in ("native", "follow") or stopping is not None) and \
             not (name == "fixed" and stopping is not None):
         raise TractfuncError(f"ACT (act=) and ROIs (regions=) run on the native or follow engine (hard), or softly on "
-                             f"the fixed engine (engine='fixed', stopping=Soft(T)), not {name!r}")
+                             f"the fixed engine (engine='fixed', stopping=Soft(T)), not {name!r}"
+                             + (" with soft stopping" if stopping is not None else ""))
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
     if name in ("eager", "fixed"):   # (the kernel normalises in single precision, as tckgen does)
         init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     kernel = None
+    soft = stopping is not None
     if name == "native":
         from . import native
         kernel = native.Kernel.from_field(field, params, mask, act=act, regions=regions)
     elif name == "follow":
-        kernel = decision_kernel(field, params, mask, act, regions)
+        steps = (params.max_points if n_steps is None else int(n_steps)) if soft else None
+        kernel = decision_kernel(field, params, mask, act, regions, steps, 0 if n_steps is None else int(n_steps))
     from . import fused
     use_fused = name == "follow" and fused.applies(field, params)
     if name == "eager" or (name == "follow" and not use_fused):   # one compact FOD-gradient buffer for the call
         token, sink = fodgrad.attach(field.sh)
         if sink is not None:
             field = field._replace(grad_token=token, grad_sink=sink)
-    soft = stopping is not None
     parts, offsets, n_acc = [], [], 0
     with contextlib.nullcontext() if job.grad else torch.no_grad():
         for start in range(0, S, chunk_size):
@@ -158,7 +164,8 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             if name == "native":
                 part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
             elif use_fused:
-                part = _cropped(act, Tracks(*fused.track_fused(field, params, kernel, s, d), None, name))
+                part = _cropped(act, Tracks(*fused.track_fused(field, params, kernel, s, d,
+                                                               stopping.temperature if soft else None), name))
             elif name == "follow":
                 part = Tracks(*_follow_chunk(field, params, kernel, s, d, act), None, name)
             elif name == "eager":

@@ -13,6 +13,8 @@ native forward measured in the same run (issue 15's measurement):
   primitives step by step;
 * ``follow_exact``: ``engine="follow"`` with exact peaks (``resolve(exact=True)``): the fused engine in both
   dtypes (the kernel decides, C replays every peak exactly in double, C reverse sweep);
+* ``follow_soft`` / ``follow_exact_soft``: the same two with ``Soft(T)`` and ``n_steps`` steps per half (the fused
+  engine's soft stopping: survival weights from the kernel's recorded margins, their adjoint in the sweep);
 * ``seed_jacobian``: :func:`tractfunc.seed_jacobian` (forward-mode, B x (2T+1) x 3 x 3) on the fixed setting;
 * ``jacobian_packed``: :func:`tractfunc.seed_jacobian_packed` (the fused engine's streamlines, exact peaks, one
   3 x 3 per vertex, in C).
@@ -38,7 +40,9 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-ROUTES = ("fixed", "fixed_soft", "eager", "follow", "follow_exact", "seed_jacobian", "jacobian_packed")
+ROUTES = ("fixed", "fixed_soft", "eager", "follow", "follow_exact", "follow_soft", "follow_exact_soft",
+          "seed_jacobian", "jacobian_packed")
+SOFT_PAIRS = {"fixed_soft": "fixed", "follow_soft": "follow", "follow_exact_soft": "follow_exact"}
 DEFAULT_DATA = "/work/shared/data/dmri_invivo_philips_achieva_dti32"
 
 
@@ -201,6 +205,9 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                     return track(fld, p_exact, s, d, mask=mask, engine="eager")
                 if route == "follow_exact":
                     return track(fld, p_exact, s, d, mask=mask, engine="follow")
+                if route in ("follow_soft", "follow_exact_soft"):
+                    return track(fld, p_exact if route == "follow_exact_soft" else p_lut, s, d, mask=mask,
+                                 engine="follow", n_steps=steps, stopping=Soft(temperature))
                 return track(fld, p_lut, s, d, mask=mask, engine="follow")
 
             for route in routes:
@@ -223,7 +230,7 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                     add(route, dname, "jvp x3", secs, valid, mem,
                         extra={"finite": bool(torch.isfinite(J).all())})
                     continue
-                lut = route == "follow"
+                lut = route in ("follow", "follow_soft")
 
                 def fwd():
                     fld, s, d = inputs(lut)
@@ -247,13 +254,13 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                 del tr, gsh, gs
         for r in rows:
             r["ratio_to_native"] = r["vertices_per_s"] / ref_vps
-        soft = {}
+        soft = {}   # soft / hard throughput (vertices per second), route by route
         for r in rows:
-            if r["route"] == "fixed_soft":
-                hard = [h for h in rows if h["route"] == "fixed" and h["dtype"] == r["dtype"]
+            if r["route"] in SOFT_PAIRS:
+                hard = [h for h in rows if h["route"] == SOFT_PAIRS[r["route"]] and h["dtype"] == r["dtype"]
                         and h["mode"] == r["mode"]]
                 if hard:
-                    soft[f"{r['dtype']} {r['mode']}"] = hard[0]["seconds"] / r["seconds"] * (
+                    soft[f"{r['route']} {r['dtype']} {r['mode']}"] = hard[0]["seconds"] / r["seconds"] * (
                         r["vertices"] / max(hard[0]["vertices"], 1))
         return {
             "setup": {"data": desc, "n_seeds": n, "n_steps": steps, "checkpoint": checkpoint,
@@ -287,7 +294,7 @@ def format_table(res: Dict) -> str:
                    f"{r['vertices_per_s']:.0f} | {r['ratio_to_native']:.4f} | {r['peak_rss_added_mb']:.0f} | {sb} |")
     if res.get("soft_over_hard_speed"):
         out.append("")
-        out.append("soft / hard throughput (fixed engine): " + ", ".join(
+        out.append("soft / hard throughput (vertices/s): " + ", ".join(
             f"{k} {v:.2f}" for k, v in res["soft_over_hard_speed"].items()))
     return "\n".join(out)
 

@@ -134,5 +134,5 @@ def native_kernel(a, threads: int):
     k = native.Kernel(sh, fod.affine, prm, nz, None if mask is None else mask.data,
                       None if mask is None else mask.affine, threads, fod.voxel_sizes,
                       None if mask is None else mask.voxel_sizes, *(load_act(a) or (None, None, None)),
-                      load_regions(a, fod), bool(getattr(a, "crop_at_gmwmi", False)))
+                      load_regions(a, fod), crop_at_gmwmi=bool(getattr(a, "crop_at_gmwmi", False)))
     return fod._replace(data=np.broadcast_to(np.float32(0), fod.data.shape)), prm, k

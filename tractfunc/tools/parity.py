@@ -292,7 +292,7 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
         k = native.Kernel(fod.data, fod.affine, P.resolve(fod.voxel_sizes, rk4=rk4, **param_overrides), None,
                           None if mimg is None else mimg.data, None if mimg is None else mimg.affine, 0,
                           fod.voxel_sizes, None if mimg is None else mimg.voxel_sizes,
-                          *((None, None, None) if tis is None else tis), regions, crop_at_gmwmi)
+                          *((None, None, None) if tis is None else tis), regions, crop_at_gmwmi=crop_at_gmwmi)
         dirs = reconstruct_native(k, ref)[0]
     elif reconstruct:
         with torch.no_grad():

@@ -15,7 +15,11 @@
  *
  * Frames: positions in scanner mm; the FOD is an (X, Y, Z, N) C-ordered array in its own voxel frame (the
  * PyTorch field's, not the kernel's realigned one), w2v the scanner -> voxel rows of its inverse affine.
- * Stage directions per vertex: Euler 3 (u), RK4 12 (d1..d4), row of the vertex the step produced.
+ * Step records per vertex (rec_width), in the row of the vertex the step produced: Euler 3 (u), RK4 12 (d1..d4);
+ * with soft stopping (tractfunc.Soft) Euler 5 (u, amplitude margin, cosine margin; the seed row holds the seed
+ * peak) and RK4 18 (d1..d4, the peak m5 at the new vertex, the two margins, the stage of the smallest amplitude):
+ * each step multiplies the survival weight by s(amp_margin / T) s(cos_margin / T), s the logistic function
+ * (core.integrate.sd_move / rk4, sdstream.step.survival_increment), and sd_adjoint also takes dL/dweights.
  * Written for tractfunc; shares no code with MRtrix3.
  */
 #include <math.h>
@@ -42,7 +46,17 @@ typedef struct {
     double step;
     int32_t rk4;
     int32_t polish;           /* sd_replay: at most this many exact Newton iterations per peak */
+    int32_t soft;             /* soft stopping: margins recorded, survival weights (sd_soft_weights) */
+    double temperature, cutoff, cos_max;   /* soft: T, the amplitude cutoff, the cosine limit of the scheme */
 } adj_config;
+
+/* Doubles per vertex in a step record (see the top of this file). */
+static inline int rec_width(const adj_config *c) { return c->soft ? (c->rk4 ? 18 : 5) : (c->rk4 ? 12 : 3); }
+#define AMP_OFF(c) ((c)->rk4 ? 15 : 3)   /* soft: the amplitude margin's slot; the cosine margin's is next */
+
+/* log s(x) and its derivative s(-x), s the logistic function (stable for large |x|). */
+static inline double log_sigmoid(double x) { return x >= 0 ? -log1p(exp(-x)) : x - log1p(exp(x)); }
+static inline double sigmoid_neg(double x) { return x >= 0 ? exp(-x) / (1.0 + exp(-x)) : 1.0 / (1.0 + exp(x)); }
 
 /* ------------------------------------------------------------------------------------------------ */
 /* SH basis as polynomials in (x, y, z): Y_k = n_k Q_{l,|m|}(z) T_k(x, y), Q_{l,j} = d^j P_l / dz^j,     */
@@ -113,8 +127,8 @@ static void tangent_frame(const double *u, double *e1, double *e2) {
  * Returns 1 where H2 is negative definite with eigenvalue ratio above REL_EPS (core.newton.tangent_newton). */
 typedef struct { double e1[3], e2[3], a, b, c, d, det, g0, g1; } tangent_jet;
 
-static int tangent(int lmax, int n, const double *coef, const double *u, tangent_jet *t, double (*dB)[3]) {
-    double B[A_MAXC], d2B[A_MAXC][6];
+static int tangent(int lmax, int n, const double *coef, const double *u, tangent_jet *t, double (*dB)[3], double *B) {
+    double d2B[A_MAXC][6];
     basis_jet(lmax, n, u, B, dB, d2B);
     double g[3] = {0, 0, 0}, H[6] = {0, 0, 0, 0, 0, 0};
     for (int k = 0; k < n; k++) {
@@ -221,18 +235,27 @@ static void normalize(double *u) {
     u[0] /= n; u[1] /= n; u[2] /= n;
 }
 
+/* Sum of vals[k] Y_k(u). */
+static double series_at(const adj_config *c, const double *vals, const double *u) {
+    double B[A_MAXC], f = 0.0;
+    basis_jet(c->lmax, c->ncoef, u, B, NULL, NULL);
+    for (int k = 0; k < c->ncoef; k++) f += vals[k] * B[k];
+    return f;
+}
+
 /* Exact peak at pos from start u (in place): up to c->polish full tangent Newton iterations, stopping once
- * the move is below 1e-15 rad.  Returns 0 where the sample is outside or a Hessian is not regular (u then
- * keeps its last value). */
-static int polish_peak(const adj_config *c, const double *pos, double *u) {
-    double vals[A_MAXC], dB[A_MAXC][3];
+ * the move is below 1e-15 rad; *amp (when not NULL) its amplitude.  Returns 0 where the sample is outside or a
+ * Hessian is not regular (u then keeps its last value). */
+static int polish_peak(const adj_config *c, const double *pos, double *u, double *amp) {
+    double vals[A_MAXC], dB[A_MAXC][3], B[A_MAXC];
     sample_info si;
     sample(c, pos, vals, &si);
     if (!si.inside) return 0;
     normalize(u);
+    int ok = 1;
     for (int it = 0; it < c->polish; it++) {
         tangent_jet t;
-        if (!tangent(c->lmax, c->ncoef, vals, u, &t, dB)) return 0;
+        if (!tangent(c->lmax, c->ncoef, vals, u, &t, dB, B)) { ok = 0; break; }
         const double x0 = -(t.d * t.g0 - t.b * t.g1) / t.det, x1 = -(t.a * t.g1 - t.c * t.g0) / t.det;
         double step = 0.0;
         for (int i = 0; i < 3; i++) {
@@ -243,30 +266,33 @@ static int polish_peak(const adj_config *c, const double *pos, double *u) {
         normalize(u);
         if (step < 1e-30) break;
     }
-    return 1;
+    if (amp) *amp = series_at(c, vals, u);
+    return ok;
 }
 
-/* gpos += d<ubar, u*(pos)>/dpos and gfod += d<ubar, u*>/dFOD (when gfod is not NULL; float or double like the
- * FOD) for the peak u (unit) of the sample at pos.  No contribution where outside, u is not finite or the
- * tangent Hessian is not regular (core.implicit.attach_peak's rules). */
-static void peak_vjp(const adj_config *c, const double *pos, const double *u, const double *ubar, double *gpos,
-                     void *gfod, uint8_t *dirty) {
+/* gpos += d(<ubar, u*> + abar f(u*))/dpos and gfod += the same wrt the FOD (when gfod is not NULL; float or
+ * double like the FOD) for the peak u (unit) of the sample at pos and its amplitude f(u*) (envelope derivative
+ * Y(u*)).  No contribution where outside or u is not finite; no direction term where the tangent Hessian is not
+ * regular (core.implicit.attach_peak's rules). */
+static void peak_vjp(const adj_config *c, const double *pos, const double *u, const double *ubar, double abar,
+                     double *gpos, void *gfod, uint8_t *dirty) {
     if (!(isfinite(u[0]) && isfinite(u[1]) && isfinite(u[2]))) return;
-    if (ubar[0] == 0.0 && ubar[1] == 0.0 && ubar[2] == 0.0) return;
+    if (ubar[0] == 0.0 && ubar[1] == 0.0 && ubar[2] == 0.0 && abar == 0.0) return;
     const int n = c->ncoef;
-    double vals[A_MAXC], dB[A_MAXC][3], cbar[A_MAXC];
+    double vals[A_MAXC], dB[A_MAXC][3], B[A_MAXC], cbar[A_MAXC];
     sample_info si;
     sample(c, pos, vals, &si);
     if (!si.inside) return;
     tangent_jet t;
-    if (!tangent(c->lmax, n, vals, u, &t, dB)) return;
+    const int regular = tangent(c->lmax, n, vals, u, &t, dB, B);
+    if (!regular && abar == 0.0) return;
     const double y0 = t.e1[0] * ubar[0] + t.e1[1] * ubar[1] + t.e1[2] * ubar[2];
     const double y1 = t.e2[0] * ubar[0] + t.e2[1] * ubar[1] + t.e2[2] * ubar[2];
     /* x = -H2^-1 g2 as tangent_newton writes it; its transpose on (y0, y1): g2bar = -H2^-T y */
     const double z0 = -(t.d * y0 - t.c * y1) / t.det, z1 = -(t.a * y1 - t.b * y0) / t.det;
     double tv[3];
-    for (int i = 0; i < 3; i++) tv[i] = t.e1[i] * z0 + t.e2[i] * z1;
-    for (int k = 0; k < n; k++) cbar[k] = tv[0] * dB[k][0] + tv[1] * dB[k][1] + tv[2] * dB[k][2];
+    for (int i = 0; i < 3; i++) tv[i] = regular ? t.e1[i] * z0 + t.e2[i] * z1 : 0.0;
+    for (int k = 0; k < n; k++) cbar[k] = tv[0] * dB[k][0] + tv[1] * dB[k][1] + tv[2] * dB[k][2] + abar * B[k];
     double gvox[3] = {0.0, 0.0, 0.0};
     for (int k = 0; k < 8; k++) {
         const int o[3] = {(k >> 2) & 1, (k >> 1) & 1, k & 1};
@@ -298,7 +324,7 @@ static void peak_jacobian(const adj_config *c, const double *pos, const double *
     for (int i = 0; i < 3; i++) {
         double e[3] = {0.0, 0.0, 0.0}, row[3] = {0.0, 0.0, 0.0};
         e[i] = 1.0;
-        peak_vjp(c, pos, u, e, row, NULL, NULL);
+        peak_vjp(c, pos, u, e, 0.0, row, NULL, NULL);
         for (int j = 0; j < 3; j++) U[i][j] = row[j];
     }
 }
@@ -353,68 +379,124 @@ static void step_jacobian(const adj_config *c, const double *x, const double *sd
 /* ------------------------------------------------------------------------------------------------ */
 /* Streamlines                                                                                       */
 
-/* The rows of one half, seed first: row(j) = seed_row + sgn * j for j = 0..steps. */
-typedef struct { int64_t seed_row, steps; int sgn; } half_rows;
+/* The rows of one half, seed first: row(j) = seed_row + sgn * j for j = 0..steps; dsgn: the half starts along
+ * dsgn times the seed peak (the first half +1, the second -1). */
+typedef struct { int64_t seed_row, steps; int sgn, dsgn; } half_rows;
 
 static void halves(int64_t start, int64_t len, int64_t seed_index, half_rows *h) {
     h[0].seed_row = h[1].seed_row = start + seed_index;
-    h[0].steps = seed_index; h[0].sgn = -1;
-    h[1].steps = len - seed_index - 1; h[1].sgn = 1;
+    h[0].steps = seed_index; h[0].sgn = -1; h[0].dsgn = 1;
+    h[1].steps = len - seed_index - 1; h[1].sgn = 1; h[1].dsgn = -1;
 }
 
 /* Replay one half from the seed: verts / sdirs (double) rows written; stage starts read from sdirs_in (float).
  * Returns 0 where a peak could not be polished (it then keeps the kernel's direction). */
 static int replay_half(const adj_config *c, const half_rows *h, const double *seed, const float *sin,
                        double *verts, double *sout) {
-    const int width = c->rk4 ? 12 : 3;
+    const int width = rec_width(c);
     const double hs = c->step;
-    double x[3] = {seed[0], seed[1], seed[2]};
+    double x[3] = {seed[0], seed[1], seed[2]}, prev[3];
+    const double *sp = sout + width * h->seed_row;   /* soft Euler: the (polished) seed peak */
+    for (int i = 0; i < 3; i++) prev[i] = h->dsgn * sp[i];
     int ok = 1;
     for (int64_t j = 0; j < h->steps; j++) {
         const int64_t row = h->seed_row + h->sgn * (j + 1);
         const float *s0 = sin + width * row;
         double *so = sout + width * row;
         for (int i = 0; i < width; i++) so[i] = (double)s0[i];
-        double dir[3];
+        double dir[3], amp[5];
         if (!c->rk4) {
-            ok &= polish_peak(c, x, so);
+            ok &= polish_peak(c, x, so, amp);
             memcpy(dir, so, sizeof dir);
+            if (c->soft) {
+                so[3] = amp[0] - c->cutoff;
+                so[4] = prev[0] * so[0] + prev[1] * so[1] + prev[2] * so[2] - c->cos_max;
+                memcpy(prev, so, sizeof prev);
+            }
         } else {
             double *d1 = so, *d2 = so + 3, *d3 = so + 6, *d4 = so + 9, p[3];
-            ok &= polish_peak(c, x, d1);
+            ok &= polish_peak(c, x, d1, amp);
             for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
-            ok &= polish_peak(c, p, d2);
+            ok &= polish_peak(c, p, d2, amp + 1);
             for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
-            ok &= polish_peak(c, p, d3);
+            ok &= polish_peak(c, p, d3, amp + 2);
             for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
-            ok &= polish_peak(c, p, d4);
+            ok &= polish_peak(c, p, d4, amp + 3);
             for (int i = 0; i < 3; i++) dir[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
             normalize(dir);
         }
         for (int i = 0; i < 3; i++) x[i] += dir[i] * hs;
         memcpy(verts + 3 * row, x, sizeof x);
+        if (c->soft && c->rk4) {   /* the peak m5 at the new vertex, the smallest stage amplitude, the turn */
+            double *m5 = so + 12;
+            ok &= polish_peak(c, x, m5, amp + 4);
+            int arg = 0;
+            for (int k = 1; k < 5; k++) if (amp[k] < amp[arg]) arg = k;
+            so[15] = amp[arg] - c->cutoff;
+            so[16] = so[0] * m5[0] + so[1] * m5[1] + so[2] * m5[2] - c->cos_max;
+            so[17] = (double)arg;
+        }
     }
     return ok;
 }
 
+/* Survival weights of one half from its margins: weights[row(j)] = prod over its steps i <= j of
+ * s(amp_margin_i / T) s(cos_margin_i / T) (1 at the seed). */
+static void weights_half(const adj_config *c, const half_rows *h, const double *rec, double *weights) {
+    const int width = rec_width(c), off = AMP_OFF(c);
+    const double T = c->temperature;
+    double lw = 0.0;
+    weights[h->seed_row] = 1.0;
+    for (int64_t j = 0; j < h->steps; j++) {
+        const int64_t row = h->seed_row + h->sgn * (j + 1);
+        const double *r = rec + width * row;
+        lw += log_sigmoid(r[off] / T) + log_sigmoid(r[off + 1] / T);
+        weights[row] = exp(lw);
+    }
+}
+
 /* Reverse sweep of one half: returns in abar the adjoint of the seed from this half's steps (its own loss term
- * excluded); gh += d/dstep. */
+ * excluded), in sbar that of the seed peak (soft Euler: the first turn's margin; else 0); gh += d/dstep.
+ * gweights (soft stopping, or NULL): dL/dweights, weights the forward's. */
 static void adjoint_half(const adj_config *c, const half_rows *h, const double *verts, const double *sdirs,
-                         const double *gverts, double *abar, double *gh, void *gfod, uint8_t *dirty) {
-    const int width = c->rk4 ? 12 : 3;
-    const double hs = c->step;
-    double a[3] = {0.0, 0.0, 0.0};
+                         const double *gverts, const double *weights, const double *gweights, double *abar,
+                         double *sbar, double *gh, void *gfod, uint8_t *dirty) {
+    const int width = rec_width(c), off = AMP_OFF(c), soft = c->soft && gweights;
+    const double hs = c->step, T = c->temperature;
+    double a[3] = {0.0, 0.0, 0.0}, carry[3] = {0.0, 0.0, 0.0}, L = 0.0;
+    sbar[0] = sbar[1] = sbar[2] = 0.0;
     for (int64_t j = h->steps - 1; j >= 0; j--) {
         const int64_t row1 = h->seed_row + h->sgn * (j + 1), row0 = h->seed_row + h->sgn * j;
         for (int i = 0; i < 3; i++) a[i] += gverts[3 * row1 + i];
         const double *x = verts + 3 * row0, *sd = sdirs + width * row1;
-        double g[3] = {0.0, 0.0, 0.0};
+        double g[3] = {0.0, 0.0, 0.0}, amp_bar = 0.0, cos_bar = 0.0;
+        if (soft) {   /* L = dL/d(log factor of this step) = sum of gweights * weights from this vertex outwards */
+            L += gweights[row1] * weights[row1];
+            amp_bar = L * sigmoid_neg(sd[off] / T) / T;
+            cos_bar = L * sigmoid_neg(sd[off + 1] / T) / T;
+        }
         if (!c->rk4) {
             double ubar[3] = {hs * a[0], hs * a[1], hs * a[2]};
+            if (soft) {   /* the turn from prev (the previous step's peak, or the seed peak) */
+                const double *pv = sdirs + width * row0;
+                const double sg = j ? 1.0 : h->dsgn;
+                for (int i = 0; i < 3; i++) ubar[i] += carry[i] + cos_bar * sg * pv[i];
+                for (int i = 0; i < 3; i++) carry[i] = cos_bar * sd[i];
+                if (j == 0) for (int i = 0; i < 3; i++) sbar[i] = h->dsgn * carry[i];
+            }
             *gh += a[0] * sd[0] + a[1] * sd[1] + a[2] * sd[2];
-            peak_vjp(c, x, sd, ubar, g, gfod, dirty);
+            peak_vjp(c, x, sd, ubar, amp_bar, g, gfod, dirty);
             for (int i = 0; i < 3; i++) a[i] += g[i];
             continue;
+        }
+        double ab[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+        if (soft) {   /* m5, the peak at the new vertex: its turn from d1 and maybe the smallest amplitude */
+            const double *m5 = sd + 12, *x1 = verts + 3 * row1;
+            int arg = (int)sd[17];
+            ab[arg < 0 || arg > 4 ? 0 : arg] = amp_bar;
+            double m5bar[3] = {cos_bar * sd[0], cos_bar * sd[1], cos_bar * sd[2]};
+            peak_vjp(c, x1, m5, m5bar, ab[4], g, gfod, dirty);
+            for (int i = 0; i < 3; i++) { a[i] += g[i]; g[i] = 0.0; }
         }
         const double *d1 = sd, *d2 = sd + 3, *d3 = sd + 6, *d4 = sd + 9;
         double s[3], D[3], p[3], b1[3], b2[3], b3[3], b4[3], p0bar[3];
@@ -424,31 +506,32 @@ static void adjoint_half(const adj_config *c, const half_rows *h, const double *
         *gh += a[0] * D[0] + a[1] * D[1] + a[2] * D[2];
         const double Ddot = hs * (D[0] * a[0] + D[1] * a[1] + D[2] * a[2]);
         for (int i = 0; i < 3; i++) {
-            double sbar = (hs * a[i] - D[i] * Ddot) / ns;
-            b1[i] = sbar; b2[i] = 2.0 * sbar; b3[i] = 2.0 * sbar; b4[i] = sbar;
+            const double s_bar = (hs * a[i] - D[i] * Ddot) / ns;
+            b1[i] = s_bar + (soft ? cos_bar * sd[12 + i] : 0.0);
+            b2[i] = 2.0 * s_bar; b3[i] = 2.0 * s_bar; b4[i] = s_bar;
             p0bar[i] = a[i];
         }
         /* stage 4 at x + d3 h */
         for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
         memset(g, 0, sizeof g);
-        peak_vjp(c, p, d4, b4, g, gfod, dirty);
+        peak_vjp(c, p, d4, b4, ab[3], g, gfod, dirty);
         for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b3[i] += hs * g[i]; }
         *gh += g[0] * d3[0] + g[1] * d3[1] + g[2] * d3[2];
         /* stage 3 at x + d2 h/2 */
         for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
         memset(g, 0, sizeof g);
-        peak_vjp(c, p, d3, b3, g, gfod, dirty);
+        peak_vjp(c, p, d3, b3, ab[2], g, gfod, dirty);
         for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b2[i] += 0.5 * hs * g[i]; }
         *gh += 0.5 * (g[0] * d2[0] + g[1] * d2[1] + g[2] * d2[2]);
         /* stage 2 at x + d1 h/2 */
         for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
         memset(g, 0, sizeof g);
-        peak_vjp(c, p, d2, b2, g, gfod, dirty);
+        peak_vjp(c, p, d2, b2, ab[1], g, gfod, dirty);
         for (int i = 0; i < 3; i++) { p0bar[i] += g[i]; b1[i] += 0.5 * hs * g[i]; }
         *gh += 0.5 * (g[0] * d1[0] + g[1] * d1[1] + g[2] * d1[2]);
         /* stage 1 at x */
         memset(g, 0, sizeof g);
-        peak_vjp(c, x, d1, b1, g, gfod, dirty);
+        peak_vjp(c, x, d1, b1, ab[0], g, gfod, dirty);
         for (int i = 0; i < 3; i++) a[i] = p0bar[i] + g[i];
     }
     memcpy(abar, a, sizeof a);
@@ -466,6 +549,8 @@ typedef struct {
     double *verts, *sdirs;      /* replay: out; adjoint: in */
     uint8_t *ok;                /* replay: (A,) out */
     const double *gverts;       /* adjoint: (V, 3) */
+    const double *weights, *gweights;   /* adjoint with soft stopping: (V,) the forward's and dL/dweights, or NULL */
+    double *wout;               /* sd_soft_weights: (V,) out */
     double *gseeds;             /* adjoint: (A, 3) out */
     void *gfod;                 /* adjoint: (X*Y*Z, N) out (thread 0), or NULL */
     size_t gfod_bytes;
@@ -476,6 +561,7 @@ typedef struct {
     int64_t next;
     int replay;
     int jac;
+    int weights_only;
     double *jout;               /* seed Jacobian: (V, 3, 3) out */
 } adj_job;
 
@@ -504,11 +590,14 @@ static void *adj_worker(void *arg) {
         if (i >= j->A) break;
         half_rows h[2];
         halves(j->starts[i], j->lengths[i], j->seed_index[i], h);
-        if (j->jac) {
+        if (j->weights_only) {
+            weights_half(j->c, &h[0], j->sdirs, j->wout);
+            weights_half(j->c, &h[1], j->sdirs, j->wout);
+        } else if (j->jac) {
             for (int side = 0; side < 2; side++) {
                 double M[3][3] = {{1, 0, 0}, {0, 1, 0}, {0, 0, 1}}, Jk[3][3];
                 memcpy(j->jout + 9 * h[side].seed_row, M, sizeof M);
-                const int w = j->c->rk4 ? 12 : 3;
+                const int w = rec_width(j->c);
                 for (int64_t k = 0; k < h[side].steps; k++) {
                     const int64_t r0 = h[side].seed_row + h[side].sgn * k, r1 = r0 + h[side].sgn;
                     step_jacobian(j->c, j->verts + 3 * r0, j->sdirs + w * r1, Jk);
@@ -518,17 +607,31 @@ static void *adj_worker(void *arg) {
             }
         } else if (j->replay) {
             const double *seed = j->seeds + 3 * i;
+            const int w = rec_width(j->c);
+            double *srow = j->sdirs + w * h[0].seed_row;
             memcpy(j->verts + 3 * h[0].seed_row, seed, 3 * sizeof(double));
-            memset(j->sdirs + (j->c->rk4 ? 12 : 3) * h[0].seed_row, 0, (j->c->rk4 ? 12 : 3) * sizeof(double));
-            int ok = replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
+            memset(srow, 0, w * sizeof(double));
+            int ok = 1;
+            if (j->c->soft && !j->c->rk4) {   /* the seed peak, the first turns' reference */
+                for (int k = 0; k < 3; k++) srow[k] = (double)j->sdirs_in[w * h[0].seed_row + k];
+                ok &= polish_peak(j->c, seed, srow, NULL);
+            }
+            ok &= replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
             ok &= replay_half(j->c, &h[1], seed, j->sdirs_in, j->verts, j->sdirs);
             j->ok[i] = (uint8_t)ok;
         } else {
-            double a0[3], a1[3];
-            adjoint_half(j->c, &h[0], j->verts, j->sdirs, j->gverts, a0, &gh, gfod, dirty);
-            adjoint_half(j->c, &h[1], j->verts, j->sdirs, j->gverts, a1, &gh, gfod, dirty);
+            double a0[3], a1[3], s0[3], s1[3], g[3] = {0.0, 0.0, 0.0};
+            adjoint_half(j->c, &h[0], j->verts, j->sdirs, j->gverts, j->weights, j->gweights, a0, s0, &gh, gfod,
+                         dirty);
+            adjoint_half(j->c, &h[1], j->verts, j->sdirs, j->gverts, j->weights, j->gweights, a1, s1, &gh, gfod,
+                         dirty);
+            if (j->c->soft && !j->c->rk4) {   /* the seed peak, through the first turns */
+                const int64_t r = h[0].seed_row;
+                const double sb[3] = {s0[0] + s1[0], s0[1] + s1[1], s0[2] + s1[2]};
+                peak_vjp(j->c, j->verts + 3 * r, j->sdirs + rec_width(j->c) * r, sb, 0.0, g, gfod, dirty);
+            }
             const double *gs = j->gverts + 3 * h[0].seed_row;
-            for (int k = 0; k < 3; k++) j->gseeds[3 * i + k] = gs[k] + a0[k] + a1[k];
+            for (int k = 0; k < 3; k++) j->gseeds[3 * i + k] = gs[k] + a0[k] + a1[k] + g[k];
         }
     }
     j->gh[t] = gh;
@@ -567,17 +670,19 @@ void sd_replay(const adj_config *c, int64_t A, const int64_t *starts, const int6
     run_threads(&j, nthreads);
 }
 
-/* Reverse sweep: given the vertices (V, 3) and step directions (V, w) double the forward took, and gverts (V, 3)
- * = dL/dvertices, write gseeds (A, 3) = dL/dseed, gstep[0] = dL/dstep and, when gfod is not NULL, add dL/dFOD
+/* Reverse sweep: given the vertices (V, 3) and step records (V, w) double the forward took, gverts (V, 3)
+ * = dL/dvertices, and with soft stopping the forward's weights (V,) and gweights = dL/dweights (or NULL: none), write gseeds (A, 3) = dL/dseed, gstep[0] = dL/dstep and, when gfod is not NULL, add dL/dFOD
  * into gfod (X*Y*Z*N, the FOD's precision, zeroed by the caller).  Returns 0, or -2 when memory ran out. */
 int32_t sd_adjoint(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
                    const int64_t *seed_index, const double *verts, const double *sdirs, const double *gverts,
-                   double *gseeds, double *gstep, void *gfod, int32_t nthreads) {
+                   const double *weights, const double *gweights, double *gseeds, double *gstep, void *gfod,
+                   int32_t nthreads) {
     pthread_once(&tables_once, init_tables);
     adj_job j;
     memset(&j, 0, sizeof j);
     j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index;
     j.verts = (double *)verts; j.sdirs = (double *)sdirs; j.gverts = gverts; j.gseeds = gseeds; j.gfod = gfod;
+    j.weights = weights; j.gweights = gweights;
     j.gfod_bytes = (size_t)c->dim[0] * c->dim[1] * c->dim[2] * c->ncoef * (c->fod_double ? 8 : 4);
     int used = run_threads(&j, nthreads);
     double gh = 0.0;
@@ -614,3 +719,13 @@ void sd_seed_jacobian(const adj_config *c, int64_t A, const int64_t *starts, con
     run_threads(&j, nthreads);
 }
 
+
+/* Survival weights (V,) of soft stopping from the step records (V, w) double (their margins): 1 at the seeds. */
+void sd_soft_weights(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
+                     const int64_t *seed_index, const double *rec, double *weights, int32_t nthreads) {
+    adj_job j;
+    memset(&j, 0, sizeof j);
+    j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index;
+    j.sdirs = (double *)rec; j.weights_only = 1; j.wout = weights;
+    run_threads(&j, nthreads);
+}

@@ -11,6 +11,10 @@
  *   - Must be compiled without floating-point contraction or reassociation (-ffp-contract=off, no
  *     -ffast-math): the rounding of every operation is what is being reproduced.
  *
+ * Soft stopping (config.soft; tractfunc.Soft): only leaving the image or the mask and a failed peak search stop a
+ * half, which takes at most soft_steps steps; each step records its stopping margins (amplitude above the cutoff,
+ * cosine of the turn above the limit) for the survival weights the fused engine computes (fused.py).
+ *
  * Termination codes (tractfunc.stop.Reason): 0 continue, 1 left the image, 2 cutoff / no peak,
  * 3 curvature, 4 left the mask, 5 vertex budget reached, 6 seed rejected; with ACT (a 5TT image) also
  * 7 entered cortical GM, 8 entered CSF, 9 terminated in sub-cortical GM, 10 exited sub-cortical GM; with ROIs
@@ -103,6 +107,14 @@ typedef struct {
     int32_t n_exclude;
     int32_t stop_on_all_include;
     int32_t unidirectional;   /* tckgen -seed_unidirectional: one half from each seed, the seed first */
+    /* soft stopping (tractfunc's Soft; off when 0): the cutoff and the angle no longer stop a streamline, and only
+     * steps that hard tracking would still take count towards max_points (tractfunc.sdstream.step.step with a
+     * temperature); no ACT or ROIs */
+    int32_t soft;
+    /* steps per half at most (0: no limit; soft stopping needs one): a half still running after them stops with
+     * R_CONTINUE and the streamline is accepted from 2 vertices (tractfunc.track_fixed's n_steps); min_points 0
+     * then accepts every streamline whose seed passed (the caller applies the length rule) */
+    int64_t half_steps;
     /* tckgen -crop_at_gmwmi (with ACT): a half that enters cortical GM ends at the GM-WM interface instead; an
      * accepted streamline of at most min_points_postds or at least max_points_postds vertices is then measured
      * (min_dist, max_dist mm); act_min_vox: the 5TT image's smallest voxel size (mm) */
@@ -429,7 +441,13 @@ static int any_contains(const sd_roi *r, int32_t n, const float *pos) {
 typedef struct {
     float pos[3], dir[3];
     float values[MAX_COEF];
-    float stage[12];   /* the peak directions of the last step: Euler u, RK4 d1..d4 (for the adjoint) */
+    /* what the last step records for the adjoint (SD_RECORD_WIDTH): Euler u, RK4 d1..d4; with soft stopping also
+     * (RK4) the peak m5 at the new vertex, then the amplitude margin, the cosine margin and (RK4) the stage of the
+     * smallest amplitude (0..4) */
+    float stage[18];
+    float amp_min;     /* soft: smallest peak amplitude of the step's stages */
+    int amp_arg;       /* soft: its stage */
+    int soft_ok;       /* soft: hard tracking would take this step (amplitudes and turn within the limits) */
     /* ACT state: the tissues of the last structural sample (cortical GM, sub-cortical GM, WM, CSF,
      * pathological; clamped to [0, 1]), whether they were valid, steps taken in sub-cortical GM, and whether the
      * seed was in sub-cortical GM and has since reached WM */
@@ -741,10 +759,18 @@ void sd_gmwmi_seeds(const sd_volume *act, float min_vox, float perturb, int64_t 
     }
 }
 
-/* SD_Stream's elementary move: peak at pos from dir, angle test, step. */
+/* SD_Stream's elementary move: peak at pos from dir, angle test, step.  With soft stopping only a failed search
+ * stops; the amplitude is kept in w->amp_min (the caller's bookkeeping) and the turn is not tested here. */
 static int sd_next(const sd_config *c, walker *w) {
     if (!get_data(c, w->pos, w->values)) return R_EXIT_IMAGE;
     float prev[3] = {w->dir[0], w->dir[1], w->dir[2]};
+    if (c->soft) {
+        const float amp = get_peak(c, w->values, w->dir);
+        if (!isfinite(amp)) return R_CUTOFF;
+        w->amp_min = amp;
+        for (int i = 0; i < 3; i++) w->pos[i] += w->dir[i] * c->step;
+        return R_CONTINUE;
+    }
     if (find_peak(c, w) == 0.0f) return R_CUTOFF;
     if (dot3(prev, w->dir) < c->dot_threshold) return R_CURVATURE;
     for (int i = 0; i < 3; i++) w->pos[i] += w->dir[i] * c->step;
@@ -756,18 +782,24 @@ static int next_rk4(const sd_config *c, walker *w) {
     const float p0[3] = {w->pos[0], w->pos[1], w->pos[2]};
     const float d0[3] = {w->dir[0], w->dir[1], w->dir[2]};
     const float half = (float)(0.5 * (double)c->step);
-    float d1[3], d2[3], d3[3], d4[3];
+    float d1[3], d2[3], d3[3], d4[3], amp = INFINITY;
+    int arg = 0;
+#define SOFT_STAGE(k) if (c->soft && w->amp_min < amp) { amp = w->amp_min; arg = (k); }
     if ((t = sd_next(c, w))) return t;
+    SOFT_STAGE(0)
     memcpy(d1, w->dir, sizeof d1);
     for (int i = 0; i < 3; i++) { w->pos[i] = p0[i] + d1[i] * half; w->dir[i] = d0[i]; }
     if ((t = sd_next(c, w))) return t;
+    SOFT_STAGE(1)
     memcpy(d2, w->dir, sizeof d2);
     for (int i = 0; i < 3; i++) { w->pos[i] = p0[i] + d2[i] * half; w->dir[i] = d0[i]; }
     if ((t = sd_next(c, w))) return t;
+    SOFT_STAGE(2)
     memcpy(d3, w->dir, sizeof d3);
     for (int i = 0; i < 3; i++) { w->pos[i] = p0[i] + d3[i] * c->step; w->dir[i] = d2[i] + d3[i]; }
     normalize3(w->dir);
     if ((t = sd_next(c, w))) return t;
+    SOFT_STAGE(3)
     memcpy(d4, w->dir, sizeof d4);
     memcpy(w->stage, d1, sizeof d1);
     memcpy(w->stage + 3, d2, sizeof d2);
@@ -780,16 +812,32 @@ static int next_rk4(const sd_config *c, walker *w) {
     memcpy(fp, w->pos, sizeof fp);
     memcpy(fd, w->dir, sizeof fd);
     if ((t = sd_next(c, w))) return t;
-    if (dot3(d1, w->dir) < c->cos_max_angle_ho) return R_CURVATURE;
+    if (c->soft) {   /* record m5 and the margins; the turn does not stop */
+        SOFT_STAGE(4)
+        const float cs = dot3(d1, w->dir);
+        memcpy(w->stage + 12, w->dir, 3 * sizeof(float));
+        w->stage[15] = amp - c->threshold;
+        w->stage[16] = cs - c->cos_max_angle_ho;
+        w->stage[17] = (float)arg;
+        w->soft_ok = amp >= c->threshold && cs >= c->cos_max_angle_ho;
+    } else if (dot3(d1, w->dir) < c->cos_max_angle_ho) return R_CURVATURE;
+#undef SOFT_STAGE
     memcpy(w->pos, fp, sizeof fp);
     memcpy(w->dir, fd, sizeof fd);
     return R_CONTINUE;
 }
 
 static int iterate(const sd_config *c, walker *w) {
+    const float prev[3] = {w->dir[0], w->dir[1], w->dir[2]};
     int t = c->rk4 ? next_rk4(c, w) : sd_next(c, w);
     if (t) return (c->act.data && w->sgm_depth) ? R_TERM_IN_SGM : t;
     if (!c->rk4) memcpy(w->stage, w->dir, 3 * sizeof(float));
+    if (c->soft && !c->rk4) {   /* Euler's margins: the peak's amplitude, the turn from the previous direction */
+        const float cs = dot3(prev, w->dir);
+        w->stage[3] = w->amp_min - c->threshold;
+        w->stage[4] = cs - c->dot_threshold;
+        w->soft_ok = w->amp_min >= c->threshold && cs >= c->dot_threshold;
+    }
     if (c->act.data && (t = check_structural(c, w))) return t;
     if (!mask_contains(c, w->pos)) return R_EXIT_MASK;
     if (any_contains(c->exclude, c->n_exclude, w->pos)) return R_ENTER_EXCLUDE;
@@ -825,6 +873,7 @@ static int reserve(growbuf *b, int64_t n) {
  * not grow). */
 static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int64_t *n) {
     int t;
+    int64_t steps = 0;
     do {
         t = iterate(c, w);
         if (t == R_CONTINUE || t == R_ENTER_CGM || t == R_ENTER_CSF || t == R_ENTER_EXCLUDE || t == R_ALL_INCLUDE) {
@@ -835,9 +884,30 @@ static int half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int6
             if (dout) memcpy(dout->v + dout->width * *n, w->stage, dout->width * sizeof(float));
             (*n)++;
             if (t == R_CONTINUE && *n >= c->max_points) t = R_MAX_LENGTH;
+            if (t == R_CONTINUE && c->half_steps && ++steps >= c->half_steps) return R_CONTINUE;   /* cut */
         }
     } while (t == R_CONTINUE);
     return t;
+}
+
+/* One half with soft stopping: every step that does not leave the image or the mask or fail its peak search is
+ * kept, at most c->soft_steps of them; *counted (the vertices hard tracking would keep, over both halves) reaches
+ * max_points only along the prefix of steps that hard tracking would take.  Returns the termination code
+ * (R_CONTINUE when cut after soft_steps steps). */
+static int soft_half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, int64_t *n, int64_t *counted) {
+    int hard = 1;
+    for (int64_t s = 0; s < c->half_steps; s++) {
+        const int t = iterate(c, w);
+        if (t != R_CONTINUE) return t;
+        if (!reserve(out, *n + 1)) return R_NO_MEMORY;
+        if (dout && !reserve(dout, *n + 1)) return R_NO_MEMORY;
+        memcpy(out->v + 3 * *n, w->pos, 3 * sizeof(float));
+        if (dout) memcpy(dout->v + dout->width * *n, w->stage, dout->width * sizeof(float));
+        (*n)++;
+        hard = hard && w->soft_ok;
+        if (hard && ++*counted >= c->max_points) return R_MAX_LENGTH;
+    }
+    return R_CONTINUE;
 }
 
 /* FOD amplitude at pos along the unit direction d (tckgen's get_metric; 0 outside the image). */
@@ -889,10 +959,13 @@ static int act_half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, 
     return t;
 }
 
-/* tckgen's acceptance of a finished streamline (v: n vertices): long enough, (ACT) a seed in sub-cortical GM must
- * have reached WM, and every include region visited (the ordered ones in order); with -crop_at_gmwmi a streamline
- * whose vertex count does not settle it is measured against the minimum and maximum lengths. */
-static int act_accepts(const sd_config *c, const walker *w, const float *v, int64_t n) {
+/* tckgen's acceptance of a finished streamline (v: n vertices; cut: a half was cut at half_steps): long enough,
+ * (ACT) a seed in sub-cortical GM must have reached WM, and every include region visited (the ordered ones in
+ * order); with -crop_at_gmwmi a streamline whose vertex count does not settle it is measured against the minimum and
+ * maximum lengths. */
+static int act_accepts(const sd_config *c, const walker *w, const float *v, int64_t n, int cut) {
+    if (c->half_steps && c->min_points <= 0) return 1;
+    if (cut && n >= 2) return all_included(c, w);
     if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
     if (c->act.data && w->seed_in_sgm && !w->sgm_seed_to_wm) return 0;
     if (!all_included(c, w)) return 0;
@@ -905,6 +978,52 @@ static int act_accepts(const sd_config *c, const walker *w, const float *v, int6
         if (len < c->min_dist || len > c->max_dist) return 0;
     }
     return 1;
+}
+
+/* Reverse the first n rows of out (and dout) so that a forward half ends at the seed. */
+static void reverse_rows(growbuf *out, growbuf *dout, int64_t n) {
+    for (int g = 0; g < 2; g++) {
+        growbuf *b = g ? dout : out;
+        if (!b) continue;
+        const int dw = b->width;
+        float *d = b->v;
+        for (int64_t i = 0, j = n - 1; i < j; i++, j--)
+            for (int k = 0; k < dw; k++) { float t = d[dw * i + k]; d[dw * i + k] = d[dw * j + k]; d[dw * j + k] = t; }
+    }
+}
+
+/* track_one with soft stopping (no ACT, no ROIs; the seed test stays hard): both halves from the seed, at most
+ * half_steps steps each; accepted when at least max(min_points, 2) vertices were kept, or 2 when a half was cut
+ * (min_points 0: always).
+ * The seed vertex records the seed peak (the previous direction of both halves' first steps, negated for the
+ * second). */
+static int64_t track_one_soft(const sd_config *c, walker *w, const float *seed, const float *init_dir, growbuf *out,
+                              growbuf *dout, int64_t *seed_index, int32_t *reasons) {
+    memcpy(w->pos, seed, sizeof w->pos);
+    memcpy(w->dir, init_dir, sizeof w->dir);
+    reasons[0] = reasons[1] = R_SEED_REJECTED;
+    *seed_index = 0;
+    if (!(isfinite(w->pos[0]) && isfinite(w->pos[1]) && isfinite(w->pos[2]))) return 0;
+    if (!mask_contains(c, w->pos) || !get_data(c, w->pos, w->values)) return 0;
+    normalize3(w->dir);
+    if (find_peak(c, w) == 0.0f) return 0;
+    const float seed_dir[3] = {w->dir[0], w->dir[1], w->dir[2]};
+    int64_t n = 1, counted = 1;
+    if (!reserve(out, 1) || (dout && !reserve(dout, 1))) return -1;
+    memcpy(out->v, w->pos, 3 * sizeof(float));
+    if (dout) {
+        memset(dout->v, 0, dout->width * sizeof(float));
+        memcpy(dout->v, seed_dir, sizeof seed_dir);
+    }
+    if ((reasons[0] = soft_half(c, w, out, dout, &n, &counted)) == R_NO_MEMORY) return -1;
+    reverse_rows(out, dout, n);
+    *seed_index = n - 1;
+    memcpy(w->pos, out->v + 3 * (n - 1), 3 * sizeof(float));
+    for (int k = 0; k < 3; k++) w->dir[k] = -seed_dir[k];
+    if ((reasons[1] = soft_half(c, w, out, dout, &n, &counted)) == R_NO_MEMORY) return -1;
+    const int64_t need = c->min_points > 2 ? c->min_points : (c->min_points <= 0 ? 1 : 2);
+    const int cut = reasons[0] == R_CONTINUE || reasons[1] == R_CONTINUE;
+    return (n >= need || (cut && n >= 2)) ? n : 0;
 }
 
 /* Track one seed into out (grown as needed).  Returns the vertex count (0 when rejected, -1 when out of
@@ -938,25 +1057,17 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     if (excluded) { reasons[1] = R_CONTINUE; return 0; }
     if (unidirectional) {   /* the seed stays first, as tckgen writes it */
         reasons[1] = R_CONTINUE;
-        return act_accepts(c, w, out->v, n) ? n : 0;
+        return act_accepts(c, w, out->v, n, reasons[0] == R_CONTINUE) ? n : 0;
     }
     v = out->v;
-    /* reverse the forward half so it ends at the seed */
-    for (int64_t i = 0, j = n - 1; i < j; i++, j--)
-        for (int k = 0; k < 3; k++) { float t = v[3 * i + k]; v[3 * i + k] = v[3 * j + k]; v[3 * j + k] = t; }
-    if (dout) {
-        const int dw = dout->width;
-        float *d = dout->v;
-        for (int64_t i = 0, j = n - 1; i < j; i++, j--)
-            for (int k = 0; k < dw; k++) { float t = d[dw * i + k]; d[dw * i + k] = d[dw * j + k]; d[dw * j + k] = t; }
-    }
+    reverse_rows(out, dout, n);
     *seed_index = n - 1;
     memcpy(w->pos, v + 3 * (n - 1), 3 * sizeof(float));
     for (int k = 0; k < 3; k++) w->dir[k] = -seed_dir[k];
     w->sgm_depth = 0;
     if ((reasons[1] = act_half(c, w, out, dout, &n, &excluded)) == R_NO_MEMORY) return -1;
     if (excluded) return 0;
-    return act_accepts(c, w, out->v, n) ? n : 0;
+    return act_accepts(c, w, out->v, n, reasons[0] == R_CONTINUE || reasons[1] == R_CONTINUE) ? n : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -987,8 +1098,8 @@ static void *worker(void *arg) {
         j->lines[i] = NULL;
         if (dout) j->dlines[i] = NULL;
         if (__atomic_load_n(&j->failed, __ATOMIC_RELAXED)) { j->lengths[i] = 0; continue; }
-        int64_t len = track_one(j->c, &w, j->seeds + 3 * i, j->dirs + 3 * i, &buf, dout, j->seed_index + i,
-                                j->reasons + 2 * i);
+        int64_t len = (j->c->soft ? track_one_soft : track_one)(j->c, &w, j->seeds + 3 * i, j->dirs + 3 * i, &buf,
+                                                                 dout, j->seed_index + i, j->reasons + 2 * i);
         if (len > 0) {
             float *copy = (float *)malloc((size_t)len * 3 * sizeof(float));
             if (copy) memcpy(copy, buf.v, (size_t)len * 3 * sizeof(float));
@@ -1023,6 +1134,11 @@ int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const 
     return sd_track_batch_dirs(c, n, seeds, dirs, lines, NULL, lengths, seed_index, reasons, nthreads);
 }
 
+/* Floats recorded per vertex (sd_track_batch_dirs): Euler 3 (u), RK4 12 (d1..d4); soft stopping adds the margins
+ * (Euler: 5 = u, amplitude margin, cosine margin; RK4: 18 = d1..d4, m5, the two margins, the stage of the
+ * smallest amplitude). */
+int32_t sd_record_width(const sd_config *c) { return c->soft ? (c->rk4 ? 18 : 5) : (c->rk4 ? 12 : 3); }
+
 /* sd_track_batch that also records, when dlines is not NULL, each vertex's step directions (Euler: the peak u
  * the step moved along; RK4: the four stage peaks d1..d4; zeros at the seed vertex): dlines (n,) receives a
  * malloc'd (lengths[i], 3 or 12) float array per accepted seed, in the vertices' order (sd_gather_width). */
@@ -1030,7 +1146,7 @@ int32_t sd_track_batch_dirs(const sd_config *c, int64_t n, const float *seeds, c
                             float **dlines, int64_t *lengths, int64_t *seed_index, int32_t *reasons,
                             int32_t nthreads) {
     pthread_once(&consts_once, init_consts);
-    batch_job j = {c, n, seeds, dirs, lines, dlines, c->rk4 ? 12 : 3, lengths, seed_index, reasons, 0, 0};
+    batch_job j = {c, n, seeds, dirs, lines, dlines, sd_record_width(c), lengths, seed_index, reasons, 0, 0};
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 256) nthreads = 256;
     pthread_t th[256];
@@ -1171,4 +1287,4 @@ int64_t sd_repack(const float *src, const int64_t *st, const int64_t *dim, float
     return j.bad;
 }
 
-int32_t sd_abi_version(void) { return 5; }
+int32_t sd_abi_version(void) { return 6; }

@@ -1,0 +1,95 @@
+"""tractfunc.sdstream.ops: the fused engine as custom ops of fixed shapes, against track_fixed (the primitives), and
+through torch.func (grad, jacrev, vmap) and torch.compile(fullgraph=True)."""
+import pytest
+import torch
+
+import tractfunc as tf
+from tractfunc.core import params as P
+from tractfunc.core.field import tracking_field
+from tractfunc.sdstream import native
+from tractfunc.sdstream.ops import follow_fixed
+
+from conftest import phantom_seeds
+
+pytestmark = pytest.mark.skipif(not native.available()[0], reason="native kernel unavailable (no C compiler)")
+
+T = 12
+
+
+def _setup(f, rk4=False, n=5, seed=3):
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, rk4=rk4, max_length=20.0)
+    pts, dirs, fld = phantom_seeds(f, n, seed, torch.float64)
+    return tracking_field(fld, prm), prm, pts, dirs / dirs.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("rk4,temperature", [(False, None), (False, 0.1), (True, None)])
+def test_equals_track_fixed(phantom_field, rk4, temperature):
+    """follow_fixed is track_fixed computed by the fused engine: the same padded decisions, vertices within 1e-10 mm,
+    weights within 1e-12, gradients wrt the FOD, the seeds and the step within 1e-6 relative (measured 1e-15).
+    (RK4 with soft stopping is compared on the Philips FOD in test_fused.py: the phantom's uniform FOD makes the
+    five stage amplitudes tie, where the minimum's subgradient is a choice: torch splits it, the sweep takes the
+    first stage.)"""
+    f = phantom_field
+    fld, prm, pts, dirs = _setup(f, rk4)
+    leaves = [(fld.sh.clone().requires_grad_(True), pts.clone().requires_grad_(True),
+               torch.tensor(float(prm.step), dtype=torch.float64, requires_grad=True)) for _ in range(2)]
+    outs = [fn(fld._replace(sh=sh), prm._replace(step=st), s, dirs, T, f["mask"], temperature)
+            for fn, (sh, s, st) in zip((follow_fixed, tf.track_fixed), leaves)]
+    a, b = outs
+    for name in ("valid", "accepted", "seed_index", "reason_fwd", "reason_bwd"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert int(a.valid.sum()) > 40
+    assert float((a.vertices - b.vertices)[a.valid].abs().max()) < 1e-10
+    assert float((a.weights - b.weights).abs().max()) < 1e-12
+    u = torch.randn(a.vertices.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * a.valid[..., None]
+    uw = torch.linspace(0.5, 1.5, a.weights.numel(), dtype=torch.float64).reshape(a.weights.shape)
+    grads = [torch.autograd.grad((o.vertices * u).sum() + (o.weights * uw).sum(), lv) for o, lv in zip(outs, leaves)]
+    for x, y in zip(*grads):
+        assert float(y.norm()) > 0 and float((x - y).norm() / y.norm()) < 1e-6
+
+
+def test_vmap_jacrev_per_streamline_jacobians(phantom_field):
+    """vmap(jacrev(...)) over single-seed calls: each streamline's Jacobian wrt its seed, (S, 2T+1, 3, 3), equal to
+    track_fixed's on the valid vertices (the ops' vmap rules: one kernel call for the batch of seeds, one sweep per
+    cotangent), and torch.func.grad of a sum equals the Jacobians' sum."""
+    f = phantom_field
+    fld, prm, pts, dirs = _setup(f)
+
+    def one(fn):
+        return lambda s, d: fn(fld, prm, s[None], d[None], T, f["mask"]).vertices[0]
+
+    J = torch.func.vmap(torch.func.jacrev(one(follow_fixed)))(pts, dirs)
+    ref = torch.func.vmap(torch.func.jacrev(one(tf.track_fixed)))(pts, dirs)
+    valid = follow_fixed(fld, prm, pts, dirs, T, f["mask"]).valid
+    assert J.shape == (5, 2 * T + 1, 3, 3)
+    assert float(ref[valid].abs().max()) > 0.5 and float((J - ref)[valid].abs().max()) < 1e-10
+    g = torch.func.grad(lambda s: follow_fixed(fld, prm, s, dirs, T, f["mask"]).vertices[valid].sum())(pts)
+    assert torch.allclose(g, torch.einsum("slij->sj", J * valid[..., None, None]), atol=1e-12)   # torch.func.grad
+
+
+def test_torch_compile_fullgraph_no_recompiles(phantom_field):
+    """torch.compile(fullgraph=True, dynamic=True) traces follow_fixed with no graph break, gives eager's values and
+    gradients, and does not recompile for other seed counts (the seed dimension marked dynamic: left to itself
+    dynamo specialises the start directions' size on the first call and generalises on the second)."""
+    import torch._dynamo
+    f = phantom_field
+    fld, prm, pts, dirs = _setup(f, n=8, seed=4)
+
+    def loss(sh, s, d):
+        ft = follow_fixed(fld._replace(sh=sh), prm, s, d, T, f["mask"], 0.1)
+        return (ft.vertices * ft.weights[..., None]).sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True)
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for n in (3, 5, 8):
+        sh1, s1 = fld.sh.clone().requires_grad_(True), pts[:n].clone().requires_grad_(True)
+        sh2, s2 = fld.sh.clone().requires_grad_(True), pts[:n].clone().requires_grad_(True)
+        d = dirs[:n].clone()
+        torch._dynamo.mark_dynamic(s1, 0)
+        torch._dynamo.mark_dynamic(d, 0)
+        out, ref = compiled(sh1, s1, d), loss(sh2, s2, dirs[:n])
+        assert torch.allclose(out, ref, rtol=1e-12, atol=0)
+        for x, y in zip(torch.autograd.grad(out, (sh1, s1)), torch.autograd.grad(ref, (sh2, s2))):
+            assert torch.allclose(x, y, rtol=1e-10, atol=1e-14)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames == 1
