@@ -2,7 +2,8 @@
 
 The FOD is a tensor like any other: ``field._replace(sh=param)`` makes every streamline vertex a function
 of the SH coefficients (through trilinear sampling and the implicit-function derivative of each peak),
-so a bundle-level loss can be pushed back into the voxels the bundle visits.
+so a bundle-level loss can be pushed back into the voxels the bundle visits.  ``tractfunc.track`` runs the
+fused engine here (the C kernel's forward with tckgen's decisions, exact peaks, one C reverse sweep).
 
 Setup (a crop of the corpus callosum of the Philips in-vivo FOD):
 
@@ -12,15 +13,19 @@ Setup (a crop of the corpus callosum of the Philips in-vivo FOD):
 * target bundle: the streamlines tracked from the same seeds on a *rotated* FOD (every voxel's FOD turned
   by 20 degrees about the scanner z axis, refitted in the SH basis) -- a known, physically plausible
   perturbation, and the rotated FOD is a ground truth to compare against;
-* soft termination (``temperature``): the cutoff and angle rules become survival weights instead of
-  stops, so the optimiser cannot shorten a streamline to drop its worst vertices from the loss;
+* tracking with tckgen's rules (hard stopping; the crop ends the streamlines); the loss reads the first
+  ``n_steps`` steps of each half;
 * loss: mean distance between corresponding vertices (same step number from the seed, both halves) of the
-  tracked and the target streamlines, weighted by the target vertex's survival weight, plus
-  ``lam * ||sh - sh0||^2 / ||sh0||^2`` keeping the coefficients close to the measured FOD ``sh0``.
+  tracked and the target streamlines, over every target vertex; where the tracked half is shorter than the
+  target's, its last vertex stands for the missing ones (so the optimiser cannot shorten a streamline to drop
+  its worst vertices from the loss), plus ``lam * ||sh - sh0||^2 / ||sh0||^2`` keeping the coefficients close
+  to the measured FOD ``sh0``.
 
 Prints the vertex distance before/after, how far the FOD moved (relative L2 change, largest amplitude
 change) and whether its peaks turned towards the rotated FOD's; writes ``optimize_fod.png`` and a final
-JSON line.  Run: ``python examples/optimize_fod.py [--quick] [--out DIR] [--data DIR]``.
+JSON line.  Time (full size, the 2-core machine of examples/README.md, load average ~6 from other jobs): the 30
+Adam iterations take 2.8 s (12.3 s wall); on ``track_fixed`` with soft stopping (this script's previous
+version, measured back to back) they took 94.1 s (115.1 s wall).  Run: ``python examples/optimize_fod.py [--quick] [--out DIR] [--data DIR]``.
 """
 from __future__ import annotations
 
@@ -34,7 +39,6 @@ import torch
 
 import tractfunc as tf
 from tractfunc.core import newton as direction, sh as shm
-from tractfunc.sdstream import fixed as tracking
 from tractfunc.core.integrate import find_peak
 from tractfunc.core.sphere import fibonacci_sphere
 
@@ -59,32 +63,37 @@ def rotate_sh(coeffs: torch.Tensor, R: torch.Tensor) -> torch.Tensor:
     return (coeffs.to(torch.float64) @ M.T).to(coeffs.dtype)
 
 
-def aligned(out, T: int):
-    """Vertices re-indexed by step number from the seed: (B, 2T+1, 3) with column T the seed, columns
-    T-k / T+k the k-th vertex of the forward / backward half, their validity (B, 2T+1) and survival
-    weights (B, 2T+1)."""
+def aligned(tracks, n_seeds: int, T: int, clamp: bool = False):
+    """Vertices re-indexed by step number from the seed: (S, 2T+1, 3) with column T the seed, columns T-k / T+k
+    the k-th vertex of the forward / backward half, and their validity (S, 2T+1) (False in the rows of seeds
+    without an accepted streamline).  clamp: a half shorter than k steps gives its last vertex (still invalid).
+    Differentiable wrt ``tracks.vertices``."""
+    ln, si = tracks.lengths, tracks.seed_index
     j = torch.arange(-T, T + 1)
-    idx = out.seed_index.unsqueeze(1) + j.unsqueeze(0)
-    inside = (idx >= 0) & (idx <= 2 * T)
-    idx = idx.clamp(0, 2 * T)
-    v = torch.gather(out.vertices, 1, idx.unsqueeze(-1).expand(-1, -1, 3))
-    ok = inside & torch.gather(out.valid, 1, idx)
-    w = torch.where(ok, torch.gather(out.weights, 1, idx), torch.zeros_like(out.weights))
-    return v, ok, w
+    k = j.abs().unsqueeze(0)                                               # (1, 2T+1) steps from the seed
+    have = torch.where(j < 0, si.unsqueeze(1), (ln - si - 1).unsqueeze(1))  # (A, 2T+1) steps that half took
+    ok = k <= have
+    step = torch.minimum(k, have) if clamp else torch.where(ok, k, torch.zeros_like(k))
+    idx = (torch.cumsum(ln, 0) - ln + si).unsqueeze(1) + torch.where(j < 0, -step, step)
+    S = n_seeds
+    v = tracks.vertices.new_zeros(S, 2 * T + 1, 3).index_copy(0, tracks.seed_ids, tracks.vertices[idx])
+    return v, ok.new_zeros(S, 2 * T + 1).index_copy(0, tracks.seed_ids, ok)
 
 
-def bundle_distance(out, tgt_v, tgt_ok, tgt_w, T):
-    """Mean distance (mm) between corresponding vertices valid in both (the seed itself excluded), each
-    weighted by the target vertex's survival weight, and the weighted fraction of target vertices that
-    have a valid counterpart."""
-    v, ok, _ = aligned(out, T)
-    both = ok & tgt_ok
-    both[:, T] = False
-    w = torch.where(both, tgt_w, torch.zeros_like(tgt_w))
+def bundle_distance(out, tgt_v, tgt_ok, T):
+    """Mean distance (mm) from every target vertex (the seed excluded) of a seed with a tracked streamline to the
+    tracked vertex of the same step number (the half's last vertex where it is shorter), and the fraction of
+    target vertices with a valid counterpart."""
+    S = tgt_v.shape[0]
+    v, _ = aligned(out, S, T, clamp=True)
+    _, ok = aligned(out, S, T)
+    want = tgt_ok & out.accepted.unsqueeze(1)
+    want[:, T] = False
     d = (((v - tgt_v) ** 2).sum(-1) + 1e-12).sqrt()
-    wt = torch.where(tgt_ok, tgt_w, torch.zeros_like(tgt_w))
-    wt[:, T] = 0
-    return (d * w).sum() / w.sum().clamp(min=1e-12), float(w.sum() / wt.sum().clamp(min=1e-12))
+    w = want.to(v.dtype)
+    all_tgt = tgt_ok.clone()
+    all_tgt[:, T] = False
+    return (d * w).sum() / w.sum().clamp(min=1), float((want & ok).sum() / all_tgt.sum().clamp(min=1))
 
 
 def main(argv=None):
@@ -92,23 +101,24 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=0.002, help="Adam step on the SH coefficients")
     ap.add_argument("--lam", type=float, default=10.0, help="weight of the relative L2 regulariser")
     ap.add_argument("--iters", type=int, default=None, help="Adam iterations (default 6 quick / 30 full)")
-    ap.add_argument("--temperature", type=float, default=0.05,
-                    help="soft termination temperature (FOD amplitude / cosine units)")
     args = parse_args(ap, argv)
     t_start = time.perf_counter()
     n_seeds, n_steps, iters = (32, 12, 6) if args.quick else (128, 25, 30)
     iters = args.iters if args.iters is not None else iters
-    step_mm, angle_deg, lam, lr, temp = 0.5, 20.0, args.lam, args.lr, args.temperature
+    step_mm, angle_deg, lam, lr = 0.5, 20.0, args.lam, args.lr
     dtype = torch.float32
 
     crop = load_crop(args.data, dtype)
     A = crop["affine"]
     sh0 = crop["sh"]
-    fld0 = tf.make_field(sh0, A, precomputed=False)            # exact SH: smooth gradients
+    vs = crop["voxel_sizes"]
+    fld0 = tf.make_field(sh0, A, precomputed=False, voxel_sizes=vs)
     mask = tf.make_mask(crop["brain"], A)
-    params = tf.resolve(crop["voxel_sizes"], step=step_mm)
+    # exact SH and peaks (smooth gradients), tckgen's decisions from the C kernel and its length limits (the
+    # crop, 56 mm wide, ends every streamline first)
+    params = tf.resolve(vs, step=step_mm, exact=True)
     sh_rot = rotate_sh(sh0, rotation_z(angle_deg))
-    fld_rot = tf.make_field(sh_rot, A, precomputed=False)
+    fld_rot = tf.make_field(sh_rot, A, precomputed=False, voxel_sizes=vs)
     gen = torch.Generator().manual_seed(1)
 
     # seeds: WM near the mid-sagittal plane; keep those accepted on both FODs (both must give a bundle)
@@ -119,8 +129,8 @@ def main(argv=None):
     seeds = tf.random_in_mask(slab, A, 4 * n_seeds, gen).to(dtype)
     ex = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
     with torch.no_grad():
-        a0 = tracking.track_fixed(fld0, params, seeds, ex.expand(len(seeds), 3), n_steps, mask).accepted
-        a1 = tracking.track_fixed(fld_rot, params, seeds, ex.expand(len(seeds), 3), n_steps, mask).accepted
+        a0 = tf.track(fld0, params, seeds, ex.expand(len(seeds), 3), mask=mask).accepted
+        a1 = tf.track(fld_rot, params, seeds, ex.expand(len(seeds), 3), mask=mask).accepted
         # and keep seeds whose +x peak is well above the cutoff on both FODs, so that a small change of
         # the coefficients cannot reject them (the seed test stays hard under soft termination)
         strong = torch.ones_like(a0)
@@ -129,9 +139,8 @@ def main(argv=None):
             strong &= torch.nan_to_num(amp, nan=0.0) > 3 * params.cutoff
     seeds = seeds[a0 & a1 & strong][:n_seeds]
     init = ex.expand(len(seeds), 3)
-    with torch.no_grad():
-        target = tracking.track_fixed(fld_rot, params, seeds, init, n_steps, mask, temperature=temp)
-    tgt_v, tgt_ok, tgt_w = aligned(target, n_steps)
+    target = tf.track(fld_rot, params, seeds, init, mask=mask)
+    tgt_v, tgt_ok = aligned(target, len(seeds), n_steps)
 
     param = sh0.clone().requires_grad_(True)
     opt = torch.optim.Adam([param], lr=lr)
@@ -139,9 +148,8 @@ def main(argv=None):
     hist_data, hist_total = [], []
     t_opt = time.perf_counter()
     for it in range(iters + 1):
-        out = tracking.track_fixed(fld0._replace(sh=param), params, seeds, init, n_steps, mask,
-                                   temperature=temp)
-        data, cover = bundle_distance(out, tgt_v, tgt_ok, tgt_w, n_steps)
+        out = tf.track(fld0._replace(sh=param), params, seeds, init, mask=mask)   # engine "follow" (fused)
+        data, cover = bundle_distance(out, tgt_v, tgt_ok, n_steps)
         reg = lam * ((param - sh0) ** 2).sum() / norm0
         loss = data + reg
         hist_data.append(float(data.detach()))
@@ -150,7 +158,7 @@ def main(argv=None):
             out0, cover0 = out, cover
         if it == iters:
             break
-        stops = torch.bincount(torch.cat([out.reason_fwd, out.reason_bwd]), minlength=7).tolist()
+        stops = torch.bincount(out.reasons.flatten(), minlength=7).tolist()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -176,7 +184,7 @@ def main(argv=None):
     d_amp = (delta[changed] @ Y.T).abs()
     max_amp = float((sh0[changed] @ Y.T).abs().max())
     # voxels the target bundle passes through (nearest voxel of each valid target vertex)
-    vox = tgt_v[tgt_ok & (tgt_w > 0.5)].double() @ torch.linalg.inv(torch.as_tensor(A))[:3, :3].T + \
+    vox = tgt_v[tgt_ok].double() @ torch.linalg.inv(torch.as_tensor(A))[:3, :3].T + \
         torch.linalg.inv(torch.as_tensor(A))[:3, 3]
     vox = torch.unique(torch.round(vox).long().clamp(min=torch.zeros(3, dtype=torch.long),
                                                      max=torch.tensor(CROP_SIZE) - 1), dim=0)
@@ -186,9 +194,9 @@ def main(argv=None):
 
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "optimize_fod.png")
-    plot(png, hist_data, hist_total, tgt_v, tgt_ok & (tgt_w > 0.5), out0, out, n_steps)
+    plot(png, hist_data, hist_total, tgt_v, tgt_ok, out0, out, n_steps)
 
-    result = dict(example="optimize_fod", quick=args.quick, n_seeds=len(seeds), n_steps=n_steps,
+    result = dict(example="optimize_fod", quick=args.quick, engine=out.engine, n_seeds=len(seeds), n_steps=n_steps,
                   iterations=iters, step_mm=step_mm, rotation_deg=angle_deg, lam=lam,
                   loss_before=hist_total[0], loss_after=hist_total[-1],
                   vertex_dist_before_mm=hist_data[0], vertex_dist_after_mm=after_dist,
@@ -240,8 +248,8 @@ def plot(png, hist_data, hist_total, tgt_v, tgt_ok, out0, out1, T):
     axes[1].sharex(axes[2])
     axes[1].sharey(axes[2])
     for ax, out, title in ((axes[1], out0, "measured FOD (before)"), (axes[2], out1, "optimised FOD (after)")):
-        v, ok, w = aligned(out, T)
-        v, ok = v.detach().numpy(), (ok & (w > 0.5)).numpy()
+        v, ok = aligned(out, len(tgt_v), T)
+        v, ok = v.detach().numpy(), ok.numpy()
         tv, tok = tgt_v.numpy(), tgt_ok.numpy()
         for b in range(min(len(v), 40)):          # a subset, for legibility
             ax.plot(tv[b, tok[b], 0], tv[b, tok[b], 1], color="tab:green", lw=0.8, alpha=0.6)

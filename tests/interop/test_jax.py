@@ -284,3 +284,90 @@ def test_track_fixed_rejects_mismatched_inputs(tfj, track_case):
         tfj.track_fixed(k["fod"], k["params"], k["seeds"].astype(np.float32), k["dirs"], 2, **kw)
     with pytest.raises(TractfuncError, match=r"expected both \(B, 3\)"):
         tfj.track_fixed(k["fod"], k["params"], k["seeds"][:, :2], k["dirs"][:, :2], 2, **kw)
+
+
+# --------------------------------------------------------------------------------------------------
+# tfj.track: tractfunc.track (the fused engine) with fixed-shape per-seed outputs
+
+
+@pytest.fixture(scope="module")
+def fast_case(phantom_field):
+    """float64 phantom FOD, 10 seeds with random start directions, exact peaks (the fused engine's gradient
+    setting), 20 mm streamlines at most, the tracking mask; W weighs every vertex slot of the loss."""
+    ph = phantom_field["ph"]
+    pts, dirs, _ = phantom_seeds(phantom_field, 10, seed=7, dtype=f64)
+    params = tf.resolve([2, 2, 2], exact=True, max_length=20.0)
+    L = params.max_points + 1
+    return dict(fod=ph.fod.astype(np.float64), affine=ph.affine, seeds=pts.numpy(), dirs=dirs.numpy(),
+                params=params, mask=phantom_field["mask"], L=L, W=_rng(14).standard_normal((10, L, 3)))
+
+
+def _fast_losses(tfj, k):
+    """(jax loss of tfj.track, torch loss of tf.track on the same streamlines): sum of W * sin(vertex)."""
+    def jl(s, p):
+        r = tfj.track(s, k["params"], p, k["dirs"], affine=k["affine"], mask=k["mask"])
+        return jnp.sum(jnp.where(r.valid[..., None], jnp.sin(r.vertices) * k["W"], 0.0))
+
+    def tl(s, p):
+        tr = tf.track(tf.make_field(s, k["affine"], precomputed=False), k["params"], p, torch.from_numpy(k["dirs"]),
+                      mask=k["mask"])
+        assert tr.engine == "follow" and len(tr.lengths) >= 6   # the fused engine, most seeds accepted
+        W = torch.from_numpy(k["W"])
+        return sum((torch.sin(v) * W[i, :len(v)]).sum() for v, i in zip(tr.streamlines(), tr.seed_ids.tolist()))
+    return jl, tl
+
+
+def test_track_rows_are_tf_track_streamlines(tfj, fast_case):
+    """Each accepted seed's row holds tf.track's streamline (bit for bit), the other rows are empty, and the
+    default row length bounds every streamline (the budget counts both halves; the backward half adds one)."""
+    k = fast_case
+    r = tfj.track(k["fod"], k["params"], k["seeds"], k["dirs"], affine=k["affine"], mask=k["mask"])
+    ref = tf.track(tf.make_field(torch.from_numpy(k["fod"]), k["affine"], precomputed=False), k["params"],
+                   torch.from_numpy(k["seeds"]), torch.from_numpy(k["dirs"]), mask=k["mask"])
+    assert r.vertices.shape == (10, k["L"], 3) and r.vertices.dtype == jnp.float64 and r.lengths.dtype == jnp.int32
+    assert int(ref.lengths.max()) == k["L"]          # a streamline reaches the bound: the bound is tight
+    for sl, i, si in zip(ref.streamlines(), ref.seed_ids.tolist(), ref.seed_index.tolist()):
+        n = len(sl)
+        np.testing.assert_array_equal(np.asarray(r.vertices[i, :n]), sl.numpy())
+        assert int(r.lengths[i]) == n and int(r.seed_index[i]) == si and bool(r.valid[i, :n].all())
+    np.testing.assert_array_equal(np.asarray(r.accepted), ref.accepted.numpy())
+    np.testing.assert_array_equal(np.asarray(r.reasons), ref.reasons.numpy())
+    assert int(r.valid.sum()) == ref.vertices.shape[0] and float(jnp.abs(jnp.where(r.valid[..., None], 0,
+                                                                                  r.vertices)).max()) == 0
+    fod = jnp.asarray(k["fod"])                        # one JAX array twice: the second call reuses its field
+    again = [tfj.track(fod, k["params"], k["seeds"], k["dirs"], affine=k["affine"], mask=k["mask"]) for _ in "ab"]
+    assert len(tfj._FIELDS) == 1 and next(iter(tfj._FIELDS.values()))[0]() is fod
+    for x, y, z in zip(r, *again):
+        np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
+        np.testing.assert_array_equal(np.asarray(z), np.asarray(x))
+    with pytest.raises(TractfuncError, match="more than max_vertices"):
+        tfj.track(k["fod"], k["params"], k["seeds"], k["dirs"], affine=k["affine"], mask=k["mask"],
+                  max_vertices=k["L"] - 1)
+
+
+def test_track_gradient_wrt_seeds_and_fod_equals_torch_track(tfj, fast_case):
+    """jax.grad through tfj.track equals torch autograd through tf.track (the fused engine's C reverse sweep),
+    float64, exact peaks, wrt every FOD coefficient and the seeds."""
+    k = fast_case
+    _grads_match(*_fast_losses(tfj, k), k["fod"], k["seeds"])
+
+
+def test_track_jit_kept_and_dropped_graphs(tfj, fast_case):
+    """Under jax.jit the gradient equals the eager one; the forward's graph is used once and released; a backward
+    that finds no kept graph (dropped, or a second call of the same vjp) recomputes it with the same result; a
+    gradient wrt the seeds alone (the FOD not differentiated: no FOD gradient is computed) is the same."""
+    k = fast_case
+    jl, _ = _fast_losses(tfj, k)
+    args = (jnp.asarray(k["fod"]), jnp.asarray(k["seeds"]))
+    eager = jax.value_and_grad(jl, argnums=(0, 1))(*args)
+    assert len(tfj._GRAPHS) == 0                                     # kept from forward to backward, then freed
+    jitted = jax.jit(jax.value_and_grad(jl, argnums=(0, 1)))(*args)
+    for a, b in zip(jax.tree_util.tree_leaves(jitted), jax.tree_util.tree_leaves(eager)):
+        _close(a, b)
+    val, vjp = jax.vjp(jl, *args)
+    assert len(tfj._GRAPHS) == 1
+    tfj._GRAPHS.clear()                                              # as if dropped by KEEP_GRAPHS
+    for _ in range(2):
+        for a, b in zip(vjp(jnp.ones_like(val)), eager[1]):
+            _close(a, b)
+    _close(jax.grad(jl, argnums=1)(*args), eager[1][1])

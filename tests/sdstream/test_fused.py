@@ -185,19 +185,26 @@ def test_gradients_finite_everywhere(phantom_field, where, start, fod, rk4, temp
         assert g is None or bool(torch.isfinite(g).all())
 
 
-def test_real_data_float64_and_float32(tmp_path):
-    """Philips FOD, WM-mask seeds: the fused engine against the PyTorch primitives, Euler, exact peaks: same
-    decisions, vertices within 1e-10 mm (float64), gradients within 1e-6 relative."""
+@pytest.fixture(scope="module")
+def philips():
     d = require_philips()
     from tractfunc import io
     from tractfunc.core import seeds as S
     img = io.load_fod(d["fod"])
     wm = io.load_mask(d["seed"])
     g = torch.Generator().manual_seed(5)
-    pts = S.random_in_mask(torch.as_tensor(wm.data), wm.affine, 6, g).double()
-    dirs = S.random_directions(6, g, torch.float64)
-    fld = tf.make_field(torch.as_tensor(np.ascontiguousarray(img.data), dtype=torch.float64), img.affine,
-                        voxel_sizes=img.voxel_sizes)
+    pts = S.random_in_mask(torch.as_tensor(wm.data), wm.affine, 6, g).float()
+    dirs = S.random_directions(6, g, torch.float32)
+    fields = {dt: tf.make_field(torch.as_tensor(np.ascontiguousarray(img.data), dtype=dt), img.affine,
+                                voxel_sizes=img.voxel_sizes) for dt in (torch.float32, torch.float64)}
+    return img, fields, pts, dirs
+
+
+def test_real_data_float64_and_float32(philips):
+    """Philips FOD, WM-mask seeds: the fused engine against the PyTorch primitives, Euler, exact peaks: same
+    decisions, vertices within 1e-10 mm (float64), gradients within 1e-6 relative."""
+    img, fields, pts, dirs = philips
+    pts, dirs, fld = pts.double(), dirs.double(), fields[torch.float64]
     prm = P.resolve(img.voxel_sizes, exact=True, max_length=40.0)
     ref_v, ln, _, ref_leaves = _reference(fld, prm, pts, dirs)
     tr, leaves = _fused(fld, prm, pts, dirs)
@@ -257,21 +264,6 @@ def test_torch_func_grad_and_vjp_run_the_fused_engine(phantom_field):
 
 # ------------------------------------------------------------------------------------------------------------------
 # Soft stopping in the fused engine: against the fixed engine (the primitives with survival weights)
-
-@pytest.fixture(scope="module")
-def philips():
-    d = require_philips()
-    from tractfunc import io
-    from tractfunc.core import seeds as S
-    img = io.load_fod(d["fod"])
-    wm = io.load_mask(d["seed"])
-    g = torch.Generator().manual_seed(5)
-    pts = S.random_in_mask(torch.as_tensor(wm.data), wm.affine, 6, g).float()
-    dirs = S.random_directions(6, g, torch.float32)
-    fields = {dt: tf.make_field(torch.as_tensor(np.ascontiguousarray(img.data), dtype=dt), img.affine,
-                                voxel_sizes=img.voxel_sizes) for dt in (torch.float32, torch.float64)}
-    return img, fields, pts, dirs
-
 
 @pytest.mark.parametrize("rk4,n,steps", [(False, 3, 24), (True, 2, 12)])
 def test_soft_stopping_matches_the_fixed_engine_float64(philips, rk4, n, steps):

@@ -111,7 +111,7 @@ class _Fused(torch.autograd.Function):
     @staticmethod
     def forward(sh, seeds, step, init_dirs, field, params, kernel, temperature):
         prm = params if step is None else params._replace(step=step)
-        values, weights, tape, ids, reasons, acc = _forward(field._replace(sh=sh), prm, kernel, seeds, init_dirs,
+        values, weights, tape, ids, reasons, acc = forward(field._replace(sh=sh), prm, kernel, seeds, init_dirs,
                                                             temperature)
         w = weights if weights is not None else values.new_zeros(0)
         return (values, w, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc,
@@ -133,35 +133,47 @@ class _Fused(torch.autograd.Function):
     def _sweep(ctx, gv, gw):
         t: _Tape = ctx.tape
         sh_dtype, seeds_dtype, S, has_step = ctx.meta
-        lib = native.library()
-        gverts = np.ascontiguousarray(gv.detach().cpu().numpy(), dtype=np.float64)
-        gweights = None
-        if t.weights is not None and gw is not None and gw.numel():
-            gweights = np.ascontiguousarray(gw.detach().cpu().numpy(), dtype=np.float64)
-        A = t.lengths.shape[0]
-        gseeds = np.zeros((A, 3), dtype=np.float64)
-        gstep = np.zeros(1, dtype=np.float64)
         gsh = torch.zeros_like(t.keep[0]) if ctx.needs_input_grad[0] else None
-        verts, sdirs = _double(t.verts), _double(t.sdirs)   # (held: the C call reads them)
-        rc = lib.sd_adjoint(ctypes.byref(t.config), A, _ptr(t.starts), _ptr(t.lengths), _ptr(t.seed_index),
-                            _ptr(verts), _ptr(sdirs), _ptr(gverts),
-                            None if gweights is None else _ptr(t.weights),
-                            None if gweights is None else _ptr(gweights), _ptr(gseeds), _ptr(gstep),
-                            None if gsh is None else gsh.data_ptr(), torch.get_num_threads())
-        if rc == -2:
-            raise MemoryError("out of memory for the per-thread FOD gradient buffers (fewer threads need less)")
+        gseeds, gstep = adjoint(t, gv, gw, gsh)
         g_seeds = None
         if ctx.needs_input_grad[1]:
             g_seeds = torch.zeros(S, 3, dtype=seeds_dtype).index_add_(0, ctx.ids, torch.from_numpy(gseeds).to(
                 seeds_dtype))
-        g_step = torch.tensor(gstep[0], dtype=sh_dtype) if has_step and ctx.needs_input_grad[2] else None
+        g_step = torch.tensor(gstep, dtype=sh_dtype) if has_step and ctx.needs_input_grad[2] else None
         return gsh, g_seeds, g_step, None, None, None, None, None
 
 
-def _forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
+def adjoint(tape: _Tape, gv: Tensor, gw: Optional[Tensor], gsh: Optional[Tensor]):
+    """One C reverse sweep over the tape's streamlines.
+
+    Args:
+        tape: what :func:`forward` recorded; gv: (V, 3) dL/dvertices; gw: (V,) dL/dweights or None (ignored under
+            hard stopping); gsh: None, or a zeroed tensor like the FOD that receives dL/dFOD.
+    Returns:
+        (dL/dseed of each accepted streamline (A, 3) float64 NumPy, dL/dstep float).
+    """
+    lib = native.library()
+    gverts = np.ascontiguousarray(gv.detach().cpu().numpy(), dtype=np.float64)
+    gweights = None
+    if tape.weights is not None and gw is not None and gw.numel():
+        gweights = np.ascontiguousarray(gw.detach().cpu().numpy(), dtype=np.float64)
+    A = tape.lengths.shape[0]
+    gseeds = np.zeros((A, 3), dtype=np.float64)
+    gstep = np.zeros(1, dtype=np.float64)
+    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
+    rc = lib.sd_adjoint(ctypes.byref(tape.config), A, _ptr(tape.starts), _ptr(tape.lengths), _ptr(tape.seed_index),
+                        _ptr(verts), _ptr(sdirs), _ptr(gverts), None if gweights is None else _ptr(tape.weights),
+                        None if gweights is None else _ptr(gweights), _ptr(gseeds), _ptr(gstep),
+                        None if gsh is None else gsh.data_ptr(), torch.get_num_threads())
+    if rc == -2:
+        raise MemoryError("out of memory for the per-thread FOD gradient buffers (fewer threads need less)")
+    return gseeds, float(gstep[0])
+
+
+def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
              temperature: Optional[float] = None):
-    """The kernel's decisions and the forward values -> (values (V, 3) in the field's dtype, weights (V,) or None,
-    tape, ids, reasons, accepted) (see :func:`track_fused`)."""
+    """The kernel's decisions and the forward values on plain tensors -> (values (V, 3) in the field's dtype, weights
+    (V,) or None, tape (what :func:`adjoint` reads), ids, reasons, accepted) (see :func:`track_fused`)."""
     s32 = seeds.detach().to("cpu", torch.float32).numpy()
     d32 = init_dirs.detach().to("cpu", torch.float32).numpy()
     v32, ln, ids, si, reasons, acc, sd32 = kernel.track(s32, d32, record=True)
@@ -214,7 +226,7 @@ def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", s
     if needs_grad(field.sh, seeds, *(() if step is None else (step,))):
         out = _Fused.apply(field.sh, seeds, step, init_dirs, field._replace(sh=None), params, kernel, temperature)
         return (out[0], *out[2:7], out[1] if temperature is not None else None)
-    values, weights, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs, temperature)
+    values, weights, tape, ids, reasons, acc = forward(field, params, kernel, seeds, init_dirs, temperature)
     return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc, weights
 
 
@@ -225,7 +237,7 @@ def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Ke
     Returns (the same tuple as :func:`track_fused`, J (V, 3, 3) in the field's dtype, ``J[v, i, k] = d x_vi /
     d seed_k`` of the vertex's own seed; the identity at seed vertices), by forward propagation of each step's
     3 x 3 Jacobian in C (the implicit-function derivative of every peak, RK4 through its stages)."""
-    values, _, tape, ids, reasons, acc = _forward(field, params, kernel, seeds, init_dirs)
+    values, _, tape, ids, reasons, acc = forward(field, params, kernel, seeds, init_dirs)
     J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
     verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
     native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),

@@ -63,7 +63,7 @@ def _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, 
     T, temp = ip[5], (fp[3] if fp[3] > 0 else None)
     kernel = decision_kernel(field, params._replace(min_points=0), mfield, soft_steps=T if temp else None,
                              half_steps=0 if temp else T)
-    values, weights, tape, ids, reasons, acc = fused._forward(field, params, kernel, seeds, init_dirs, temp)
+    values, weights, tape, ids, reasons, acc = fused.forward(field, params, kernel, seeds, init_dirs, temp)
     return values, weights, tape, ids, reasons, acc, params
 
 
@@ -115,33 +115,20 @@ def _follow_fixed_vjp(sh: Tensor, nonzero: Tensor, seeds: Tensor, init_dirs: Ten
                       fp: List[float], ip: List[int], g_verts: Tensor, g_weights: Tensor,
                       wants: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """K cotangents (K, S, 2T+1, 3) / (K, S, 2T+1) -> (d/dsh (K, ...) or (0,), d/dseeds (K, S, 3), d/dstep (K,))."""
-    import ctypes
-    from . import fused, native
+    from . import fused
     S, T, K = seeds.shape[0], ip[5], g_verts.shape[0]
-    _, weights, tape, ids, _, _, _ = _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip)
+    _, _, tape, ids, _, _, _ = _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip)
     slot, _, _ = _layout(tape, ids, S, T)
-    lib = native.library()
-    verts, rec = fused._double(tape.verts), fused._double(tape.sdirs)
-    soft = tape.weights is not None
     g_sh = torch.zeros((K,) + tuple(sh.shape), dtype=sh.dtype) if wants[0] else sh.new_zeros(0)
     g_seeds = torch.zeros(K, S, 3, dtype=seeds.dtype)
     g_step = torch.zeros(K, dtype=sh.dtype)
-    A = tape.lengths.shape[0]
+    soft = tape.weights is not None
     for k in range(K):
-        gv = np.ascontiguousarray(g_verts[k].reshape(-1, 3)[slot].double().numpy())
-        gw = np.ascontiguousarray(g_weights[k].reshape(-1)[slot].double().numpy()) if soft else None
-        gs = np.zeros((A, 3), dtype=np.float64)
-        gh = np.zeros(1, dtype=np.float64)
-        out = g_sh[k] if wants[0] else None
-        rc = lib.sd_adjoint(ctypes.byref(tape.config), A, fused._ptr(tape.starts), fused._ptr(tape.lengths),
-                            fused._ptr(tape.seed_index), fused._ptr(verts), fused._ptr(rec), fused._ptr(gv),
-                            None if gw is None else fused._ptr(tape.weights), None if gw is None else fused._ptr(gw),
-                            fused._ptr(gs), fused._ptr(gh), None if out is None else out.data_ptr(),
-                            torch.get_num_threads())
-        if rc == -2:
-            raise MemoryError("out of memory for the per-thread FOD gradient buffers")
+        gv = g_verts[k].reshape(-1, 3)[slot]
+        gw = g_weights[k].reshape(-1)[slot] if soft else None
+        gs, gh = fused.adjoint(tape, gv, gw, g_sh[k] if wants[0] else None)
         g_seeds[k].index_add_(0, ids, torch.from_numpy(gs).to(seeds.dtype))
-        g_step[k] = float(gh[0])
+        g_step[k] = gh
     return g_sh, g_seeds, g_step
 
 

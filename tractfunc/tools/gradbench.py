@@ -17,7 +17,12 @@ native forward measured in the same run (issue 15's measurement):
   engine's soft stopping: survival weights from the kernel's recorded margins, their adjoint in the sweep);
 * ``seed_jacobian``: :func:`tractfunc.seed_jacobian` (forward-mode, B x (2T+1) x 3 x 3) on the fixed setting;
 * ``jacobian_packed``: :func:`tractfunc.seed_jacobian_packed` (the fused engine's streamlines, exact peaks, one
-  3 x 3 per vertex, in C).
+  3 x 3 per vertex, in C);
+* ``jax_follow`` / ``jax_follow_exact`` (not run by default; they need jax): :func:`tractfunc.interop.jax.track`,
+  the same call as ``follow`` / ``follow_exact`` from JAX with per-seed padded outputs (S, max_points + 1, 3):
+  a forward without gradient (the primal runs the native kernel with tckgen's settings, the fused engine with
+  exact peaks), ``jax.value_and_grad`` wrt the FOD and the seeds eagerly, and the same under ``jax.jit``
+  (compiled once before timing).
 
 Each route runs forward with a graph (gradients wanted wrt the FOD and the seeds) and forward + backward of the
 loss ``sum(w_v * <x_v, u>)`` (a weighted projection of the vertices: ``u`` a fixed unit vector, ``w`` the survival
@@ -43,6 +48,7 @@ import torch
 ROUTES = ("fixed", "fixed_soft", "eager", "follow", "follow_exact", "follow_soft", "follow_exact_soft",
           "seed_jacobian", "jacobian_packed")
 SOFT_PAIRS = {"fixed_soft": "fixed", "follow_soft": "follow", "follow_exact_soft": "follow_exact"}
+JAX_ROUTES = ("jax_follow", "jax_follow_exact")
 DEFAULT_DATA = "/work/shared/data/dmri_invivo_philips_achieva_dti32"
 
 
@@ -137,6 +143,36 @@ def _best(fn, repeats: int):
     return best, out, mem
 
 
+def _jax_rows(route, add, sh_np, affine, vs, mask, params, seeds, dirs, u, repeats) -> None:
+    """Time :func:`tractfunc.interop.jax.track` (forward; fwd+bwd eager and under jit) and ``add`` its rows."""
+    import jax
+    x64 = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", sh_np.dtype == np.float64)
+    try:
+        import jax.numpy as jnp
+        from ..interop import jax as tfj
+        sh, s, d, uj = (jnp.asarray(np.asarray(x)) for x in (sh_np, seeds, dirs, u))
+
+        def tracked(sh, s):
+            return tfj.track(sh, params, s, d, affine=affine, mask=mask, voxel_sizes=vs)
+
+        def loss(sh, s):
+            r = tracked(sh, s)
+            return jnp.sum(jnp.where(r.valid, r.vertices @ uj, 0.0))
+        grad = jax.value_and_grad(loss, argnums=(0, 1))
+        jitted = jax.jit(grad)
+        jax.block_until_ready(jitted(sh, s))   # compile (untimed)
+        secs, r, mem = _best(lambda: jax.block_until_ready(tracked(sh, s)), repeats)
+        verts = int(r.valid.sum())
+        add(route, str(sh_np.dtype), "forward", secs, verts, mem)
+        for mode, fn in (("fwd+bwd", grad), ("fwd+bwd jit", jitted)):
+            secs, (_, g), mem = _best(lambda: jax.block_until_ready(fn(sh, s)), repeats)
+            add(route, str(sh_np.dtype), mode, secs, verts, mem,
+                extra={"grad_finite": bool(all(jnp.isfinite(x).all() for x in g))})
+    finally:
+        jax.config.update("jax_enable_x64", x64)
+
+
 def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, threads: int = 2,
         dtypes=("float32", "float64"), checkpoint: int = 10, temperature: float = 0.01, repeats: int = 3,
         routes=ROUTES, seed: int = 0, max_length: Optional[float] = None, min_length: Optional[float] = None,
@@ -211,6 +247,10 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                 return track(fld, p_lut, s, d, mask=mask, engine="follow")
 
             for route in routes:
+                if route in JAX_ROUTES:
+                    _jax_rows(route, add, sh_np.astype(dname), affine, vs, mask, p_exact if route.endswith("exact")
+                              else p_lut, seeds64.to(dt), dirs64.to(dt), u, repeats)
+                    continue
                 if route == "jacobian_packed":
                     s, d = seeds64.to(dt), dirs64.to(dt)
                     secs, (tr, J), mem = _best(lambda: jacobian.seed_jacobian_packed(
@@ -315,7 +355,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--checkpoint", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=0.01)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--routes", default=",".join(ROUTES), help="comma-separated subset of " + ",".join(ROUTES))
+    ap.add_argument("--routes", default=",".join(ROUTES), help="comma-separated subset of " + ",".join(ROUTES + JAX_ROUTES))
     ap.add_argument("--max-length", type=float, help="mm (default: tckgen's)")
     ap.add_argument("--min-length", type=float, help="mm (default: tckgen's)")
     ap.add_argument("--quick", action="store_true",
