@@ -50,6 +50,15 @@ def test_optimize_seeds(tmp_path):
     assert r["accepted_after"] > 0.5
 
 
+def test_optimize_bundle_act(tmp_path):
+    """Soft ACT + an include region: the seeds move so that more streamlines are accepted, softly and by tckgen's
+    hard rules on the native kernel."""
+    r = run_quick("optimize_bundle_act.py", tmp_path)
+    assert r["soft_acceptance_after"] > 1.5 * r["soft_acceptance_before"]
+    assert r["soft_reach_after"] > r["soft_reach_before"]
+    assert r["hard_accepted_after"] > r["hard_accepted_before"]
+
+
 def test_optimize_fod(tmp_path):
     r = run_quick("optimize_fod.py", tmp_path)
     assert r["loss_after"] < r["loss_before"]

@@ -45,7 +45,7 @@ _EXPORTS = {
     "make_field": ("core.field", "make_field"), "make_mask": ("core.field", "make_mask"),
     "ACTField": ("core.field", "ACTField"), "make_act": ("core.field", "make_act"),
     "Regions": ("sdstream.native", "Regions"), "Sphere": ("sdstream.native", "Sphere"),
-    "ImageRegion": ("sdstream.native", "ImageRegion"),
+    "ImageRegion": ("sdstream.native", "ImageRegion"), "gmwmi_seeder": ("sdstream.native", "gmwmi_seeder"),
     "TrackParams": ("core.params", "TrackParams"), "resolve": ("core.params", "resolve"),
     "random_in_mask": ("core.seeds", "random_in_mask"), "random_directions": ("core.seeds", "random_directions"),
     # files

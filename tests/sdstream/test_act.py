@@ -20,16 +20,29 @@ from conftest import START, require_philips, require_tckgen
 from test_native import _kernel_available
 
 
-def _act_parity(tmp_path, n, rk4, dtype, rng_seed=7):
+def _gmwmi_map(tmp_path, d):
+    """5tt2gmwmi of the Philips 5TT (tractfunc.tools.gmwmi, equal to MRtrix3's), as a NIfTI file."""
+    import nibabel as nib
+    from tractfunc.tools.gmwmi import gmwmi
+    path = str(tmp_path / "gmwmi.nii.gz")
+    img = nib.load(d["5tt"])
+    nib.save(nib.Nifti1Image(gmwmi(np.asarray(img.dataobj)), img.affine), path)
+    return path
+
+
+def _act_parity(tmp_path, n, rk4, dtype, rng_seed=7, crop=False):
+    """tckgen -act (with -crop_at_gmwmi and -seed_gmwmi when ``crop``) from a known start, re-tracked here."""
     d = require_philips()
     require_tckgen()
     _kernel_available()
     tck, csv = str(tmp_path / "ref.tck"), str(tmp_path / "seeds.csv")
-    parity.run_tckgen(d["fod"], tck, csv, d["seed"], None, n, rk4=rk4, nthreads=0, rng_seed=rng_seed,
-                      seed_direction=START, extra=["-act", d["5tt"]])
+    seed, how = (_gmwmi_map(tmp_path, d), "-seed_gmwmi") if crop else (d["seed"], "-seed_image")
+    parity.run_tckgen(d["fod"], tck, csv, seed, None, n, rk4=rk4, nthreads=0, rng_seed=rng_seed,
+                      seed_direction=START, extra=["-act", d["5tt"]] + (["-crop_at_gmwmi"] if crop else []),
+                      seed_option=how)
     ref = parity.load_reference(tck, csv)
-    r = parity.compare(ref, d["fod"], None, rk4, dtype, start=START, act_path=d["5tt"])
-    print(f"ACT rk4={rk4} {dtype}: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, "
+    r = parity.compare(ref, d["fod"], None, rk4, dtype, start=START, act_path=d["5tt"], crop_at_gmwmi=crop)
+    print(f"ACT crop={crop} rk4={rk4} {dtype}: {r.identical:.4f} bit-identical, {r.within_01:.4f} within 0.1 mm, "
           f"lost {r.lost}, too short {r.too_short}, engine {r.engine}")
     assert len(ref.streamlines) == n and r.lost == 0 and r.too_short == 0
     return r
@@ -55,6 +68,50 @@ def test_act_float64_follows_tckgen(tmp_path, rk4):
 def test_act_bit_identical_to_tckgen_real_data_5000(tmp_path, rk4):
     r = _act_parity(tmp_path, 5000, rk4, torch.float32, rng_seed=11)
     assert r.identical >= 0.999 and r.within_01 >= 0.999
+
+
+@pytest.mark.parametrize("rk4", [False, pytest.param(True, marks=pytest.mark.slow)])
+def test_crop_at_gmwmi_bit_identical_to_tckgen(tmp_path, rk4):
+    """tckgen -act -seed_gmwmi -crop_at_gmwmi -seed_direction: the seeds at the GM-WM interface tracked one way,
+    the ends entering cortical GM moved onto the interface: every streamline equal bit for bit (300 seeds)."""
+    r = _act_parity(tmp_path, 300, rk4, torch.float32, crop=True)
+    assert r.engine == "native" and r.identical >= 0.999 and r.within_01 >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rk4", [False, True])
+def test_crop_at_gmwmi_float64_follows_tckgen(tmp_path, rk4):
+    """float64 on the follow engine, which crops the followed ends in PyTorch (core.tissues.crop_at_interface):
+    within 0.1 mm of tckgen."""
+    r = _act_parity(tmp_path, 500 if rk4 else 100, rk4, torch.float64, crop=True)
+    assert r.engine == "follow" and r.within_01 >= 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rk4", [False, True])
+def test_crop_at_gmwmi_bit_identical_to_tckgen_5000(tmp_path, rk4):
+    r = _act_parity(tmp_path, 5000, rk4, torch.float32, rng_seed=13, crop=True)
+    assert r.identical >= 0.999 and r.within_01 >= 0.999
+
+
+def test_crop_moves_ends_onto_the_interface():
+    """core.tissues.crop_at_interface on a synthetic 5TT (GM for x > 5 mm, WM below, linear across one voxel):
+    an end in GM moves back to where GM = WM, an end already on the interface or in WM stays, and the new end is
+    differentiable wrt the vertices."""
+    from tractfunc.core.tissues import crop_at_interface, gm_minus_wm, sample_tissues
+    x = torch.arange(12, dtype=torch.float64)
+    gm = ((x - 4.5).clamp(0, 1)).view(-1, 1, 1).expand(12, 6, 6)
+    tt = torch.zeros(12, 6, 6, 5, dtype=torch.float64)
+    tt[..., 0], tt[..., 2] = gm, 1 - gm
+    act = make_act(tt, np.eye(4))
+    line = torch.tensor([[[5.6, 2.0, 2.0], [4.6, 2.0, 2.0], [3.6, 2.0, 2.0]],
+                         [[4.4, 2.0, 2.0], [3.4, 2.0, 2.0], [2.4, 2.0, 2.0]]], dtype=torch.float64, requires_grad=True)
+    out = crop_at_interface(act, line)
+    d = gm_minus_wm(sample_tissues(act, out)[0])
+    assert 0 <= float(d[0]) < 0.01 and abs(float(out[0, 0]) - 5.0) < 0.01
+    assert torch.equal(out[1].detach(), line[1].detach()[0])
+    out[0, 0].backward()
+    assert line.grad is not None and float(line.grad.abs().sum()) > 0
 
 
 def test_act_defaults_follow_tckgen():
@@ -129,8 +186,9 @@ def test_cli_act_reproduces_tckgen(tmp_path):
         assert not bad.exists()
 
 
-@pytest.mark.parametrize("rk4", [False, True])
-def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
+@pytest.mark.parametrize("rk4,crop", [(False, False), (True, False), pytest.param(False, True, marks=pytest.mark.slow),
+                                      pytest.param(True, True, marks=pytest.mark.slow)])
+def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4, crop):
     """Every seed of a grid (tckgen -seed_grid_per_voxel, finite: tckgen tracks each once) with a known start:
     the streamlines tckgen accepts are exactly those accepted here (none missing, none extra), within 0.1 mm,
     with ACT and an include and an exclude sphere.  The grid points are computed here (not read from tckgen),
@@ -150,7 +208,8 @@ def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
     tck = str(tmp_path / "grid.tck")
     cmd = ["tckgen", d["fod"], tck, "-algorithm", "SD_Stream", "-seed_grid_per_voxel", roi_path, "1", "-select", "0",
            "-seed_direction", ",".join(map(str, START)), "-act", d["5tt"], "-include", ",".join(map(str, inc)),
-           "-exclude", ",".join(map(str, exc)), "-nthreads", "0", "-force", "-quiet"] + (["-rk4"] if rk4 else [])
+           "-exclude", ",".join(map(str, exc)), "-nthreads", "0", "-force", "-quiet"] + (["-rk4"] if rk4 else []) + \
+        (["-crop_at_gmwmi"] if crop else [])
     import subprocess
     subprocess.run(cmd, check=True)
     ref = [np.asarray(t, dtype=np.float64) for t in nib.streamlines.load(tck).streamlines]
@@ -159,7 +218,7 @@ def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
     out = track(make_field(torch.as_tensor(fod.data), fod.affine, voxel_sizes=fod.voxel_sizes),
                 P.resolve(fod.voxel_sizes, rk4=rk4, act=True), torch.as_tensor(pts, dtype=torch.float32),
                 torch.as_tensor(np.tile(START, (len(pts), 1)), dtype=torch.float32),
-                act=make_act(torch.as_tensor(tt.data), tt.affine, tt.voxel_sizes),
+                act=make_act(torch.as_tensor(tt.data), tt.affine, tt.voxel_sizes, crop),
                 regions=Regions(include=(Sphere(inc[:3], inc[3]),), exclude=(Sphere(exc[:3], exc[3]),)))
     mine = [l.double().numpy() for l in out.streamlines()]
     seeds_mine = pts[out.seed_ids.numpy()]
@@ -169,6 +228,6 @@ def test_act_grid_seeds_none_missing_none_extra(tmp_path, rk4):
         j = int(np.argmin(np.linalg.norm(seeds_mine[:, None, :] - t[None, :, :], axis=2).min(1)))
         H.append(parity.hausdorff(t, mine[j]))
     H = np.array(H)
-    print(f"grid ACT+ROIs rk4={rk4}: {len(pts)} seeds, tckgen {len(ref)}, here {len(mine)}, "
+    print(f"grid ACT+ROIs rk4={rk4} crop={crop}: {len(pts)} seeds, tckgen {len(ref)}, here {len(mine)}, "
           f"{(H < 0.1).mean():.4f} within 0.1 mm")
     assert len(ref) > 20 and len(mine) == len(ref) and (H < 0.1).mean() >= 0.999

@@ -157,3 +157,56 @@ def test_seed_rejection_matches_tckgen_distribution(tmp_path):
     assert p > 1e-3 and (vals[1] > 0).all()
     bad = run_cli("track", d["fod"], str(tmp_path / "bad.tck"), "--seed-rejection", d["5tt"], check=False)
     assert bad.returncode != 0 and "3-D" in bad.stderr and not (tmp_path / "bad.tck").exists()
+
+
+def test_seed_gmwmi_matches_tckgen_distribution(tmp_path):
+    """--seed-gmwmi (tckgen -seed_gmwmi) with ACT and --crop-at-gmwmi, seeding from the interface map of a cortical
+    block: accepted seeds per voxel homogeneous with tckgen's -output_seeds (chi-squared), as many accepted per
+    seed drawn, and every seed on the interface (|GM - WM| < 0.01 in the 5TT image, as tckgen's search ends)."""
+    import subprocess
+    import nibabel as nib
+    from scipy.stats import chi2_contingency
+    from tractfunc.core.tissues import gm_minus_wm, sample_tissues
+    from tractfunc import io, make_act
+    import torch
+    from tractfunc.tools.gmwmi import gmwmi
+    d = require_philips()
+    require_tckgen()
+    img = nib.load(d["5tt"])
+    g = gmwmi(np.asarray(img.dataobj))
+    block = np.zeros_like(g)
+    block[40:52, 70:82, 30:38] = g[40:52, 70:82, 30:38]
+    path = str(tmp_path / "gmwmi_block.nii.gz")
+    nib.save(nib.Nifti1Image(block, img.affine), path)
+    ref_csv, our_csv = str(tmp_path / "ref.csv"), str(tmp_path / "our.csv")
+    common = ["--act", d["5tt"], "--crop-at-gmwmi", "--select", "1500"]
+    subprocess.run(["tckgen", d["fod"], str(tmp_path / "ref.tck"), "-algorithm", "SD_Stream", "-seed_gmwmi", path,
+                    "-act", d["5tt"], "-crop_at_gmwmi", "-select", "1500", "-output_seeds", ref_csv, "-nthreads", "0",
+                    "-force", "-quiet"], check=True)
+    run_cli("track", d["fod"], str(tmp_path / "our.tck"), "--seed-gmwmi", path, *common, "--output-seeds", our_csv,
+            "--quiet")
+    inv = np.linalg.inv(img.affine)
+    vox = [np.rint(_seeds(c) @ inv[:3, :3].T + inv[:3, 3]).astype(int) for c in (ref_csv, our_csv)]
+    keys, idx = np.unique(np.concatenate(vox), axis=0, return_inverse=True)
+    idx = idx.ravel()
+    table = np.stack([np.bincount(idx[:len(vox[0])], minlength=len(keys)),
+                      np.bincount(idx[len(vox[0]):], minlength=len(keys))])
+    table = table[:, table.sum(0) >= 5]   # the chi-squared approximation needs non-tiny cells
+    p = chi2_contingency(table)[1]
+    counts = [int(nib.streamlines.load(str(tmp_path / f)).header["total_count"]) for f in ("ref.tck", "our.tck")]
+    tt = io.load_5tt(d["5tt"])
+    act = make_act(torch.as_tensor(tt.data, dtype=torch.float64), tt.affine, tt.voxel_sizes)
+    off = [gm_minus_wm(sample_tissues(act, torch.as_tensor(_seeds(c)))[0]).abs() for c in (ref_csv, our_csv)]
+    print(f"seed gmwmi: {table.shape[1]} voxels, chi-squared p = {p:.3f}; streamlines generated for 1500 accepted: "
+          f"tckgen {counts[0]}, tractfunc {counts[1]}; |GM - WM| < 0.01 at {float((off[0] < 0.01).double().mean()):.3f}"
+          f" / {float((off[1] < 0.01).double().mean()):.3f} of the seeds")
+    assert table.shape[1] >= 20 and p > 1e-3
+    assert abs(counts[0] - counts[1]) < 5 * np.sqrt(counts[0])
+    assert float((off[1] < 0.0101).double().mean()) >= 0.99 and float((off[0] < 0.0101).double().mean()) >= 0.99
+
+
+def test_seed_gmwmi_needs_act(tmp_path, phantom_files):
+    ph, paths = phantom_files
+    out = tmp_path / "out.tck"
+    p = run_cli("track", paths["fod"], str(out), "--seed-gmwmi", paths["mask"], check=False)
+    assert p.returncode != 0 and "--act" in p.stderr and len(p.stderr.strip().splitlines()) == 1 and not out.exists()

@@ -223,11 +223,39 @@ def _track_points(a, fod, run, gen, sink, report, pts, name):
     return n_used
 
 
+def _gmwmi_seeds(a):
+    """draw(n, gen) of --seed-gmwmi IMAGE on --act's GM-WM interface (:func:`tractfunc.sdstream.native.gmwmi_seeder`)."""
+    from ..sdstream import native as native_mod
+    if not a.act:
+        raise TractfuncError("--seed-gmwmi needs --act (the interface is that of the 5TT image, as in tckgen)")
+    ok, why = native_mod.available()
+    if not ok:
+        raise TractfuncError(f"--seed-gmwmi needs the native library: {why}")
+    data, affine, _ = io.read_image(a.seed_gmwmi)
+    data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
+    if data.ndim != 3:
+        raise TractfuncError(f"{a.seed_gmwmi}: seed image has shape {data.shape}; expected a 3-D image")
+    tt = io.load_5tt(a.act)
+    try:
+        draw = native_mod.gmwmi_seeder(tt.data, tt.affine, tt.voxel_sizes, data, affine)
+    except ValueError as e:
+        raise TractfuncError(f"{a.seed_gmwmi}: {e}") from None
+
+    def checked(n, gen):
+        try:
+            return draw(n, gen)
+        except ValueError as e:
+            raise TractfuncError(f"--seed-gmwmi {a.seed_gmwmi}: {e}") from None
+    return checked
+
+
 def _random_seeds(a):
     """draw(n, gen) -> (n, 3) scanner mm seeds of --seed-image or --seed-sphere."""
     if a.seed_sphere:
         centre, r = _seed_sphere(a.seed_sphere)
         return lambda n, gen: S.sphere_points_np(centre, r, n, gen)
+    if a.seed_gmwmi:
+        return _gmwmi_seeds(a)
     if a.seed_rejection:
         data, affine, _ = io.read_image(a.seed_rejection)
         data = data[..., 0] if data.ndim == 4 and data.shape[3] == 1 else data
@@ -283,8 +311,10 @@ def cmd_track(a) -> int:
     if a.backtrack:   # tckgen's rule for SD_Stream
         raise TractfuncError("--backtrack: backtracking is not valid for deterministic algorithms (SD_Stream)"
                              if a.act else "--backtrack needs --act (and is not valid for SD_Stream)")
+    if a.crop_at_gmwmi and not a.act:
+        sys.stderr.write("tractfunc track: warning: --crop-at-gmwmi ignored: only valid with --act (as tckgen)\n")
     rois = (a.act or a.include or a.include_ordered or a.exclude or a.stop or a.seed_unidirectional or a.seed_sphere
-            or a.seed_rejection
+            or a.seed_rejection or a.seed_gmwmi
             or a.seed_random_per_voxel or a.seed_grid_per_voxel)
     if rois and (a.algorithm != "sd_stream" or a.workers > 1 or distributed.launched()):
         raise TractfuncError("--act, the ROI options and the per-voxel / sphere seeding run with --algorithm "
@@ -624,6 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed-sphere", metavar="X,Y,Z,R", help="seed uniformly at random in this sphere (scanner mm)")
     g.add_argument("--seed-rejection", metavar="IMAGE",
                    help="seed at random, each voxel with probability proportional to its value in IMAGE (>= 0)")
+    g.add_argument("--seed-gmwmi", metavar="IMAGE",
+                   help="seed at the GM-WM interface (tckgen -seed_gmwmi; needs --act): points drawn from IMAGE "
+                        "(e.g. tractfunc 5tt2gmwmi) as --seed-rejection, then moved onto the 5TT image's interface")
     g.add_argument("--seed-random-per-voxel", nargs=2, metavar=("IMAGE", "N"),
                    help="N seeds at random positions in every non-zero voxel of IMAGE (each tracked once)")
     g.add_argument("--seed-grid-per-voxel", nargs=2, metavar=("IMAGE", "N"),
@@ -640,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--rk4", action="store_true", help="fourth-order Runge-Kutta integration")
     t.add_argument("--act", metavar="5TT", help="anatomically-constrained tracking with this five-tissue-type image "
                                                 "(tckgen -act; cutoff default 0.05, minimum length 2 x voxel)")
+    t.add_argument("--crop-at-gmwmi", action="store_true",
+                   help="with --act: end streamlines that enter cortical GM on the GM-WM interface (tckgen "
+                        "-crop_at_gmwmi)")
     t.add_argument("--include", action="append", metavar="SPEC",
                    help="include region, x,y,z,r (sphere, mm) or an image; streamlines must enter every one (repeatable)")
     t.add_argument("--include-ordered", action="append", metavar="SPEC",

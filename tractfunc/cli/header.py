@@ -35,11 +35,14 @@ def track_header(a, prm, max_num_seeds: int, max_num_tracks: int) -> dict:
     streamline limits, 0 = none).  ``count`` / ``total_count`` are added by the writer."""
     f32 = np.float32
     seed = (a.seed_image or a.seed_points or getattr(a, "seed_sphere", None) or getattr(a, "seed_rejection", None)
+            or getattr(a, "seed_gmwmi", None)
             or (getattr(a, "seed_random_per_voxel", None) or getattr(a, "seed_grid_per_voxel", None) or [""])[0])
     roi = [f"seed {os.path.basename(seed)}"]
     if a.mask:
         roi.append(f"mask {a.mask}")
     act = {"act": a.act, "backtrack": 0} if getattr(a, "act", None) else {}
+    if act and getattr(a, "crop_at_gmwmi", False):
+        act["crop_at_gmwmi"] = 1
     for key, name in (("include", "include"), ("include_ordered", "include_ordered"), ("exclude", "exclude")):
         roi += [f"{name} {spec}" for spec in getattr(a, key, None) or []]
     return {**act,

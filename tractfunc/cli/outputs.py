@@ -16,7 +16,7 @@ from ..io.atomic import extension
 
 # command -> (input options, output options): Namespace attribute names (None / "-" values are skipped)
 FILES = {
-    "track": (("fod", "seed_image", "seed_points", "seed_directions", "mask", "fa_map", "seed_rejection", "act"),
+    "track": (("fod", "seed_image", "seed_points", "seed_directions", "mask", "fa_map", "seed_rejection", "seed_gmwmi", "act"),
               ("output", "output_seeds")),
     "convert": (("input", "reference"), ("output",)),
     "fod": (("dwi", "bval", "bvec", "mask", "response"), ("output",)),

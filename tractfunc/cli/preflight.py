@@ -49,7 +49,8 @@ def check_track(a) -> None:
     if finite and a.seeds is not None:
         raise TractfuncError("--seeds counts seeds drawn from --seed-image / --seed-sphere; with --seed-points and the "
                              "per-voxel seeding every point is a seed (limit the streamlines with --select)")
-    if ((a.seed_image or getattr(a, "seed_sphere", None) or getattr(a, "seed_rejection", None))
+    if ((a.seed_image or getattr(a, "seed_sphere", None) or getattr(a, "seed_rejection", None)
+         or getattr(a, "seed_gmwmi", None))
             and getattr(a, "algorithm", "sd_stream") == "sd_stream"):
         limits(a)   # the DIPY-style algorithms draw --seeds (default 1000) and keep --select of them
     fod_affine, fod_dims = _fod_grid(a.fod)

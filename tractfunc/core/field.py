@@ -85,14 +85,17 @@ class ACTField(NamedTuple):
 
     tissues: (X, Y, Z, 5) partial volume fractions, volumes cortical GM, sub-cortical GM, WM, CSF, pathological
     tissue; world_to_voxel: (4, 4) float64 inverse affine of the 5TT image (its own grid); voxel_sizes: as in
-    :class:`FODField`."""
+    :class:`FODField`; crop_at_gmwmi: tckgen's ``-crop_at_gmwmi`` (a streamline entering cortical GM ends on the
+    GM-WM interface, not at its first vertex in GM)."""
     tissues: Tensor
     world_to_voxel: Tensor
     voxel_sizes: Optional[tuple] = None
+    crop_at_gmwmi: bool = False
 
 
-def make_act(tissues: Tensor, affine, voxel_sizes=None) -> ACTField:
-    """5TT volume (X, Y, Z, 5) with its (4, 4) voxel->scanner affine -> :class:`ACTField`.
+def make_act(tissues: Tensor, affine, voxel_sizes=None, crop_at_gmwmi: bool = False) -> ACTField:
+    """5TT volume (X, Y, Z, 5) with its (4, 4) voxel->scanner affine -> :class:`ACTField` (``crop_at_gmwmi``: tckgen's
+    ``-crop_at_gmwmi``).
 
     Raises TractfuncError when the image does not have 5 volumes (MRtrix3's ``5ttcheck`` rule; see
     :func:`tractfunc.io.check_5tt` for the partial-volume sums)."""
@@ -102,4 +105,4 @@ def make_act(tissues: Tensor, affine, voxel_sizes=None) -> ACTField:
                              f"got shape {tuple(tissues.shape)}")
     A = as_tensor(affine).to(dtype=torch.float64, device=tissues.device)
     return ACTField(tissues.contiguous(), torch.linalg.inv(A),
-                    None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes))
+                    None if voxel_sizes is None else tuple(float(v) for v in voxel_sizes), bool(crop_at_gmwmi))

@@ -73,6 +73,27 @@ def mean_voxel_size(voxel_sizes: Sequence[float]) -> float:
     return float(f32(math.pow(sx * sy * sz, float(f32(1.0 / 3.0)))))
 
 
+def min_chord(step: float, angle: float) -> np.float32:
+    """tckgen's shortest possible step chord (mm, float32) for a step (mm) and a maximum angle (degrees): the chord
+    of one step around the circle of minimum curvature radius; 0 when that circle is travelled whole in a step."""
+    step, angle_rad = f32(step), f32(float(f32(angle)) * (math.pi / 180.0))
+    min_radius = f32(step / (f32(2.0) * sinf(f32(f32(0.5) * angle_rad))))
+    angle_minradius = f32(f32(2.0) * asinf(f32(step / (f32(2.0) * min_radius))))
+    return f32(0.0) if angle_minradius > f32(2.0 * math.pi) else \
+        f32(f32(2.0) * min_radius * sinf(f32(f32(0.5) * angle_minradius)))
+
+
+def measured_points(params: "TrackParams") -> tuple:
+    """(n_min, n_max): tckgen's vertex counts beyond which an accepted streamline needs no length measurement after
+    its end points moved (``-crop_at_gmwmi``): one of at most n_min or at least n_max vertices is measured against
+    ``params.min_length`` / ``max_length``."""
+    step = float(params.step)
+    ms = min_chord(step, params.angle)
+    n_min = 3 + int(math.ceil(f32(f32(params.min_length) / ms))) if ms else 2 ** 62
+    n_max = 1 + int(math.floor(f32(f32(params.max_length) / f32(step))))
+    return min(n_min, 2 ** 62), min(n_max, 2 ** 62)
+
+
 def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[float] = None,
             angle: Optional[float] = None, cutoff: Optional[float] = None,
             min_length: Optional[float] = None, max_length: Optional[float] = None,
@@ -128,12 +149,8 @@ def resolve(voxel_sizes: Sequence[float], *, rk4: bool = False, step: Optional[f
             raise ValueError(f"state_dtype must be None, torch.float32 or torch.float64, got {state_dtype!r}")
     if not (np.isfinite(min_dist) and np.isfinite(max_dist) and min_dist >= 0 and max_dist > 0):
         raise ValueError(f"lengths must be finite and non-negative (max > 0) mm, got min {min_dist}, max {max_dist}")
-    angle_rad = f32(float(angle) * (math.pi / 180.0))
-    cos_angle = cosf(angle_rad)
-    min_radius = f32(step / (f32(2.0) * sinf(f32(f32(0.5) * angle_rad))))
-    angle_minradius = f32(f32(2.0) * asinf(f32(step / (f32(2.0) * min_radius))))
-    min_step = f32(0.0) if angle_minradius > f32(2.0 * math.pi) else \
-        f32(f32(2.0) * min_radius * sinf(f32(f32(0.5) * angle_minradius)))
+    cos_angle = cosf(f32(float(angle) * (math.pi / 180.0)))
+    min_step = min_chord(step, angle)
     max_points = (3 + int(math.ceil(f32(max_dist / min_step)))) if min_step else 2 ** 62
     min_points = 1 + int(math.ceil(f32(min_dist / step)))
     # int64 in the kernels: a budget beyond 2^62 vertices is no limit at all (memory follows the streamlines)

@@ -34,7 +34,9 @@ class FixedTracks(NamedTuple):
     among the valid ones; accepted: (B,) bool (seed ok and length rule passed, or a half still running after
     T steps); reason_fwd/reason_bwd: (B,) Reason of each half (CONTINUE if it was still alive after T steps);
     weights: (B, 2T+1) survival weight of each vertex (soft termination: product of the step factors from the
-    seed out to the vertex; hard: 1 on valid vertices), 0 on padding."""
+    seed out to the vertex; hard: 1 on valid vertices), 0 on padding; with soft ACT / regions
+    (:func:`tractfunc.sdstream.act.soft_act`) times the streamline's ``acceptance`` (B,), and ``reach`` (B, R): the
+    soft score that each streamline reached each include region (else None)."""
     vertices: Tensor
     valid: Tensor
     seed_index: Tensor
@@ -42,6 +44,8 @@ class FixedTracks(NamedTuple):
     reason_fwd: Tensor
     reason_bwd: Tensor
     weights: Tensor
+    acceptance: Optional[Tensor] = None
+    reach: Optional[Tensor] = None
 
     def to_tracks(self, soft: bool = False) -> Tracks:
         """The accepted streamlines packed as :class:`tractfunc.Tracks` (engine "fixed"); differentiable.
@@ -90,7 +94,7 @@ def _half_fixed(field, params, mask, pos, dir, ok, n0, n_steps, temperature, chu
 
 def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None,
                 n_steps: Optional[int] = None, mask: Optional[MaskField] = None,
-                temperature: Optional[float] = None, checkpoint: int = 0) -> FixedTracks:
+                temperature: Optional[float] = None, checkpoint: int = 0, act=None, regions=None) -> FixedTracks:
     """Track B seeds for ``n_steps`` steps per half on fixed shapes (vmap / grad / jacrev / compile friendly).
 
     Args:
@@ -112,6 +116,10 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
         checkpoint: recompute chunks of this many steps during backward instead of storing their intermediates
             (plain autograd only; ignored under torch.func transforms and torch.compile).  The recomputation
             is bit-identical to the forward, so gradients do not change.
+        act, regions: soft ACT (a 5TT image, :func:`tractfunc.make_act`) and soft ROIs (:class:`tractfunc.Regions`,
+            include and exclude), with ``temperature`` only: tckgen's tissue and region rules as survival and
+            acceptance weights (:func:`tractfunc.sdstream.act.soft_act`, proofs/soft_act.md); ACT's seed test is
+            applied hard (:func:`tractfunc.sdstream.act.act_seed_ok`).
     Returns:
         :class:`FixedTracks` with T = ``n_steps``; ``.to_tracks()`` packs it.
     """
@@ -124,13 +132,20 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
         check_inputs(field, seeds, init_dirs)
     init_dirs = init_dirs / torch.linalg.vector_norm(init_dirs, dim=-1, keepdim=True)
     n_steps = params.max_points if n_steps is None else int(n_steps)
+    if (act is not None or regions is not None) and temperature is None:
+        from ..errors import TractfuncError
+        raise TractfuncError("the fixed engine applies ACT and ROIs softly only (temperature=, stopping=Soft(T)); "
+                             "hard ACT / ROIs run on the native and follow engines")
     token, sink = fodgrad.attach(field.sh)
     if sink is not None:   # plain autograd wrt the FOD: one gradient buffer, compact saved state
         field = field._replace(grad_token=token, grad_sink=sink)
     sd = seed_peaks(field, params, mask, seeds, init_dirs, polish=params.peak_polish)
     one = torch.ones(seeds.shape[:1], dtype=torch.long, device=seeds.device)
     fv, fa, fw, fs = _half_fixed(field, params, mask, seeds, sd.dir, sd.ok, one, n_steps, temperature, checkpoint)
-    bv, ba, bw, bs = _half_fixed(field, params, mask, seeds, -sd.dir, sd.ok, fs.n, n_steps, temperature,
+    # soft ACT / ROIs: a half runs past its (post hoc) anatomical stop, so the shared vertex budget would starve the
+    # other half; each half then has its own (proofs/soft_act.md)
+    n_bwd = one if (act is not None or regions is not None) else fs.n
+    bv, ba, bw, bs = _half_fixed(field, params, mask, seeds, -sd.dir, sd.ok, n_bwd, n_steps, temperature,
                                  checkpoint)
     # forward vertices are a prefix of fv (a half never restarts); reverse it so they become a suffix
     verts = torch.cat([fv.flip(1), seeds.unsqueeze(1), bv], 1)
@@ -150,7 +165,22 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
         weights = torch.where(valid, torch.exp(lw), torch.zeros_like(lw))
     cut = (fs.reason == CONTINUE) | (bs.reason == CONTINUE)   # still running after T steps: length unknown
     accepted = sd.ok & ((total >= max(params.min_points, 2)) | (cut & (total >= 2)))
+    acceptance = reach = None
+    if act is not None or regions is not None:
+        from .act import act_seed_ok, soft_act
+        if act is not None:
+            accepted = accepted & act_seed_ok(act, seeds)
+        bad = torch.stack([_bad_end(fs.reason), _bad_end(bs.reason)], 1)
+        sa = soft_act(act, regions, verts, valid, n_fwd, torch.where(valid, lw, torch.zeros_like(lw)), bad,
+                      temperature, params.min_points, params.max_points)
+        weights, acceptance, reach = sa.weights, sa.acceptance, sa.reach
     seed_reason = torch.full_like(fs.reason, int(Reason.SEED_REJECTED))
     return FixedTracks(verts, valid, n_fwd, accepted,
                        torch.where(sd.ok, fs.reason, seed_reason), torch.where(sd.ok, bs.reason, seed_reason),
-                       weights)
+                       weights, acceptance, reach)
+
+
+def _bad_end(reason: Tensor) -> Tensor:
+    """(B,) a soft half's hard stop that ACT rejects: the vertex budget, or a failed peak search (soft stopping
+    reports it as CUTOFF / CURVATURE)."""
+    return (reason == int(Reason.MAX_LENGTH)) | (reason == int(Reason.CUTOFF)) | (reason == int(Reason.CURVATURE))

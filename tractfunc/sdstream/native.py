@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple, Optional, Tuple
 import numpy as np
 
 from ..core.frames import frame
+from ..core import params as P
 from ..core.params import TrackParams
 from ..errors import TractfuncError
 
@@ -41,7 +42,7 @@ _SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
 _SRC_ADJOINT = Path(__file__).with_name("csrc") / "sd_adjoint.c"   # the fused engine's reverse sweep (fused.py)
 # No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-_ABI = 5
+_ABI = 6
 SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
 _lib = None
 _error: Optional[str] = None
@@ -71,6 +72,8 @@ class _Config(ctypes.Structure):
         ("n_ordered", ctypes.c_int32), ("exclude", ctypes.c_void_p), ("n_exclude", ctypes.c_int32),
         ("stop_on_all_include", ctypes.c_int32), ("unidirectional", ctypes.c_int32),
         ("soft", ctypes.c_int32), ("half_steps", ctypes.c_int64),
+        ("crop_at_gmwmi", ctypes.c_int32), ("min_points_postds", ctypes.c_int64), ("max_points_postds", ctypes.c_int64),
+        ("min_dist", ctypes.c_float), ("max_dist", ctypes.c_float), ("act_min_vox", ctypes.c_float),
     ]
 
 MAX_ROIS = 64   # of each kind (csrc/sd_stream.c)
@@ -253,6 +256,9 @@ def _load():
         lib.sd_soft_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
         lib.sd_seed_jacobian.restype = None
         lib.sd_seed_jacobian.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int32]
+        lib.sd_gmwmi_seeds.restype = None
+        lib.sd_gmwmi_seeds.argtypes = [ctypes.POINTER(_Volume), ctypes.c_float, ctypes.c_float, ctypes.c_int64,
+                                       ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         lib.sd_sample.restype = None
         lib.sd_sample.argtypes = [ctypes.POINTER(_Config), ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p,
                                   ctypes.c_void_p]
@@ -338,13 +344,14 @@ class Kernel:
     angle no longer stop, their margins are recorded for the fused engine's survival weights; no ACT or ROIs);
     half_steps: hard stopping's steps per half at most (0: none; a half cut there ends with reason CONTINUE, as
     :func:`tractfunc.track_fixed` cuts at ``n_steps``).
+    crop_at_gmwmi: tckgen's ``-crop_at_gmwmi`` with ``act`` (a half entering cortical GM ends on the GM-WM interface).
     :meth:`from_field` builds one from the PyTorch containers."""
 
     def __init__(self, sh: np.ndarray, affine: np.ndarray, params: TrackParams, nonzero: Optional[np.ndarray] = None,
                  mask: Optional[np.ndarray] = None, mask_affine: Optional[np.ndarray] = None, threads: int = 0,
                  voxel_sizes=None, mask_voxel_sizes=None, act: Optional[np.ndarray] = None,
                  act_affine: Optional[np.ndarray] = None, act_voxel_sizes=None, regions: Optional[Regions] = None,
-                 soft_steps: Optional[int] = None, half_steps: int = 0):
+                 soft_steps: Optional[int] = None, half_steps: int = 0, crop_at_gmwmi: bool = False):
         lib = _require()
         self.lib = lib
         if not (sh.dtype == np.float32 and sh.flags["C_CONTIGUOUS"]):
@@ -366,6 +373,10 @@ class Kernel:
             data, anz, _ = prepare_volume(np.asarray(act, dtype=np.float32), threads)
             self._keep += [data, anz]
             _point(c.act, data, anz, act_affine, act_voxel_sizes)
+            c.act_min_vox = min(_spacing(act_affine, act_voxel_sizes))
+            c.crop_at_gmwmi = int(bool(crop_at_gmwmi))
+            c.min_points_postds, c.max_points_postds = P.measured_points(params)
+            c.min_dist, c.max_dist = params.min_length, params.max_length
         ndir = 512
         al = np.zeros(ndir * lib.sd_al_size(c.lmax), dtype=np.float32)
         self._keep.append(al)
@@ -403,7 +414,8 @@ class Kernel:
         tis = None if act is None else act.tissues.detach().float().cpu().numpy()
         return cls(sh, affine(field), params, field.nonzero.cpu().numpy(), m, ma, threads, field.voxel_sizes,
                    None if mask is None else mask.voxel_sizes, tis, None if act is None else affine(act),
-                   None if act is None else act.voxel_sizes, regions, soft_steps, half_steps)
+                   None if act is None else act.voxel_sizes, regions, soft_steps, half_steps,
+                   crop_at_gmwmi=act is not None and act.crop_at_gmwmi)
 
     def track(self, seeds: np.ndarray, dirs: np.ndarray, threads: int = 0, record: bool = False):
         """Track seeds (S, 3) float32 scanner mm from start directions (S, 3) float32.
@@ -473,3 +485,54 @@ class Kernel:
         inside = np.zeros(len(pos), dtype=np.uint8)
         self.lib.sd_sample(ctypes.byref(self.config), len(pos), pos.ctypes.data, vals.ctypes.data, inside.ctypes.data)
         return vals, inside.astype(bool)
+
+
+# --------------------------------------------------------------------------------------------------
+# GM-WM interface seeding (tckgen -seed_gmwmi)
+
+
+def _spacing(affine: np.ndarray, voxel_sizes=None) -> list:
+    """An image's voxel sizes (3,) mm: the header's, else the lengths of the affine's columns."""
+    if voxel_sizes is not None:
+        return [float(v) for v in list(voxel_sizes)[:3]]
+    return np.linalg.norm(np.asarray(affine, dtype=np.float64)[:3, :3], axis=0).tolist()
+
+
+def gmwmi_seeder(tissues: np.ndarray, affine: np.ndarray, voxel_sizes, image: np.ndarray, image_affine: np.ndarray,
+                 threads: int = 0):
+    """tckgen's ``-seed_gmwmi IMAGE`` (with ``-act 5TT``): ``draw(n, gen) -> (n, 3) float32`` scanner-mm seeds on the
+    GM-WM interface.
+
+    Each candidate is drawn from ``image`` (X', Y', Z') (probability proportional to its values, uniform within the
+    voxel: :func:`tractfunc.core.seeds.weighted_in_image_np`), moved onto the interface of the 5TT ``tissues``
+    (X, Y, Z, 5) (``affine``, ``voxel_sizes``: its grid), shifted uniformly within the interface's tangent plane by up
+    to +-2 mean voxel sizes along each of two axes, and moved onto the interface again; candidates that fail a stage
+    are redrawn (tckgen's loop).  ``gen``: a :class:`numpy.random.Generator`."""
+    from ..core.seeds import weighted_in_image_np
+    lib = _require()
+    data, nz, _ = prepare_volume(np.asarray(tissues, dtype=np.float32), threads)
+    vol = _Volume()
+    _point(vol, data, nz, affine, voxel_sizes)
+    sp = _spacing(affine, voxel_sizes)
+    min_vox = float(np.float32(min(sp)))
+    perturb = float(np.float32(4.0) * np.float32(np.float32(sp[0] * sp[1] * sp[2]) ** np.float32(1.0 / 3.0)))
+    weighted_in_image_np(image, image_affine, 1, np.random.default_rng(0))   # ValueError for an unusable image
+
+    def draw(n: int, gen: np.random.Generator) -> np.ndarray:
+        out, got, tried = np.empty((n, 3), dtype=np.float32), 0, 0
+        while got < n:
+            m = max(2 * (n - got), 64)
+            pts = np.ascontiguousarray(weighted_in_image_np(image, image_affine, m, gen), dtype=np.float32)
+            uv = np.ascontiguousarray(gen.random((m, 2), dtype=np.float32))
+            ok = np.zeros(m, dtype=np.uint8)
+            lib.sd_gmwmi_seeds(ctypes.byref(vol), min_vox, perturb, m, pts.ctypes.data, uv.ctypes.data,
+                               ok.ctypes.data)
+            kept = pts[ok.astype(bool)][: n - got]
+            out[got:got + len(kept)] = kept
+            got, tried = got + len(kept), tried + m
+            if not got and tried >= 100000:   # tckgen would loop for ever
+                raise ValueError("no point of the seed image leads to the GM-WM interface of the 5TT image")
+        return out
+
+    draw.keep = (data, nz, vol)   # the arrays the C side reads
+    return draw

@@ -16,6 +16,7 @@ from ..core.arrays import as_tensor
 from ..core.field import ACTField, FODField, MaskField, tracking_field
 from ..core.params import TrackParams
 from ..core.seeds import random_directions
+from ..core.stop import CONTINUE
 from ..core import tracks as T
 from ..core.tracks import Tracks
 from ..errors import TractfuncError
@@ -42,8 +43,9 @@ def decision_kernel(field: FODField, params: TrackParams, mask: Optional[MaskFie
                                         act=act, regions=regions, soft_steps=soft_steps, half_steps=half_steps)
 
 
-def _follow_chunk(field, params, kernel, seeds, init_dirs):
-    """Decisions from ``kernel`` (tckgen's arithmetic), values in ``field``'s dtype and device."""
+def _follow_chunk(field, params, kernel, seeds, init_dirs, act: Optional[ACTField] = None):
+    """Decisions from ``kernel`` (tckgen's arithmetic), values in ``field``'s dtype and device (and ``act``'s
+    ``-crop_at_gmwmi`` crops where the kernel made them)."""
     from .follow import follow
     s32, d32 = seeds.detach().float().cpu().numpy(), init_dirs.detach().float().cpu().numpy()
     v, ln, ids, si, r, a = (torch.from_numpy(x) for x in kernel.track(s32, d32))
@@ -51,13 +53,31 @@ def _follow_chunk(field, params, kernel, seeds, init_dirs):
     seed_peak = None
     if params.rk4:   # RK4's first stages search from the seed peak (Euler searches from each step's own direction)
         rows = ids.numpy()
-        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0]).to(dev)
+        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0])
+        # follow() starts the half after the seed from -peak: a unidirectional streamline's only half goes along it
+        uni = (r[ids][:, 1] == CONTINUE).unsqueeze(-1)
+        seed_peak = torch.where(uni, -seed_peak, seed_peak).to(dev)
     ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
     fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
+    verts = fol.vertices
+    if act is not None and act.crop_at_gmwmi and ln.numel():   # the kernel's crops, redone in this dtype
+        from .act import crop_ends
+        verts = crop_ends(act, verts, ln, si, r.to(dev)[ids], v.to(dev))
     if not bool(fol.faithful.all()):
         warnings.warn(f"{int((~fol.faithful).sum())} streamline(s) could not take every step of the native "
                       f"kernel's decisions in {seeds.dtype} (a peak search failed or a step left the image)")
-    return fol.vertices, ln, ids, si, r.to(dev), a.to(dev)
+    return verts, ln, ids, si, r.to(dev), a.to(dev)
+
+
+def _cropped(act: Optional[ACTField], part: Tracks) -> Tracks:
+    """``part`` (a fused follow engine's chunk) with tckgen's ``-crop_at_gmwmi`` applied when ``act`` asks for it
+    (the kernel cropped its own float32 vertices; the fused engine recomputes them as steps), deciding here which
+    ends straddle the interface."""
+    if act is None or not act.crop_at_gmwmi or not part.lengths.numel():
+        return part
+    from .act import crop_ends
+    return part._replace(vertices=crop_ends(act, part.vertices, part.lengths, part.seed_index,
+                                            part.reasons[part.seed_ids]))
 
 
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None, *,
@@ -93,10 +113,13 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         compiled: the eager engine's Newton move fused by ``torch.compile`` (float32 results then differ from
             tckgen's arithmetic in the last bits).
         act: a 5TT image (:func:`tractfunc.make_act`) for anatomically-constrained tracking with tckgen's
-            ``-act`` rules (resolve ``params`` with ``act=True`` for tckgen's ACT defaults).  Runs on the native
-            kernel, and on the follow engine (values and gradients along the kernel's ACT decisions).
+            ``-act`` rules (resolve ``params`` with ``act=True`` for tckgen's ACT defaults; ``make_act(...,
+            crop_at_gmwmi=True)`` for ``-crop_at_gmwmi``).  Runs on the native kernel, and on the follow engine
+            (values and gradients along the kernel's ACT decisions).
         regions: tckgen's ROIs (:class:`tractfunc.Regions`: include, ordered include, exclude spheres / images,
-            and ``stop``), with tckgen's acceptance, rejection and truncation; native and follow engines.
+            and ``stop``), with tckgen's acceptance, rejection and truncation; native and follow engines.  On the
+            fixed engine with ``stopping=Soft(T)``, ``act`` and ``regions`` (include, exclude) are soft: survival
+            and acceptance weights in ``Tracks.weights`` (:func:`tractfunc.sdstream.act.soft_act`).
     Returns:
         :class:`tractfunc.Tracks` (``engine`` records which engine ran; ``decisions()`` which discrete decisions
         each streamline took).
@@ -109,9 +132,11 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
     field = tracking_field(field, params)
     job = E.describe(field, params, seeds, compiled)
     name = E.choose(job, engine, stopping, gradient)
-    if (act is not None or regions is not None) and name not in ("native", "follow"):
-        raise TractfuncError(f"ACT (act=) and ROIs (regions=) run on the native or follow engine, not {name!r} "
-                             "(hard stopping: stopping=None)")
+    if (act is not None or regions is not None) and (name not in ("native", "follow") or stopping is not None) and \
+            not (name == "fixed" and stopping is not None):
+        raise TractfuncError(f"ACT (act=) and ROIs (regions=) run on the native or follow engine (hard), or softly on "
+                             f"the fixed engine (engine='fixed', stopping=Soft(T)), not {name!r}"
+                             + (" with soft stopping" if stopping is not None else ""))
     S = seeds.shape[0]
     if init_dirs is None:
         init_dirs = random_directions(S, generator, seeds.dtype, seeds.device)
@@ -139,15 +164,15 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             if name == "native":
                 part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
             elif use_fused:
-                part = Tracks(*fused.track_fused(field, params, kernel, s, d, stopping.temperature if soft else None),
-                              name)
+                part = _cropped(act, Tracks(*fused.track_fused(field, params, kernel, s, d,
+                                                               stopping.temperature if soft else None), name))
             elif name == "follow":
-                part = Tracks(*_follow_chunk(field, params, kernel, s, d), None, name)
+                part = Tracks(*_follow_chunk(field, params, kernel, s, d, act), None, name)
             elif name == "eager":
                 part = Tracks(*track_chunk(field, params, mask, s, d, compiled=compiled), None, name)
             else:
                 part = track_fixed(field, params, s, d, n_steps, mask, stopping.temperature if soft else None,
-                                   gradient.every if gradient is not None else 0).to_tracks(soft)
+                                   gradient.every if gradient is not None else 0, act, regions).to_tracks(soft)
             parts.append(part)
             offsets.append(start)
             n_acc += part.lengths.numel()

@@ -59,7 +59,8 @@ def act_field(a, device):
     import torch
     from ..core import field as F
     tt = load_act(a)
-    return None if tt is None else F.make_act(torch.as_tensor(tt.data, device=device), tt.affine, tt.voxel_sizes)
+    return None if tt is None else F.make_act(torch.as_tensor(tt.data, device=device), tt.affine, tt.voxel_sizes,
+                                              bool(getattr(a, "crop_at_gmwmi", False)))
 
 
 def _region(spec: str, what: str, fod: "io.Image"):
@@ -133,5 +134,5 @@ def native_kernel(a, threads: int):
     k = native.Kernel(sh, fod.affine, prm, nz, None if mask is None else mask.data,
                       None if mask is None else mask.affine, threads, fod.voxel_sizes,
                       None if mask is None else mask.voxel_sizes, *(load_act(a) or (None, None, None)),
-                      load_regions(a, fod))
+                      load_regions(a, fod), crop_at_gmwmi=bool(getattr(a, "crop_at_gmwmi", False)))
     return fod._replace(data=np.broadcast_to(np.float32(0), fod.data.shape)), prm, k

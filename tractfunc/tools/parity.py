@@ -137,16 +137,17 @@ def hausdorff(a: np.ndarray, b: np.ndarray) -> float:
 
 def run_tckgen(fod: str, out_tck: str, out_seeds: str, seed_image: str, mask: Optional[str], select: int,
                rk4: bool = False, nthreads: int = 2, extra=(), rng_seed: Optional[int] = None,
-               seed_direction=None) -> None:
+               seed_direction=None, seed_option: str = "-seed_image") -> None:
     """Run ``tckgen -algorithm SD_Stream`` (must be on PATH) with ``-output_seeds``.
 
+    seed_option: how ``seed_image`` seeds (``-seed_image``, ``-seed_gmwmi`` ...).
     With ``rng_seed`` set (MRTRIX_RNG_SEED) and ``nthreads=0`` the output is reproducible.
     seed_direction: (3,) start direction of every seed's peak search (``-seed_direction``), or None for
     tckgen's random ones."""
     exe = shutil.which("tckgen")
     if exe is None:
         raise FileNotFoundError("tckgen not found on PATH (install MRtrix3: apt-get install -y mrtrix3)")
-    cmd = [exe, fod, out_tck, "-algorithm", "SD_Stream", "-seed_image", seed_image, "-select", str(select),
+    cmd = [exe, fod, out_tck, "-algorithm", "SD_Stream", seed_option, seed_image, "-select", str(select),
            "-output_seeds", out_seeds, "-nthreads", str(nthreads), "-force", "-quiet"]
     if mask:
         cmd += ["-mask", mask]
@@ -258,7 +259,7 @@ class ParityResult(NamedTuple):
 def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, dtype=torch.float32,
             precomputed: bool = True, reconstruct: bool = True, state_dtype: Optional[torch.dtype] = None,
             start: Optional[np.ndarray] = None, engine: str = "auto", act_path: Optional[str] = None,
-            regions=None, **param_overrides) -> ParityResult:
+            regions=None, crop_at_gmwmi: bool = False, **param_overrides) -> ParityResult:
     """Re-track ``ref``'s seeds with tractfunc in ``dtype`` arithmetic and compare.
 
     start: (3,) the start direction tckgen was given (``-seed_direction``) -- then no reconstruction; else
@@ -267,7 +268,8 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     engine: the engine that re-tracks (:func:`tractfunc.track`; "auto": native for float32, follow for float64).
     state_dtype: the PyTorch engines' state precision (tckgen's: float32; None keeps the full ``dtype``).
     act_path: the 5TT image tckgen was given (``-act``), for ACT's rules and defaults; regions: its ROIs
-    (:class:`tractfunc.Regions`: ``-include``, ``-include_ordered``, ``-exclude``, ``-stop``)."""
+    (:class:`tractfunc.Regions`: ``-include``, ``-include_ordered``, ``-exclude``, ``-stop``); crop_at_gmwmi: tckgen
+    ``-crop_at_gmwmi`` (with ``act_path``)."""
     import time
     from ..sdstream import native
     fod = io.load_fod(fod_path)
@@ -276,7 +278,7 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
     act = tis = None
     if act_path:
         tis = io.load_5tt(act_path)
-        act = F.make_act(torch.as_tensor(tis.data), tis.affine, tis.voxel_sizes)
+        act = F.make_act(torch.as_tensor(tis.data), tis.affine, tis.voxel_sizes, crop_at_gmwmi)
     fld = F.make_field(torch.as_tensor(fod.data, dtype=dtype), fod.affine, precomputed=precomputed,
                        voxel_sizes=fod.voxel_sizes)
     msk = mimg = None
@@ -290,7 +292,7 @@ def compare(ref: Reference, fod_path: str, mask_path: Optional[str], rk4: bool, 
         k = native.Kernel(fod.data, fod.affine, P.resolve(fod.voxel_sizes, rk4=rk4, **param_overrides), None,
                           None if mimg is None else mimg.data, None if mimg is None else mimg.affine, 0,
                           fod.voxel_sizes, None if mimg is None else mimg.voxel_sizes,
-                          *((None, None, None) if tis is None else tis), regions)
+                          *((None, None, None) if tis is None else tis), regions, crop_at_gmwmi=crop_at_gmwmi)
         dirs = reconstruct_native(k, ref)[0]
     elif reconstruct:
         with torch.no_grad():

@@ -115,6 +115,12 @@ typedef struct {
      * R_CONTINUE and the streamline is accepted from 2 vertices (tractfunc.track_fixed's n_steps); min_points 0
      * then accepts every streamline whose seed passed (the caller applies the length rule) */
     int64_t half_steps;
+    /* tckgen -crop_at_gmwmi (with ACT): a half that enters cortical GM ends at the GM-WM interface instead; an
+     * accepted streamline of at most min_points_postds or at least max_points_postds vertices is then measured
+     * (min_dist, max_dist mm); act_min_vox: the 5TT image's smallest voxel size (mm) */
+    int32_t crop_at_gmwmi;
+    int64_t min_points_postds, max_points_postds;
+    float min_dist, max_dist, act_min_vox;
 } sd_config;
 
 static inline int index_sh(int l, int m) { return l * (l + 1) / 2 + m; }
@@ -323,9 +329,10 @@ static float get_peak(const sd_config *c, const float *sh, float *u) {
 
 static inline int64_t clampi(int64_t x, int64_t dim) { return x < 0 ? 0 : (x >= dim ? dim - 1 : x); }
 
-/* Trilinear values (ncoef of them) of a (dim, ncoef) float volume at scanner position pos (MRtrix3's masked
- * linear interpolator); returns 0 when outside the image or where the nearest voxel is all zero. */
-static inline int sample_volume(const sd_volume *vol, int ncoef, const float *pos, float *values) {
+/* Trilinear values (ncoef of them) of a (dim, ncoef) float volume at scanner position pos (MRtrix3's linear
+ * interpolator, masked when `masked`); returns 0 when outside the image or (masked) where the nearest voxel is all
+ * zero. */
+static inline int sample_any(const sd_volume *vol, int ncoef, const float *pos, float *values, int masked) {
     const int64_t *stride = vol->stride, *dim = vol->dim, *nz_stride = vol->nz_stride;
     const uint8_t *nonzero = vol->nonzero;
     const float *data = vol->data;
@@ -339,7 +346,7 @@ static inline int sample_volume(const sd_volume *vol, int ncoef, const float *po
     }
     for (int i = 0; i < 3; i++)
         if (!(v[i] > -0.5 && v[i] < (double)dim[i] - 0.5)) return 0;
-    {
+    if (masked) {
         int64_t o = 0;
         for (int i = 0; i < 3; i++) o += (int64_t)round(v[i]) * nz_stride[i];
         if (!nonzero[o]) return 0;
@@ -383,6 +390,11 @@ static inline int sample_volume(const sd_volume *vol, int ncoef, const float *po
         values[n] = (a0 + a2) + (a1 + a3);
     }
     return 1;
+}
+
+/* MRtrix3's masked linear interpolator (sample_any). */
+static inline int sample_volume(const sd_volume *vol, int ncoef, const float *pos, float *values) {
+    return sample_any(vol, ncoef, pos, values, 1);
 }
 
 /* Interpolated FOD coefficients at scanner position pos; returns 0 when outside the image or where
@@ -475,19 +487,30 @@ enum { T_CGM, T_SGM, T_WM, T_CSF, T_PATH };
 
 static inline float clamp01(float x) { return x < 0.0f ? 0.0f : (x > 1.0f ? 1.0f : x); }
 
+/* The tissues at pos as MRtrix3's ACT::Tissues reads them from a linear interpolator (masked or not): t[5] clamped
+ * to [0, 1], zeros outside the image, on a masked-out voxel or a NaN.  Returns 1 when pos is inside the image (and
+ * not masked out); *valid: the tissues are usable (no NaN, fractions summing to at least TISSUE_SUM_THRESHOLD). */
+static int tissues_at(const sd_volume *act, const float *pos, int masked, float *t, int *valid) {
+    float v[5];
+    const int inside = sample_any(act, 5, pos, v, masked);
+    int ok = inside;
+    for (int k = 0; k < 5; k++) ok = ok && !isnan(v[k]);
+    if (!ok) {
+        for (int k = 0; k < 5; k++) t[k] = 0.0f;
+        *valid = 0;
+        return inside;
+    }
+    for (int k = 0; k < 5; k++) t[k] = clamp01(v[k]);
+    *valid = ((((t[0] + t[1]) + t[2]) + t[3]) + t[4]) >= TISSUE_SUM_THRESHOLD;
+    return inside;
+}
+
 /* Sample the 5TT image at pos into w->tis; 0 (tissues zeroed) outside the image, on an all-zero voxel, on a
  * NaN, or where the fractions sum below TISSUE_SUM_THRESHOLD. */
 static int fetch_tissues(const sd_config *c, walker *w, const float *pos) {
-    float v[5];
-    int ok = sample_volume(&c->act, 5, pos, v);
-    for (int k = 0; k < 5; k++) ok = ok && !isnan(v[k]);
-    if (!ok) {
-        for (int k = 0; k < 5; k++) w->tis[k] = 0.0f;
-        return w->tis_valid = 0;
-    }
-    for (int k = 0; k < 5; k++) w->tis[k] = clamp01(v[k]);
-    const float *t = w->tis;
-    return w->tis_valid = ((((t[0] + t[1]) + t[2]) + t[3]) + t[4]) >= TISSUE_SUM_THRESHOLD;
+    int valid;
+    tissues_at(&c->act, pos, 1, w->tis, &valid);
+    return w->tis_valid = valid;
 }
 
 static inline float t_gm(const float *t) { return t[T_CGM] + t[T_SGM]; }
@@ -566,6 +589,174 @@ static float find_peak(const sd_config *c, walker *w) {
     float amp = get_peak(c, w->values, w->dir);
     if (!isfinite(amp) || amp < c->threshold) amp = 0.0f;
     return amp;
+}
+
+/* ------------------------------------------------------------------------------------------------ */
+/* The GM-WM interface (tckgen -crop_at_gmwmi, -seed_gmwmi): tissues from the unmasked linear interpolator     */
+
+#define GMWMI_PERTURBATION 0.001       /* mm, central differences of GM - WM */
+#define GMWMI_MAX_ITERS 10
+#define GMWMI_HERMITE_TENSION 0.1f
+
+/* The tissues at p as the interface search reads them: 1 when usable (inside the image, no NaN, sum >= 0.5). */
+static int finder_tissues(const sd_volume *act, const float *p, float *t) {
+    int valid;
+    return tissues_at(act, p, 0, t, &valid) && valid;
+}
+
+/* Cardinal (Hermite) spline weights at mu in [0, 1] with tension GMWMI_HERMITE_TENSION, in single precision. */
+static void hermite_weights(float mu, float *w) {
+    const float t = 0.5f * GMWMI_HERMITE_TENSION;
+    const float p2 = mu * mu, p3 = mu * p2;
+    w[0] = (0.5f - t) * ((2.0f * p2 - p3) - mu);
+    w[1] = (1.0f + (1.5f + t) * p3) - (2.5f + t) * p2;
+    w[2] = ((2.0f + 2.0f * t) * p2 + (0.5f - t) * mu) - (1.5f + t) * p3;
+    w[3] = (0.5f - t) * (p3 - p2);
+}
+
+/* The interface point near a streamline's last vertex (v: n vertices): where GM - WM crosses 0 on the Hermite curve
+ * through the last three vertices and their extrapolation, by 10 bisections (tckgen's
+ * GMWMI_finder::find_interface(tck, end)); the last vertex itself when the streamline is too short, either of the
+ * last two vertices is outside the image, they do not straddle the interface, or the last one is already within
+ * GMWMI_ACCURACY of it.  Written into out[3] (which may be the last vertex itself). */
+static void interface_end(const sd_config *c, const float *v, int64_t n, float *out) {
+    const float *pe = v + 3 * (n - 1);
+    if (out != pe) memcpy(out, pe, 3 * sizeof(float));
+    if (n < 3) return;
+    const float *pp = v + 3 * (n - 2), *pq = v + 3 * (n - 3);
+    float te[5], tp[5];
+    int valid;
+    if (!tissues_at(&c->act, pe, 0, te, &valid)) return;
+    if (!tissues_at(&c->act, pp, 0, tp, &valid)) return;
+    const float ge = t_gm(te), we = te[T_WM], gp = t_gm(tp), wp = tp[T_WM];
+    if (!((ge > we && gp < wp) || (ge < we && gp > wp))) return;
+    if ((double)(ge - we) < GMWMI_ACCURACY) return;
+    float dom[4][3];
+    for (int k = 0; k < 3; k++) {
+        const float curv = (pe[k] - pp[k]) - (pp[k] - pq[k]);
+        const float extrap = (pe[k] - pp[k]) + curv;
+        dom[0][k] = pq[k];
+        dom[1][k] = pp[k];
+        dom[2][k] = pe[k];
+        dom[3][k] = pe[k] + extrap;
+    }
+    float lo = 0.0f, hi = 1.0f;
+    for (int it = 0; it < GMWMI_MAX_ITERS; it++) {
+        const float mu = (float)(0.5 * (double)(lo + hi));
+        float w[4], p[3], t[5];
+        hermite_weights(mu, w);
+        for (int k = 0; k < 3; k++) p[k] = ((w[0] * dom[0][k] + w[1] * dom[1][k]) + w[2] * dom[2][k]) + w[3] * dom[3][k];
+        tissues_at(&c->act, p, 0, t, &valid);   /* outside the image: all zero, which counts as reached */
+        if (t[T_WM] > t_gm(t)) {
+            lo = mu;
+        } else {
+            hi = mu;
+            memcpy(out, p, sizeof p);
+            if ((double)(t_gm(t) - t[T_WM]) < GMWMI_ACCURACY) return;
+        }
+    }
+}
+
+/* The Gauss-Newton step towards GM - WM = 0 at p (central differences over GMWMI_PERTURBATION mm), at most half the
+ * smallest voxel long; zero where a difference leaves the usable image or the gradient vanishes. */
+static void interface_step(const sd_volume *act, float min_vox, const float *p, float *step) {
+    float grad[3], t[5];
+    step[0] = step[1] = step[2] = 0.0f;
+    for (int a = 0; a < 3; a++) {
+        float pm[3] = {p[0], p[1], p[2]}, pp[3] = {p[0], p[1], p[2]}, tm[5], tp[5];
+        pm[a] = (float)((double)pm[a] - 0.5 * GMWMI_PERTURBATION);
+        pp[a] = (float)((double)pp[a] + 0.5 * GMWMI_PERTURBATION);
+        const int vm = finder_tissues(act, pm, tm), vp = finder_tissues(act, pp, tp);
+        if (!vm || !vp) return;
+        grad[a] = (t_gm(tp) - tp[T_WM]) - (t_gm(tm) - tm[T_WM]);
+    }
+    const float scale = (float)(1.0 / GMWMI_PERTURBATION);
+    for (int a = 0; a < 3; a++) grad[a] *= scale;
+    const float g2 = dot3(grad, grad);
+    if (!g2) return;
+    finder_tissues(act, p, t);
+    const float diff = t_gm(t) - t[T_WM];
+    for (int a = 0; a < 3; a++) step[a] = -grad[a] * (diff / g2);
+    const float norm = sqrtf(dot3(step, step));
+    if (norm > 0.5 * min_vox) {
+        const float s = (float)(0.5 * min_vox / norm);
+        for (int a = 0; a < 3; a++) step[a] *= s;
+    }
+}
+
+/* Move p onto the GM-WM interface (tckgen's GMWMI_finder::find_interface(p)): Gauss-Newton steps until GM and WM
+ * agree within GMWMI_ACCURACY, then, from the WM side, growing steps until just into GM.  Returns 1 on success;
+ * p NaN otherwise (no interface there, or it lies in CSF, pathology, or no WM). */
+static int find_interface_point(const sd_volume *act, float min_vox, float *p) {
+    float t[5], step[3];
+    int valid = finder_tissues(act, p, t), iters = 0;
+    do {
+        interface_step(act, min_vox, p, step);
+        for (int a = 0; a < 3; a++) p[a] += step[a];
+        valid = finder_tissues(act, p, t);
+    } while (valid && dot3(step, step) && fabsf(t_gm(t) - t[T_WM]) > GMWMI_ACCURACY && ++iters < GMWMI_MAX_ITERS);
+    if (!valid || is_csf(t) || is_path(t) || !t[T_WM] || fabsf(t_gm(t) - t[T_WM]) > GMWMI_ACCURACY) {
+        p[0] = p[1] = p[2] = NAN;
+        return 0;
+    }
+    if (t_gm(t) >= t[T_WM]) return 1;
+    interface_step(act, min_vox, p, step);
+    if (!(isfinite(step[0]) && isfinite(step[1]) && isfinite(step[2]))) return 1;
+    if (!dot3(step, step)) {
+        p[0] = p[1] = p[2] = NAN;
+        return 0;
+    }
+    do {
+        for (int a = 0; a < 3; a++) step[a] *= 1.5f;
+        for (int a = 0; a < 3; a++) p[a] += step[a];
+        valid = finder_tissues(act, p, t);
+        if (valid && t_gm(t) >= t[T_WM] && (double)(t_gm(t) - t[T_WM]) < GMWMI_ACCURACY) return 1;
+    } while (sqrtf(dot3(step, step)) < 0.5 * min_vox);
+    p[0] = p[1] = p[2] = NAN;
+    return 0;
+}
+
+/* The unit normal of the interface at p (direction of increasing WM - GM); NaN where it is undefined. */
+static void interface_normal(const sd_volume *act, const float *p, float *nrm) {
+    for (int a = 0; a < 3; a++) {
+        float pm[3] = {p[0], p[1], p[2]}, pp[3] = {p[0], p[1], p[2]}, tm[5], tp[5];
+        pm[a] = (float)((double)pm[a] - 0.5 * GMWMI_PERTURBATION);
+        pp[a] = (float)((double)pp[a] + 0.5 * GMWMI_PERTURBATION);
+        finder_tissues(act, pm, tm);
+        finder_tissues(act, pp, tp);
+        nrm[a] = (tp[T_WM] - t_gm(tp)) - (tm[T_WM] - t_gm(tm));
+    }
+    const float n2 = dot3(nrm, nrm);
+    if (n2 > 0.0f) normalize3(nrm);
+    else nrm[0] = nrm[1] = nrm[2] = NAN;
+}
+
+/* tckgen's GM-WM interface seeding (-seed_gmwmi), one attempt per point: pts (n, 3) scanner mm drawn from the
+ * interface image, moved onto the interface, shifted within its tangent plane by (uv[i] - 0.5) * perturb mm
+ * (uv (n, 2) uniform in [0, 1)) and moved onto the interface again.  ok[i] = 1 where every stage succeeded (pts[i]
+ * is then the seed); act: the 5TT image; min_vox: its smallest voxel size (mm). */
+void sd_gmwmi_seeds(const sd_volume *act, float min_vox, float perturb, int64_t n, float *pts, const float *uv,
+                    uint8_t *ok) {
+    for (int64_t i = 0; i < n; i++) {
+        float *p = pts + 3 * i, nrm[3], one[3], two[3];
+        ok[i] = 0;
+        if (!find_interface_point(act, min_vox, p)) continue;
+        interface_normal(act, p, nrm);
+        if (!(isfinite(nrm[0]) && isfinite(nrm[1]) && isfinite(nrm[2]))) continue;
+        one[0] = nrm[1]; one[1] = -nrm[0]; one[2] = 0.0f;                   /* normal x z */
+        normalize3(one);
+        if (!(isfinite(one[0]) && isfinite(one[1]) && isfinite(one[2]))) {
+            one[0] = -nrm[2]; one[1] = 0.0f; one[2] = nrm[0];               /* normal x y */
+            normalize3(one);
+        }
+        two[0] = nrm[1] * one[2] - nrm[2] * one[1];
+        two[1] = nrm[2] * one[0] - nrm[0] * one[2];
+        two[2] = nrm[0] * one[1] - nrm[1] * one[0];
+        normalize3(two);
+        const float a = (uv[2 * i] - 0.5f) * perturb, b = (uv[2 * i + 1] - 0.5f) * perturb;
+        for (int k = 0; k < 3; k++) p[k] += a * one[k] + b * two[k];
+        ok[i] = (uint8_t)find_interface_point(act, min_vox, p);
+    }
 }
 
 /* SD_Stream's elementary move: peak at pos from dir, angle test, step.  With soft stopping only a failed search
@@ -764,17 +955,29 @@ static int act_half(const sd_config *c, walker *w, growbuf *out, growbuf *dout, 
     if (t == R_NO_MEMORY) return t;
     *excluded = act_excluded(c, w, &t);
     if (t == R_EXIT_SGM) *n = truncate_exit_sgm(c, w, out->v, *n);
+    if (t == R_ENTER_CGM && c->crop_at_gmwmi) interface_end(c, out->v, *n, out->v + 3 * (*n - 1));
     return t;
 }
 
-/* tckgen's acceptance of a finished streamline of n vertices: long enough, (ACT) a seed in sub-cortical GM must
- * have reached WM, and every include region visited (the ordered ones in order). */
-static int act_accepts(const sd_config *c, const walker *w, int64_t n, int cut) {
+/* tckgen's acceptance of a finished streamline (v: n vertices; cut: a half was cut at half_steps): long enough,
+ * (ACT) a seed in sub-cortical GM must have reached WM, and every include region visited (the ordered ones in
+ * order); with -crop_at_gmwmi a streamline whose vertex count does not settle it is measured against the minimum and
+ * maximum lengths. */
+static int act_accepts(const sd_config *c, const walker *w, const float *v, int64_t n, int cut) {
     if (c->half_steps && c->min_points <= 0) return 1;
     if (cut && n >= 2) return all_included(c, w);
     if ((n == 1 && c->min_points > 1) || n < c->min_points) return 0;
     if (c->act.data && w->seed_in_sgm && !w->sgm_seed_to_wm) return 0;
-    return all_included(c, w);
+    if (!all_included(c, w)) return 0;
+    if (c->act.data && c->crop_at_gmwmi && !(n > c->min_points_postds && n < c->max_points_postds)) {
+        float len = 0.0f;
+        for (int64_t i = 1; i < n; i++) {
+            const float d[3] = {v[3 * i] - v[3 * i - 3], v[3 * i + 1] - v[3 * i - 2], v[3 * i + 2] - v[3 * i - 1]};
+            len += sqrtf(dot3(d, d));
+        }
+        if (len < c->min_dist || len > c->max_dist) return 0;
+    }
+    return 1;
 }
 
 /* Reverse the first n rows of out (and dout) so that a forward half ends at the seed. */
@@ -854,7 +1057,7 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     if (excluded) { reasons[1] = R_CONTINUE; return 0; }
     if (unidirectional) {   /* the seed stays first, as tckgen writes it */
         reasons[1] = R_CONTINUE;
-        return act_accepts(c, w, n, reasons[0] == R_CONTINUE) ? n : 0;
+        return act_accepts(c, w, out->v, n, reasons[0] == R_CONTINUE) ? n : 0;
     }
     v = out->v;
     reverse_rows(out, dout, n);
@@ -864,7 +1067,7 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     w->sgm_depth = 0;
     if ((reasons[1] = act_half(c, w, out, dout, &n, &excluded)) == R_NO_MEMORY) return -1;
     if (excluded) return 0;
-    return act_accepts(c, w, n, reasons[0] == R_CONTINUE || reasons[1] == R_CONTINUE) ? n : 0;
+    return act_accepts(c, w, out->v, n, reasons[0] == R_CONTINUE || reasons[1] == R_CONTINUE) ? n : 0;
 }
 
 /* ------------------------------------------------------------------------------------------------ */
@@ -1084,4 +1287,4 @@ int64_t sd_repack(const float *src, const int64_t *st, const int64_t *dim, float
     return j.bad;
 }
 
-int32_t sd_abi_version(void) { return 5; }
+int32_t sd_abi_version(void) { return 6; }
