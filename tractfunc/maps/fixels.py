@@ -442,7 +442,7 @@ def map_streamlines(tracks, fx: Fixels, *, step_size: Optional[float] = None, up
             q = torch.round(dl.float() / np.float32(scale)).clamp(max=255).double()
         else:
             keep, q = has, dl
-        tot_con.index_add_(0, dsid[has] + first, dl[has] * fx.weight[fix[has]])
+        tot_con.index_add_(0, dsid[keep] + first, dl[keep] * fx.weight[fix[keep]])
         k2 = dsid[keep] * J + fix[keep]
         u2, inv2 = torch.unique(k2, return_inverse=True)
         L = torch.zeros(u2.numel(), dtype=torch.float64).index_add_(0, inv2, q[keep])

@@ -7,7 +7,7 @@ mu = sum_j PM_j F_j / sum_s c_s, with c_s = sum_j PM_j L_sj the streamline's (un
 fixed by the initial mapping. Fixel j's track density is TD_j = sum_s L_sj e^{x_s}; the data cost is
 sum_j PM_j (mu TD_j - F_j)^2.
 
-tcksift2's solver (the hard form, :func:`sift2`): fixels with one streamline or with mu TD_j < min_td_frac F_j are
+tcksift2's solver (the hard form, :func:`sift2`): fixels with mu TD_j < min_td_frac F_j are
 excluded from the optimisation (they stay in the cost). Each iteration updates every streamline at once (all
 read the same fixel state): for streamline s, over its non-excluded fixels, with TD'_j = TD_j - L_sj e^{x_s} and
 dTD_j = (TD0_j - L_sj) e^{x_s} (the other streamlines of the fixel assumed to move with it),
@@ -79,7 +79,7 @@ def problem(fx: Fixels, con: Contributions) -> Problem:
     if td_sum <= 0:
         raise TractfuncError("no streamline reaches a fixel; expected streamlines inside the FOD's fixels")
     c = con.total_contribution.to(torch.float32).double()
-    return Problem(con.sid, con.fix, con.length.to(torch.float32).double(), F, PM, c, fod_sum / td_sum)
+    return Problem(con.sid, con.fixel, con.length.to(torch.float32).double(), F, PM, c, fod_sum / td_sum)
 
 
 def _seg_sum(v: Tensor, idx: Tensor, n: int) -> Tensor:
@@ -157,9 +157,11 @@ def solve(pb: Problem, A: int, *, reg_tikhonov=REG_TIKHONOV, reg_tv=REG_TV, min_
     J = pb.F.numel()
     mu = pb.mu
     x = torch.zeros(A, dtype=torch.float64)
-    td0, _, cnt = fixel_state(pb, x, torch.ones(J, dtype=torch.float64), min_coeff)
     td0 = _seg_sum(pb.L, pb.fix, J)
-    excluded = (td0 > 0) & ((mu * td0 < min_td_frac * pb.F) | (cnt == 1))
+    # tcksift2 also excludes fixels whose "count" is 1; at that point the count is the number of mapping threads
+    # that added to the fixel (every thread adds to every fixel), so this never happens when it runs on several
+    # threads (and excludes every fixel on one): not repeated here
+    excluded = (td0 > 0) & (mu * td0 < min_td_frac * pb.F)
     scale = float((pb.PM * pb.F ** 2).sum()) / A
     reg_tik, reg_tvm = reg_tikhonov * scale, reg_tv * scale
     td, mean = td0.clone(), torch.zeros(J, dtype=torch.float64)
