@@ -161,7 +161,7 @@ def _integration_weights(dirs: np.ndarray) -> np.ndarray:
     B = sh.basis(torch.from_numpy(dirs), l_cal).numpy()          # (N, K)
     target = np.zeros(B.shape[1])
     target[0] = 2.0 * np.sqrt(np.pi)
-    return np.linalg.lstsq(B.T, target, rcond=None)[0]
+    return torch.linalg.lstsq(torch.from_numpy(B.T), torch.from_numpy(target)[:, None]).solution[:, 0].numpy()
 
 
 def _l_for_n(n: int) -> int:

@@ -258,3 +258,138 @@ def _exclude_high(pb, x, xn, td, td0, mean, excluded, mu, max_coeff):
     ws = _seg_sum(torch.where(keep, pb.L * pb.PM[pb.fix], torch.zeros_like(pb.L)), pb.sid, A)
     reset = torch.where(drop & (ws > 0), wsum / torch.where(ws > 0, ws, torch.ones_like(ws)), torch.zeros_like(ws))
     return torch.where(hi, reset, xn), newly
+
+
+# ----------------------------------------------------------------------------------------------- soft form
+
+def smooth_cost(x: Tensor, F: Tensor, L: Tensor, sid: Tensor, fix: Tensor, PM: Tensor, *, reg_tikhonov: float = REG_TIKHONOV,
+                reg_tv: float = REG_TV, mu: Optional[Tensor] = None) -> Tensor:
+    """The smooth SIFT2 objective E(x; F, L) (differentiable in x, F, L; any float dtype).
+
+    E = sum_j PM_j (mu TD_j - F_j)^2 + lambda_tik A sum_s x_s^2 + lambda_tv A sum_s (1/c_s) sum_j PM_j L_sj (x_s - m_j)^2
+    with TD_j = sum_s L_sj e^{x_s}, c_s = sum_j PM_j L_sj, m_j = sum_s L_sj x_s / sum_s L_sj,
+    A = sum_j PM_j F_j^2 / (number of streamlines), mu = sum_j PM_j F_j / sum_s c_s unless given.
+
+    Args: x (A,) coefficients; F (J,) fixel integrals; L, sid, fix (P,) contributions; PM (J,) mask weights.
+    Returns: () scalar."""
+    n, J = x.shape[0], F.shape[0]
+    td = torch.zeros(J, dtype=x.dtype, device=x.device).index_add(0, fix, L * torch.exp(x)[sid])
+    c = torch.zeros(n, dtype=x.dtype, device=x.device).index_add(0, sid, PM[fix] * L)
+    if mu is None:
+        mu = (PM * F).sum() / c.sum()
+    A = (PM * F * F).sum() / n
+    data = (PM * (mu * td - F) ** 2).sum()
+    td0 = torch.zeros(J, dtype=x.dtype, device=x.device).index_add(0, fix, L)
+    m = torch.zeros(J, dtype=x.dtype, device=x.device).index_add(0, fix, L * x[sid])
+    m = m / torch.where(td0 > 0, td0, torch.ones_like(td0))
+    cs = torch.where(c > 0, c, torch.ones_like(c))
+    tv = ((PM[fix] * L / cs[sid]) * (x[sid] - m[fix]) ** 2).sum()
+    return data + reg_tikhonov * A * (x * x).sum() + reg_tv * A * tv
+
+
+def _cg(hvp, b: Tensor, tol: float, max_iter: int) -> Tensor:
+    """Conjugate gradients for H v = b with H given as a Hessian-vector product."""
+    v = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum()
+    b2 = float(rr)
+    for _ in range(max_iter):
+        if float(rr) <= tol * tol * max(b2, 1e-300):
+            break
+        Hp = hvp(p)
+        alpha = rr / (p * Hp).sum()
+        v = v + alpha * p
+        r = r - alpha * Hp
+        rr_new = (r * r).sum()
+        p = r + (rr_new / rr) * p
+        rr = rr_new
+    return v
+
+
+def _grad_hvp(x: Tensor, F: Tensor, L: Tensor, args, kw):
+    """(gradient of E at x (with graph), Hessian-vector product function)."""
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        g, = torch.autograd.grad(smooth_cost(x, F, L, *args, **kw), x, create_graph=True)
+    return x, g, (lambda v: torch.autograd.grad(g, x, v, retain_graph=True)[0])
+
+
+def minimise(x0: Tensor, F: Tensor, L: Tensor, sid, fix, PM, *, tol: float = 1e-10, max_newton: int = 50,
+             cg_tol: float = 1e-10, cg_iter: int = 500, **kw) -> Tensor:
+    """x* = argmin E by Newton-CG with backtracking, from x0 (e.g. the hard SIFT2 coefficients). Returns x* (A,)
+    detached; the gradient norm at x* is below tol x |gradient at x0| (or max_newton iterations)."""
+    F, L = F.detach(), L.detach()
+    args = (sid, fix, PM)
+    x = x0.detach().clone()
+    g0 = None
+    for _ in range(max_newton):
+        xv, g, hvp = _grad_hvp(x, F, L, args, kw)
+        gn = float(torch.linalg.vector_norm(g))
+        g0 = gn if g0 is None else g0
+        if gn <= tol * max(g0, 1e-300):
+            break
+        p = _cg(hvp, -g.detach(), cg_tol, cg_iter)
+        e0 = float(smooth_cost(x, F, L, *args, **kw))
+        slope = float((g.detach() * p).sum())
+        if slope >= 0:
+            p, slope = -g.detach(), -gn * gn
+        t = 1.0
+        for _ in range(40):
+            if float(smooth_cost(x + t * p, F, L, *args, **kw)) <= e0 + 1e-4 * t * slope:
+                break
+            t *= 0.5
+        x = (x + t * p).detach()
+    return x
+
+
+class _Sift2Fit(torch.autograd.Function):
+    """x* (F, L): forward minimises E; backward by the implicit function theorem, H v = dLoss/dx* solved by CG
+    with Hessian-vector products, dLoss/d(F, L) = -v^T d(grad_x E)/d(F, L)."""
+
+    @staticmethod
+    def forward(ctx, F, L, x0, sid, fix, PM, kw):
+        x = minimise(x0, F, L, sid, fix, PM, **kw["solver"], **kw["cost"])
+        ctx.save_for_backward(F, L, x, sid, fix, PM)
+        ctx.kw = kw
+        return x
+
+    @staticmethod
+    def backward(ctx, gx):
+        F, L, x, sid, fix, PM = ctx.saved_tensors
+        kw = ctx.kw
+        with torch.enable_grad():
+            Fv, Lv = F.detach().requires_grad_(True), L.detach().requires_grad_(True)
+            xv = x.detach().requires_grad_(True)
+            g, = torch.autograd.grad(smooth_cost(xv, Fv, Lv, sid, fix, PM, **kw["cost"]), xv, create_graph=True)
+            v = _cg(lambda p: torch.autograd.grad(g, xv, p, retain_graph=True)[0], gx.detach(),
+                    kw["solver"].get("cg_tol", 1e-10), kw["solver"].get("cg_iter", 500))
+            dF, dL = torch.autograd.grad(g, (Fv, Lv), v, allow_unused=True)
+        neg = lambda t, ref: None if t is None else -t   # noqa: E731
+        return neg(dF, F), neg(dL, L), None, None, None, None, None
+
+
+def soft_sift2(F: Tensor, L: Tensor, sid: Tensor, fix: Tensor, PM: Optional[Tensor] = None, *,
+               x0: Optional[Tensor] = None, reg_tikhonov: float = REG_TIKHONOV, reg_tv: float = REG_TV,
+               tol: float = 1e-10, max_newton: int = 50, cg_tol: float = 1e-10, cg_iter: int = 500,
+               n_streamlines: Optional[int] = None) -> Tensor:
+    """Differentiable SIFT2: the coefficients x* = argmin E(x; F, L) of :func:`smooth_cost` (weights e^{x*}),
+    with implicit-function gradients wrt the fixel integrals F and the streamline->fixel lengths L.
+
+    Args:
+        F: (J,) fixel FOD integrals; L: (P,) lengths of streamline sid (P,) in fixel fix (P,) (e.g.
+            :func:`tractfunc.maps.fixels.soft_lengths`, differentiable in the vertices); PM: (J,) mask weights
+            (default 1); x0: (A,) start (default 0; the hard :func:`sift2` coefficients converge fastest);
+            reg_tikhonov / reg_tv: as tcksift2; tol: Newton stops at |grad| <= tol |grad(x0)|;
+            n_streamlines: A (default sid.max() + 1).
+    Returns: (A,) x* in F's dtype; differentiable wrt F and L (under torch.autograd; not torch.func).
+    """
+    A = int(n_streamlines) if n_streamlines is not None else int(sid.max()) + 1
+    if F.ndim != 1 or L.shape != sid.shape or L.shape != fix.shape:
+        raise TractfuncError(f"soft_sift2: F {tuple(F.shape)}, L {tuple(L.shape)}, sid {tuple(sid.shape)}, "
+                             f"fix {tuple(fix.shape)}; expected F (J,) and L, sid, fix of one shape (P,)")
+    PM = torch.ones_like(F) if PM is None else PM.to(F.dtype)
+    x0 = torch.zeros(A, dtype=F.dtype, device=F.device) if x0 is None else x0.to(F.dtype)
+    kw = {"cost": {"reg_tikhonov": reg_tikhonov, "reg_tv": reg_tv},
+          "solver": {"tol": tol, "max_newton": max_newton, "cg_tol": cg_tol, "cg_iter": cg_iter}}
+    return _Sift2Fit.apply(F, L, x0, sid, fix, PM.detach(), kw)
