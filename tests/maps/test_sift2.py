@@ -1,6 +1,6 @@
 """SIFT2 against the real MRtrix3 commands on the Philips data: the FMLS segmentation against fod2fixel, the
 weights, proportionality coefficient and cost against tcksift2 (small: a white-matter block as processing mask,
-2000 tckgen streamlines seeded in it; slow: 100 000 whole-brain streamlines)."""
+1500 tckgen streamlines seeded in it; slow: 100 000 whole-brain streamlines)."""
 import os
 import subprocess
 import time
@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import leftovers, run_cli
 from mapsdata import require_philips, require_tckgen
 from tractfunc.io import mif
 from tractfunc.io.tractogram import load_tractogram
@@ -52,8 +53,8 @@ def block(tmp_path_factory):
     data = require_philips()
     require_tckgen("tcksift2")
     if "block" not in _CACHE:
-        _CACHE["block"] = make_case(str(tmp_path_factory.mktemp("sift2")), 2000, data,
-                                    block=(slice(56, 70), slice(56, 70), slice(29, 35)))
+        _CACHE["block"] = make_case(str(tmp_path_factory.mktemp("sift2")), 1500, data,
+                                    block=(slice(58, 68), slice(58, 68), slice(30, 35)))
     return _CACHE["block"]
 
 
@@ -124,6 +125,25 @@ def test_sift2_matches_tcksift2_block(block):
     assert c["r_log"] > 0.999 and c["cost_rel"] < 1e-3
     assert c["iters"][0] == c["iters"][1]
     assert int(con.sid.unique().numel()) > 1000 and float(res.weights.std()) > 0.1   # a real, non-trivial fit
+
+
+def test_sift2_cli_writes_weights_mrtrix_reads(block, tmp_path):
+    """tractfunc sift2 = the API's weights, read back by tckmap -tck_weights_in; one-line errors, no partial file."""
+    require_tckgen("tckmap")
+    _, _, res, _ = ours_cached(block)
+    out, mu = str(tmp_path / "w.txt"), str(tmp_path / "mu.txt")
+    run_cli("sift2", block["tck"], block["fod"], out, "--proc-mask", block["mask"], "--out-mu", mu, "--quiet")
+    assert np.allclose(np.loadtxt(out), res.weights.numpy(), rtol=1e-9)
+    assert abs(float(np.loadtxt(mu)) - res.mu) < 1e-9 * res.mu
+    run("tckmap", block["tck"], str(tmp_path / "tdi.nii"), "-template", block["mask"], "-tck_weights_in", out)
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for args, msg in (((block["fod"], out), "already exists"), ((block["fod"], str(bad / "x.tck")), "not a tractogram"),
+                      ((block["fod"], str(bad / "y.txt"), "--proc-mask", block["fod"]), "processing mask has shape"),
+                      ((block["mask"], str(bad / "z.txt")), "expected a 4-D SH")):
+        p = run_cli("sift2", block["tck"], *args, check=False)
+        assert p.returncode != 0 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not os.listdir(bad) and not leftovers(tmp_path)
 
 
 @pytest.mark.slow

@@ -225,7 +225,7 @@ def segment(fod, affine, mask=None, *, spacing=None, peak_threshold: float = PEA
         w = ((flat[:, 0] != 0) & torch.isfinite(flat[:, 0])).double()
     else:
         w = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask).detach().cpu().double()
-        if tuple(w.shape[:3]) != tuple(fod.shape[:3]):
+        if tuple(w.shape) != tuple(fod.shape[:3]):
             raise TractfuncError(f"processing mask has shape {tuple(w.shape)}; expected the FOD's grid "
                                  f"{tuple(fod.shape[:3])}")
         w = w.reshape(-1)
