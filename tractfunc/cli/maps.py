@@ -242,7 +242,7 @@ def add_parsers(sub, add_force) -> None:
     c.add_argument("--tck-weights-in", help="text file of per-streamline weights (tck2connectome -tck_weights_in)")
     c.add_argument("--out-assignments", help="write the node pair of each streamline (text, one pair a line)")
     _finish(c, add_force, cmd_connectome)
-    from ..maps import sift2 as S
+    from ..maps.sift2 import DEFAULTS as S
     f = _parser(sub, "sift2", "per-streamline weights fitting track density to fixel FOD integrals (tcksift2 "
                               "equivalent)", EXAMPLES_SIFT2)
     f.add_argument("fod", help="FOD image: SH coefficients, MRtrix3 basis (NIfTI or .mif)")

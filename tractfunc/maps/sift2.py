@@ -47,6 +47,12 @@ MAX_COEFF_STEP = 1.0
 MIN_CF_DECREASE = 2.5e-5
 
 
+class DEFAULTS:
+    """tcksift2's defaults (the CLI's option defaults)."""
+    REG_TIKHONOV, REG_TV, MIN_TD_FRAC, MIN_ITERS, MAX_ITERS = REG_TIKHONOV, REG_TV, MIN_TD_FRAC, MIN_ITERS, MAX_ITERS
+    MAX_COEFF_STEP, MIN_CF_DECREASE = MAX_COEFF_STEP, MIN_CF_DECREASE
+
+
 class Sift2Result(NamedTuple):
     """weights: (A,) e^x (0 for coefficients at min_coeff); coeffs: (A,) x; mu: proportionality coefficient;
     cost: (iterations + 1,) total cost per iteration (data + regularisation), cost[0] the initial data cost;
