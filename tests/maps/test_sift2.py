@@ -140,15 +140,17 @@ def test_sift2_cli_writes_weights_mrtrix_reads(block, tmp_path):
     assert not leftovers(tmp_path)
 
 
-def test_sift2_cli_errors_leave_no_file(block, tmp_path):
-    """One-line errors, non-zero exit, no output file (all raised before any computation)."""
+def test_sift2_cli_errors_leave_no_file(block, tmp_path, capsys):
+    """One-line errors, exit 2, no output file (all raised before any computation; run in-process)."""
+    from tractfunc.cli.commands import main
     (tmp_path / "w.txt").write_text("1\n")
     for args, msg in (((block["fod"], str(tmp_path / "w.txt")), "already exists"),
                       ((block["fod"], str(tmp_path / "x.tck")), "not a tractogram"),
                       ((block["fod"], str(tmp_path / "y.txt"), "--proc-mask", block["fod"]), "processing mask has shape"),
                       ((block["mask"], str(tmp_path / "z.txt")), "expected a 4-D SH")):
-        p = run_cli("sift2", block["tck"], *args, check=False)
-        assert p.returncode != 0 and msg in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        rc = main(["sift2", block["tck"], *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and msg in err and len(err.strip().splitlines()) == 1, err
     assert sorted(os.listdir(tmp_path)) == ["w.txt"] and (tmp_path / "w.txt").read_text() == "1\n"
 
 @pytest.mark.slow
