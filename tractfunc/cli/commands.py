@@ -1,5 +1,5 @@
 """Command line: ``tractfunc track | demo | parity | bench | info | convert | fod | render | map | sample |
-connectome`` -- a thin layer over the Python API (the last three: :mod:`tractfunc.cli.maps`).
+connectome | sift2`` -- a thin layer over the Python API (the last four: :mod:`tractfunc.cli.maps`).
 
 ``track`` in float32 on the CPU runs the native kernel (:mod:`tractfunc.sdstream.native`) without importing torch;
 other settings (float64, CUDA, ``--engine eager``, ``--compile``, ``--workers``, torchrun) run a

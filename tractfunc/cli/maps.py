@@ -1,5 +1,6 @@
-"""``tractfunc map | sample | connectome``: tractogram -> data on the command line (:mod:`tractfunc.maps`), with
-MRtrix3's option names (tckmap, tcksample, tck2connectome) and outputs MRtrix3 reads back (NIfTI, text, CSV).
+"""``tractfunc map | sample | connectome | sift2``: tractogram -> data on the command line (:mod:`tractfunc.maps`),
+with MRtrix3's option names (tckmap, tcksample, tck2connectome, tcksift2) and outputs MRtrix3 reads back (NIfTI,
+text, CSV).
 Only :mod:`tractfunc.cli.commands` imports it."""
 from __future__ import annotations
 
@@ -151,8 +152,56 @@ def cmd_connectome(a) -> int:
     return 0
 
 
+def cmd_sift2(a) -> int:
+    import torch
+    from ..maps.fixels import map_streamlines, segment
+    from ..maps.sift2 import sift2
+    if a.min_factor is not None and a.min_coeff is not None:
+        raise TractfuncError("--min-factor and --min-coeff are mutually exclusive (as in tcksift2)")
+    if a.max_factor is not None and a.max_coeff is not None:
+        raise TractfuncError("--max-factor and --max-coeff are mutually exclusive (as in tcksift2)")
+    if a.output.lower().endswith(".tck"):
+        raise TractfuncError(f"{a.output}: the output of sift2 is a text file of weights, not a tractogram")
+    tf = load_tracks(a.tracks)
+    fod, A, vox = io.read_image(a.fod)
+    if fod.ndim != 4:
+        raise TractfuncError(f"{a.fod}: image has shape {fod.shape}; expected a 4-D SH (FOD) image")
+    mask = None
+    if a.proc_mask:
+        mask, _, _ = io.read_image(a.proc_mask)
+        mask = np.asarray(mask, dtype=np.float64)
+        if mask.ndim == 4 and mask.shape[3] == 1:
+            mask = mask[..., 0]
+        if mask.shape != fod.shape[:3]:
+            raise TractfuncError(f"{a.proc_mask}: processing mask has shape {mask.shape}; expected the FOD's grid "
+                                 f"{fod.shape[:3]}")
+        mask = np.where(np.isfinite(mask), mask, 0.0)
+    min_coeff = a.min_coeff if a.min_coeff is not None else np.log(a.min_factor) if a.min_factor else -np.inf
+    max_coeff = a.max_coeff if a.max_coeff is not None else (np.log(a.max_factor) if a.max_factor is not None
+                                                             else np.inf)
+    fx = segment(np.asarray(fod, dtype=np.float32), A, mask, spacing=vox)
+    con = map_streamlines((torch.from_numpy(tf.vertices), torch.from_numpy(tf.lengths)), fx,
+                          step_size=step_size(tf))
+    res = sift2(fixels=fx, contributions=con, reg_tikhonov=a.reg_tikhonov, reg_tv=a.reg_tv,
+                min_td_frac=a.min_td_frac, min_iters=a.min_iters, max_iters=a.max_iters, min_coeff=min_coeff,
+                max_coeff=max_coeff, max_coeff_step=a.max_coeff_step, min_cf_decrease=a.min_cf_decrease)
+    header = f"tractfunc sift2: streamline weights of {a.tracks} fitted to {a.fod}"
+    write_text(a.output, res.weights.numpy()[None, :], header=header)
+    if a.out_coeffs:
+        write_text(a.out_coeffs, res.coeffs.numpy()[None, :], header=header.replace("weights", "coefficients"))
+    if a.out_mu:
+        from ..io.atomic import atomic_path
+        with atomic_path(a.out_mu) as tmp, open(tmp, "w") as fh:
+            fh.write(f"{res.mu:.10g}\n")
+    if not a.quiet:
+        print(f"{a.output}: SIFT2 weights of {len(tf.lengths)} streamlines ({fx.voxel.numel()} fixels, "
+              f"{len(res.cost) - 1} iterations, cost {float(res.cost[0]):.6g} -> {float(res.cost[-1]):.6g}, "
+              f"mu {res.mu:.6g})")
+    return 0
+
+
 def add_parsers(sub, add_force) -> None:
-    """Register ``map``, ``sample`` and ``connectome`` on the subcommand table ``sub``."""
+    """Register ``map``, ``sample``, ``connectome`` and ``sift2`` on the subcommand table ``sub``."""
     m = _parser(sub, "map", "track density image on a template grid (tckmap -template equivalent)", EXAMPLES_MAP)
     m.add_argument("output", help="output image (.nii or .nii.gz)")
     m.add_argument("--template", required=True, help="image whose grid the map is on (NIfTI or .mif)")
@@ -193,6 +242,35 @@ def add_parsers(sub, add_force) -> None:
     c.add_argument("--tck-weights-in", help="text file of per-streamline weights (tck2connectome -tck_weights_in)")
     c.add_argument("--out-assignments", help="write the node pair of each streamline (text, one pair a line)")
     _finish(c, add_force, cmd_connectome)
+    from ..maps.sift2 import DEFAULTS as S
+    f = _parser(sub, "sift2", "per-streamline weights fitting track density to fixel FOD integrals (tcksift2 "
+                              "equivalent)", EXAMPLES_SIFT2)
+    f.add_argument("fod", help="FOD image: SH coefficients, MRtrix3 basis (NIfTI or .mif)")
+    f.add_argument("output", help="output text file of per-streamline weights (tckmap / tck2connectome "
+                                  "-tck_weights_in read it)")
+    f.add_argument("--proc-mask", help="processing-mask weights on the FOD grid (tcksift2 -proc_mask; default 1 "
+                                       "where the FOD is non-zero)")
+    f.add_argument("--out-mu", help="write the proportionality coefficient mu (text)")
+    f.add_argument("--out-coeffs", help="write the per-streamline coefficients log(weight) (text)")
+    f.add_argument("--reg-tikhonov", type=float, default=S.REG_TIKHONOV,
+                   help=f"Tikhonov regularisation of the coefficients (default {S.REG_TIKHONOV})")
+    f.add_argument("--reg-tv", type=float, default=S.REG_TV,
+                   help=f"total-variation regularisation along each streamline (default {S.REG_TV})")
+    f.add_argument("--min-td-frac", type=float, default=S.MIN_TD_FRAC,
+                   help=f"exclude fixels reconstructed below this fraction of their FOD integral "
+                        f"(default {S.MIN_TD_FRAC})")
+    f.add_argument("--min-iters", type=int, default=S.MIN_ITERS, help=f"minimum iterations (default {S.MIN_ITERS})")
+    f.add_argument("--max-iters", type=int, default=S.MAX_ITERS, help=f"maximum iterations (default {S.MAX_ITERS})")
+    f.add_argument("--min-factor", type=float, help="minimum weight; below it a streamline gets weight 0")
+    f.add_argument("--min-coeff", type=float, help="minimum coefficient (log weight); exclusive with --min-factor")
+    f.add_argument("--max-factor", type=float, help="maximum weight of any streamline")
+    f.add_argument("--max-coeff", type=float, help="maximum coefficient (log weight); exclusive with --max-factor")
+    f.add_argument("--max-coeff-step", type=float, default=S.MAX_COEFF_STEP,
+                   help=f"largest change of a coefficient per iteration (default {S.MAX_COEFF_STEP})")
+    f.add_argument("--min-cf-decrease", type=float, default=S.MIN_CF_DECREASE,
+                   help=f"stop when an iteration lowers the cost by less than this fraction of the initial cost "
+                        f"(default {S.MIN_CF_DECREASE})")
+    _finish(f, add_force, cmd_sift2)
 
 
 def _parser(sub, name: str, what: str, examples: str):
@@ -209,6 +287,11 @@ def _finish(p, add_force, func) -> None:
     add_force(p)
     p.set_defaults(func=func)
 
+
+EXAMPLES_SIFT2 = """examples:
+  tractfunc sift2 tracks.tck fod.nii.gz sift2_weights.txt
+  tractfunc sift2 tracks.tck fod.nii.gz sift2_weights.txt --proc-mask wm.nii.gz --out-mu mu.txt --reg-tv 0.1
+"""
 
 EXAMPLES_CONNECTOME = """examples:
   tractfunc connectome tracks.tck parcels.nii.gz connectome.csv

@@ -29,6 +29,7 @@ FILES = {
     "map": (("tracks", "template", "tck_weights_in"), ("output",)),
     "sample": (("tracks", "image", "tck_weights_in"), ("output",)),
     "connectome": (("tracks", "nodes", "tck_weights_in"), ("output", "out_assignments")),
+    "sift2": (("tracks", "fod", "proc_mask"), ("output", "out_mu", "out_coeffs")),
 }
 # output option -> extensions it accepts (the writer is chosen by extension)
 EXTENSIONS = {("track", "output"): (".tck", ".trk", ".trx"), ("convert", "output"): (".tck", ".trk", ".trx"),

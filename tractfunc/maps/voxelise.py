@@ -96,6 +96,23 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
     lengths as MRtrix3 sums them). Returns two kinds of piece in one set: length contributions (direction NaN,
     value = mm) and voxel visits (value 0, direction = unit(exit - entry)); summing values per (streamline,
     voxel) gives the length, summing |direction| gives tckmap -dec -precise's colour."""
+    return _precise(verts, lengths, grid, fr)[0]
+
+
+def precise_visits(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pieces:
+    """The voxel visits of -precise mapping, one piece per visit (entry to exit of one voxel, as MRtrix3's
+    ``voxelise_precise`` emits them): value = the length inside the voxel during that visit (mm), direction =
+    unit(exit - entry) (NaN where they coincide)."""
+    pc, vis, n_vis = _precise(verts, lengths, grid, fr)
+    is_len = torch.isnan(pc.direction).any(-1)
+    length = torch.zeros(n_vis, dtype=torch.float64, device=verts.device).index_add_(0, vis[is_len], pc.value[is_len])
+    d = ~is_len
+    order = torch.argsort(vis[d])
+    return Pieces(pc.sid[d][order], pc.vox[d][order], length[vis[d][order]], pc.direction[d][order])
+
+
+def _precise(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame):
+    """precise_pieces plus the visit each piece belongs to: (Pieces, visit id (P,), number of visits)."""
     dev = verts.device
     q = verts.to(torch.float32)
     n_ok = lengths >= 2
@@ -106,7 +123,7 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
     if V == 0:
         z = torch.zeros(0, dtype=torch.long, device=dev)
         return Pieces(z, z.new_zeros(0, 3), torch.zeros(0, dtype=torch.float64, device=dev),
-                      torch.zeros(0, 3, dtype=torch.float64, device=dev))
+                      torch.zeros(0, 3, dtype=torch.float64, device=dev)), z, 0
     acc = (0.005 * min(grid.spacing)) ** 2
     first, last = first_mask(lengths, V), last_mask(lengths, V)
     r = vertex_voxels(q, fr)
@@ -118,6 +135,10 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
     plain = seg & ~trans
     chord = _norm32(q[prev_i] - q).double()
     sids, voxs, vals, dirs = [sid_all[plain]], [r[plain]], [chord[plain]], []
+    run_start = first | trans
+    run_of = torch.cumsum(run_start.long(), 0) - 1                # visit id of each vertex's run
+    n_vis = int(run_start.sum())
+    vis = [run_of[plain]]
     # Hermite control points of each transition segment: q_{k-2} (or 2 q0 - q1), q_{k-1}, q_k, q_{k+1} (or 2 q_n - q_{n-1})
     k = idx[trans]
     st = torch.repeat_interleave(torch.cumsum(lengths, 0) - lengths, lengths)
@@ -142,8 +163,12 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
         sids.append(sk[g]); voxs.append(this[g]); vals.append(_norm32(entry[g] - x).double())
         if rnd == 0:
             first_exit[g] = x
+            vis.append(run_of[k[g] - 1])
         else:   # an intermediate voxel (a corner) is a visit of its own
-            dirs.append((sk[g], this[g], _unit64(x - entry[g])))
+            cid = n_vis + torch.arange(g.numel(), device=dev)
+            n_vis += g.numel()
+            vis.append(cid)
+            dirs.append((sk[g], this[g], _unit64(x - entry[g]), cid))
         last_exit[g] = x
         done = (nv == target[g]).all(-1) | (rnd == MAX_ROUNDS - 1)
         going[g[done]] = False
@@ -151,23 +176,23 @@ def precise_pieces(verts: Tensor, lengths: Tensor, grid: Grid, fr: Frame) -> Pie
         this[nd], entry[nd], mu0[nd] = nv[~done], x[~done], mu_last[~done]
     # the chord from the last boundary to q_k belongs to q_k's voxel
     sids.append(sk); voxs.append(target); vals.append(_norm32(last_exit - c).double())
+    vis.append(run_of[k])
     # visits of vertex runs: entered at q_0 or the last boundary before the run, left at the first boundary after
     # it or at the last vertex
     seg_of = torch.full((V,), -1, dtype=torch.long, device=dev)
     seg_of[k] = torch.arange(k.numel(), device=dev)
-    run_start = first | trans
     run_end = last | torch.cat([trans[1:], trans.new_zeros(1)])
     entry_v = torch.where(first.unsqueeze(-1), q, last_exit[seg_of.clamp(min=0)] if k.numel() else q)
     nxt_seg = seg_of[(idx + 1).clamp(max=V - 1)]
     exit_after = torch.where(last.unsqueeze(-1), q, first_exit[nxt_seg.clamp(min=0)] if k.numel() else q)
     s_i, e_i = idx[run_start], idx[run_end]
-    dirs.append((sid_all[s_i], r[s_i], _unit64(exit_after[e_i] - entry_v[s_i])))
+    dirs.append((sid_all[s_i], r[s_i], _unit64(exit_after[e_i] - entry_v[s_i]), run_of[s_i]))
     nan3 = lambda n: torch.full((n, 3), float("nan"), dtype=torch.float64, device=dev)   # noqa: E731
     sid = torch.cat(sids + [x[0] for x in dirs])
     vox = torch.cat(voxs + [x[1] for x in dirs])
     val = torch.cat(vals + [torch.zeros(x[0].numel(), dtype=torch.float64, device=dev) for x in dirs])
     dr = torch.cat([nan3(v.numel()) for v in sids] + [x[2] for x in dirs])
-    return Pieces(sid, vox, val, dr)
+    return Pieces(sid, vox, val, dr), torch.cat(vis + [x[3] for x in dirs]), n_vis
 
 
 def _bisect(a, b, c, d, this, entry, mu0, target, fr: Frame, acc: float):
