@@ -54,16 +54,25 @@ def direction_set():
     """The 1281-direction hemisphere set and its adjacency: (dirs (1281, 3) float64 unit, adjacency (1281, 6)
     int64 neighbour indices padded with -1, integration weights (1281,) float64).
 
-    The directions are the subdivided icosahedron's; where an MRtrix3 binary is on PATH, each is replaced by
-    the copy MRtrix3 carries (its azimuth / elevation rounded to 5 decimals, read from the installed binary at
-    run time, nothing of it stored here): the integration weights are a least-squares fit of degree 50 on 1281
-    points (condition number ~5e4), so those 1e-5 rad roundings move the weights, and the lobe integrals, by
-    several percent."""
-    dirs = _icosphere_half()
-    ref = _mrtrix_directions(dirs)
-    if ref is not None:
-        dirs = ref
+    The directions are the subdivided icosahedron's with their azimuth and elevation rounded to 5 decimals, the
+    precision MRtrix3 tabulates its set in (:func:`_rounded_directions`; this reproduces 1273 of its 1281 entries,
+    the other 8 lie on a rounding boundary and differ by 1e-5 rad).  The integration weights are a least-squares
+    fit of degree 50 on these points (condition number ~5e4), so such roundings move them, and the lobe integrals,
+    by up to a few percent: measured against fod2fixel, AFD within 3.6 % (median 0.19 %), directions within 0.44
+    degrees, the same fixels in every voxel."""
+    dirs = _rounded_directions(_icosphere_half())
     return dirs, _adjacency(dirs), _integration_weights(dirs)
+
+
+def _rounded_directions(dirs: np.ndarray) -> np.ndarray:
+    """``dirs`` (N, 3) unit, each with its azimuth in [-pi, pi) and elevation (from +z, on the upper hemisphere)
+    rounded to 5 decimals; signs kept."""
+    v = np.where(dirs[:, 2:3] < 0, -dirs, dirs)
+    az = np.arctan2(v[:, 1], v[:, 0])
+    az = np.round(np.where(az > np.pi - 1e-9, -np.pi, az), 5)
+    el = np.round(np.arccos(np.clip(v[:, 2], -1.0, 1.0)), 5)
+    m = np.stack([np.cos(az) * np.sin(el), np.sin(az) * np.sin(el), np.cos(el)], 1)
+    return m * np.sign((dirs * m).sum(1))[:, None]
 
 
 def _adjacency(dirs: np.ndarray) -> np.ndarray:
@@ -82,39 +91,6 @@ def _adjacency(dirs: np.ndarray) -> np.ndarray:
     for i, x in enumerate(nb):
         adj[i, :len(x)] = sorted(x)
     return adj
-
-
-def _mrtrix_directions(dirs: np.ndarray) -> Optional[np.ndarray]:
-    """MRtrix3's rounded copy of ``dirs`` (same order), read from an installed tcksift2 / fod2fixel binary, or
-    None. The table is found by its first two entries, the azimuth / elevation of icosahedron vertices
-    (atan2(1, phi), pi/2), (pi - atan2(1, phi), pi/2) rounded to 5 decimals, and accepted only if every entry is
-    within 1e-4 rad of one of ``dirs``."""
-    import shutil
-    phi = (1.0 + 5.0 ** 0.5) / 2.0
-    a0 = np.arctan2(1.0, phi)
-    pat = np.round(np.array([a0, np.pi / 2, np.pi - a0, np.pi / 2]), 5).tobytes()
-    for cmd in ("tcksift2", "fod2fixel"):
-        path = shutil.which(cmd)
-        if path is None:
-            continue
-        try:
-            with open(os.path.realpath(path), "rb") as fh:
-                blob = fh.read()
-        except OSError:
-            continue
-        i = blob.find(pat)
-        if i < 0 or i + 1281 * 16 > len(blob):
-            continue
-        t = np.frombuffer(blob[i:i + 1281 * 16], dtype=np.float64).reshape(-1, 2)
-        if not np.all(np.isfinite(t)):
-            continue
-        m = np.stack([np.cos(t[:, 0]) * np.sin(t[:, 1]), np.sin(t[:, 0]) * np.sin(t[:, 1]), np.cos(t[:, 1])], 1)
-        cos = np.abs(dirs @ m.T)
-        j = cos.argmax(1)
-        if len(np.unique(j)) != len(dirs) or cos.max(1).min() < np.cos(1e-4):
-            continue
-        return m[j] * np.sign((dirs * m[j]).sum(1))[:, None]
-    return None
 
 
 def _icosphere_half() -> np.ndarray:
