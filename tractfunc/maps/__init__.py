@@ -16,9 +16,9 @@ from .grid import Grid, make_grid
 from .tdi import density, soft_density
 from .sample import sample_stat, sample_vertices, soft_stat
 from .connectome import assign, connectome, soft_assign, soft_connectome
-from .fixels import Fixels, map_streamlines, segment, soft_lengths
+from .fixels import Fixels, fixel_integrals, map_streamlines, segment, soft_lengths
 from .sift2 import sift2, soft_sift2
 
 __all__ = ["Grid", "make_grid", "density", "soft_density", "sample_stat", "sample_vertices", "soft_stat", "assign", "connectome",
-           "soft_assign", "soft_connectome", "Fixels", "segment", "map_streamlines", "soft_lengths", "sift2",
+           "soft_assign", "soft_connectome", "Fixels", "segment", "map_streamlines", "soft_lengths", "fixel_integrals", "sift2",
            "soft_sift2"]

@@ -25,7 +25,6 @@ half a step dropped) and summed per (streamline, fixel).
 """
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import NamedTuple, Optional
 
@@ -160,7 +159,9 @@ class Fixels(NamedTuple):
     (scanner frame); integral: (J,) FOD integral (AFD); peak: (J,) peak amplitude; weight: (J,) processing-mask
     value of the voxel; first: (X*Y*Z,) first fixel of each voxel (-1 none); count: (X*Y*Z,) fixels per voxel;
     lut: (M, 1281) int16 fixel-within-voxel of each direction for the M voxels with >= 2 fixels (dilated);
-    lut_row: (X*Y*Z,) row of lut (-1: a voxel with 0 or 1 fixel); grid: the FOD's grid."""
+    lut_row: (X*Y*Z,) row of lut (-1: a voxel with 0 or 1 fixel); grid: the FOD's grid; members: (2, P) int64
+    (fixel, direction) pairs of every fixel's lobe samples (``segment(..., members=True)``; else None), what
+    :func:`fixel_integrals` sums."""
     voxel: Tensor
     direction: Tensor
     integral: Tensor
@@ -171,10 +172,12 @@ class Fixels(NamedTuple):
     lut: Tensor
     lut_row: Tensor
     grid: Grid
+    members: Optional[Tensor] = None
 
 
 def segment(fod, affine, mask=None, *, spacing=None, peak_threshold: float = PEAK_VALUE_THRESHOLD,
-            integral_threshold: float = INTEGRAL_THRESHOLD, refine_peaks: bool = True) -> Fixels:
+            integral_threshold: float = INTEGRAL_THRESHOLD, refine_peaks: bool = True,
+            members: bool = False) -> Fixels:
     """FMLS segmentation of every voxel's FOD into fixels (fod2fixel's integrals and mean directions;
     tcksift2's model with its dilated lookup tables).
 
@@ -185,6 +188,8 @@ def segment(fod, affine, mask=None, *, spacing=None, peak_threshold: float = PEA
             tcksift2's default); voxels with weight 0 are not segmented.
         peak_threshold / integral_threshold: fod2fixel's -fmls_peak_value / -fmls_integral.
         refine_peaks: refine each lobe's peak amplitude by Newton iteration before thresholding (as MRtrix3).
+        members: also record each fixel's lobe samples (``Fixels.members``, for :func:`fixel_integrals`: the
+            integrals as a differentiable function of the SH coefficients).
     Returns:
         :class:`Fixels`, fixels ordered by voxel (file layout, C order) then by decreasing peak; float64, CPU.
     """
@@ -221,11 +226,15 @@ def segment(fod, affine, mask=None, *, spacing=None, peak_threshold: float = PEA
                       torch.full((nvox,), -1), grid)
     fv, fdir, fint, fpeak = cat(0), cat(1), cat(2), cat(3)
     lut_vox, lut = cat(4), cat(5)
+    pairs = None
+    if members:   # block-local fixel indices -> global ones
+        offsets = torch.cumsum(torch.tensor([0] + [p[0].numel() for p in parts[:-1]]), 0)
+        pairs = torch.cat([p[6] + torch.stack([o, torch.zeros_like(o)])[:, None] for p, o in zip(parts, offsets)], 1)
     count = torch.zeros(nvox, dtype=torch.long).index_add_(0, fv, torch.ones_like(fv))
     first = torch.where(count > 0, torch.cumsum(count, 0) - count, torch.full_like(count, -1))
     lut_row = torch.full((nvox,), -1, dtype=torch.long)
     lut_row[lut_vox] = torch.arange(lut_vox.numel())
-    return Fixels(fv, fdir, fint, fpeak, w[fv], first, count, lut, lut_row, grid)
+    return Fixels(fv, fdir, fint, fpeak, w[fv], first, count, lut, lut_row, grid, pairs)
 
 
 def _segment_block(coef, vox, B, dirs, adj, iw, lmax, peak_threshold, integral_threshold, refine):
@@ -317,7 +326,12 @@ def _segment_block(coef, vox, B, dirs, adj, iw, lmax, peak_threshold, integral_t
     kidx = torch.where(mem >= 0, new_idx[multi[:, None], mem.clamp(min=0)], torch.full_like(mem, -1))
     kidx = torch.where((mem >= 0) & keep[multi[:, None], mem.clamp(min=0)], kidx, torch.full_like(kidx, -1))
     lut = _dilate(kidx, integ[multi].gather(1, _kept_slots(keep[multi], K)), adj)
-    return fv, fdir, fint, fpeak, vox[multi], lut.to(torch.int16)
+    # (fixel, direction) pairs of the kept lobes' samples, fixels numbered as km orders them
+    glob = torch.where(keep, new_idx + (torch.cumsum(nkeep, 0) - nkeep)[:, None], torch.full_like(new_idx, -1))
+    pm, pd = torch.nonzero(ok, as_tuple=True)
+    pf = glob[pm, member[pm, pd]]
+    sel = pf >= 0
+    return fv, fdir, fint, fpeak, vox[multi], lut.to(torch.int16), torch.stack([pf[sel], pd[sel]])
 
 
 def _kept_slots(keep: Tensor, K: int) -> Tensor:
@@ -459,3 +473,25 @@ def soft_lengths(tracks, fx: Fixels, *, tau: float = 0.1):
     uk, inv = torch.unique(key, return_inverse=True)
     L = torch.zeros(uk.numel(), dtype=verts.dtype, device=verts.device).index_add(0, inv, val[ok])
     return uk // J, uk % J, L
+
+
+def fixel_integrals(fod: Tensor, fx: Fixels) -> Tensor:
+    """The fixels' FOD integrals as a differentiable function of the SH coefficients, the lobes held fixed.
+
+    Args:
+        fod: (X, Y, Z, C) SH coefficients (the image :func:`segment` was given, or a perturbation of it), any float
+            dtype, may require grad; fx: ``segment(..., members=True)``.
+    Returns:
+        (J,) sum over each fixel's lobe samples d of ``|iw_d * sum_k c_k Y_k(d)|`` (``fx.integral`` at the segmented
+        FOD), in the FOD's dtype; its gradient is ``sign * iw_d * Y_k(d)`` into the fixel's voxel: the FOD end of
+        SIFT2's implicit gradient (:func:`tractfunc.maps.sift2.soft_sift2` takes the integrals).
+    """
+    if fx.members is None:
+        raise TractfuncError("fixel_integrals needs the lobe samples: segment(..., members=True)")
+    dirs_np, _, iw_np = direction_set()
+    C = fod.shape[-1]
+    B = sh.basis(torch.from_numpy(dirs_np).to(fod.dtype), sh.lmax_for(C))       # (N, C)
+    f, d = fx.members[0], fx.members[1]
+    coef = fod.reshape(-1, C)[fx.voxel.to(fod.device)[f]]                       # (P, C)
+    amp = (coef * B.to(fod.device)[d]).sum(-1) * torch.from_numpy(iw_np).to(fod)[d]
+    return torch.zeros(fx.voxel.shape[0], dtype=fod.dtype, device=fod.device).index_add(0, f, amp.abs())
