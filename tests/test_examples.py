@@ -59,6 +59,16 @@ def test_optimize_bundle_act(tmp_path):
     assert r["hard_accepted_after"] > r["hard_accepted_before"]
 
 
+def test_fit_fixel_density(tmp_path):
+    """Seeds moved through the fused engine and the soft fixel mapping: SIFT's fixel-density cost goes down and the
+    track density correlates better with the fixel integrals (what reweighting alone cannot do: the streamlines
+    move)."""
+    r = run_quick("fit_fixel_density.py", tmp_path)
+    assert r["engine"] == "follow" and r["fixels"] > 500
+    assert r["cost_after"] < 0.9 * r["cost_before"] and r["r_after"] > r["r_before"]
+    assert r["mean_seed_move_mm"] > 0.1
+
+
 def test_optimize_fod(tmp_path):
     r = run_quick("optimize_fod.py", tmp_path)
     assert r["loss_after"] < r["loss_before"]
