@@ -199,3 +199,11 @@ def test_render_orientation_is_neurological(tmp_path):
         assert cols_line.mean() > np.nonzero(brain[:, third])[1].mean() + 5
     rows, cols = np.nonzero(col[:, thirds[0]])          # sagittal: the line rises to the right (image rows go down)
     assert np.corrcoef(cols, rows)[0, 1] < -0.9
+
+
+def test_sift2_parser_defaults_are_the_library_defaults():
+    """The torch-free parser's copy of tcksift2's defaults equals tractfunc.maps.sift2's."""
+    from tractfunc.cli.maps import SIFT2_DEFAULTS
+    from tractfunc.maps.sift2 import DEFAULTS
+    names = [n for n in vars(DEFAULTS) if n.isupper()]
+    assert len(names) == 7 and all(getattr(SIFT2_DEFAULTS, n) == getattr(DEFAULTS, n) for n in names)

@@ -12,6 +12,13 @@ from .. import io
 from ..errors import TractfuncError
 
 
+
+class SIFT2_DEFAULTS:
+    """tcksift2 3.0.3's defaults as the parser shows them, here so that building the parser imports no torch
+    (tests/cli/test_cli_tools.py checks them against :data:`tractfunc.maps.sift2.DEFAULTS`)."""
+    REG_TIKHONOV, REG_TV, MIN_TD_FRAC, MIN_ITERS, MAX_ITERS = 0.0, 0.1, 0.10, 10, 1000
+    MAX_COEFF_STEP, MIN_CF_DECREASE = 1.0, 2.5e-5
+
 def load_tracks(path: str):
     """The tractogram at ``path`` (.tck/.trk/.trx) as a :class:`tractfunc.TrackFile`; an empty one is an error."""
     from ..io.tractogram import load_tractogram
@@ -242,7 +249,7 @@ def add_parsers(sub, add_force) -> None:
     c.add_argument("--tck-weights-in", help="text file of per-streamline weights (tck2connectome -tck_weights_in)")
     c.add_argument("--out-assignments", help="write the node pair of each streamline (text, one pair a line)")
     _finish(c, add_force, cmd_connectome)
-    from ..maps.sift2 import DEFAULTS as S
+    S = SIFT2_DEFAULTS
     f = _parser(sub, "sift2", "per-streamline weights fitting track density to fixel FOD integrals (tcksift2 "
                               "equivalent)", EXAMPLES_SIFT2)
     f.add_argument("fod", help="FOD image: SH coefficients, MRtrix3 basis (NIfTI or .mif)")

@@ -294,13 +294,14 @@ def track_fixed(sh, params: TrackParams, seeds, init_dirs, n_steps: int, *, affi
     checkpoint: recompute chunks of this many steps in the backward (saves memory).
 
     Returns FixedTracks of JAX arrays: vertices (B, 2T+1, 3) mm, valid (B, 2T+1) bool, seed_index (B,) int32,
-    accepted (B,) bool, reason_fwd / reason_bwd (B,) int32, weights (B, 2T+1).  ``jax.grad`` of a loss on
+    accepted (B,) bool, reason_fwd / reason_bwd (B,) int32, weights (B, 2T+1), acceptance (B,) (ones: no ACT here),
+    reach (B, 0).  ``jax.grad`` of a loss on
     vertices / weights flows to sh and seeds (init_dirs: zero, the peak does not move within its basin)."""
     sh, seeds, init_dirs = _floating(sh), _floating(seeds), _floating(init_dirs)
     _check_seeds(sh, seeds, init_dirs)
     B, V, dt = seeds.shape[0], 2 * n_steps + 1, sh.dtype
     specs = [_spec((B, V, 3), dt), _spec((B, V), bool), _spec((B,), np.int32), _spec((B,), bool),
-             _spec((B,), np.int32), _spec((B,), np.int32), _spec((B, V), dt)]
+             _spec((B,), np.int32), _spec((B,), np.int32), _spec((B, V), dt), _spec((B,), dt), _spec((B, 0), dt)]
 
     def fn(s, p, d):
         r = _fixed.track_fixed(_field(s, affine, params.precomputed, voxel_sizes), params, p, d, n_steps,

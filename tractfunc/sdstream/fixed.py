@@ -36,7 +36,7 @@ class FixedTracks(NamedTuple):
     weights: (B, 2T+1) survival weight of each vertex (soft termination: product of the step factors from the
     seed out to the vertex; hard: 1 on valid vertices), 0 on padding; with soft ACT / regions
     (:func:`tractfunc.sdstream.act.soft_act`) times the streamline's ``acceptance`` (B,), and ``reach`` (B, R): the
-    soft score that each streamline reached each include region (else None)."""
+    soft score that each streamline reached each include region (without ACT or regions: ones (B,) and (B, 0))."""
     vertices: Tensor
     valid: Tensor
     seed_index: Tensor
@@ -165,7 +165,7 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
         weights = torch.where(valid, torch.exp(lw), torch.zeros_like(lw))
     cut = (fs.reason == CONTINUE) | (bs.reason == CONTINUE)   # still running after T steps: length unknown
     accepted = sd.ok & ((total >= max(params.min_points, 2)) | (cut & (total >= 2)))
-    acceptance = reach = None
+    acceptance, reach = seeds.new_ones(seeds.shape[:1]), seeds.new_zeros(seeds.shape[0], 0)   # no rules: 1, none
     if act is not None or regions is not None:
         from .act import act_seed_ok, soft_act
         if act is not None:

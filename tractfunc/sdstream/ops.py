@@ -267,4 +267,4 @@ def follow_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
                                                          list(mask.voxel_sizes) if mask.voxel_sizes else [])
     out = _FollowFixed.apply(field.sh, field.nonzero, seeds, init_dirs, step, field.world_to_voxel, m, mw, vs, mvs,
                              fp, ip)
-    return FixedTracks(*out)
+    return FixedTracks(*out, acceptance=seeds.new_ones(seeds.shape[:1]), reach=seeds.new_zeros(seeds.shape[0], 0))
