@@ -10,7 +10,9 @@ tcksift2's mapping), and takes an Adam step on the seed positions for SIFT's cos
 
 with F_j the fixel FOD integrals (``tractfunc.maps.segment``, fod2fixel's segmentation) of the fixels in the
 white-matter mask. Prints the cost, the Pearson correlation of TD and F over fixels, and the time of each part;
-a figure of both per iteration and a final JSON line. Run: ``python examples/fit_fixel_density.py [--quick] [--seeds N] [--iters K] [--data DIR]``.
+a figure of both per iteration and a final JSON line. Measured (whole brain, 264 289 fixels, 10 000 seeds, 8
+iterations, 2 threads): cost 0.549 -> 0.454, r 0.510 -> 0.574 in 251 s, of which tracking 8 s, the soft mapping
+156 s, the backward 23 s, the segmentation 61 s. Run: ``python examples/fit_fixel_density.py [--quick] [--seeds N] [--iters K] [--data DIR]``.
 """
 from __future__ import annotations
 
