@@ -57,6 +57,12 @@ class FixedTracks(NamedTuple):
                       self.weights[keep] if soft else None, "fixed")
 
 
+def length_accepted(total: Tensor, cut: Tensor, min_points: int) -> Tensor:
+    """tckgen's length rule on fixed shapes: (B,) vertex counts and (B,) bool "a half was still running after
+    n_steps" -> (B,) bool, at least max(min_points, 2) vertices, or 2 for a cut streamline (its length unknown)."""
+    return (total >= max(min_points, 2)) | (cut & (total >= 2))
+
+
 def _run_steps(field, params, mask, temperature, n, *state):
     """n steps from a flat state tuple -> (vertices (B, n, 3), added (B, n), logw (B, n) or None, *state)."""
     st = TrackState(*state)
@@ -164,7 +170,7 @@ def track_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: 
         lw = torch.gather(lw, 1, idx.squeeze(-1))
         weights = torch.where(valid, torch.exp(lw), torch.zeros_like(lw))
     cut = (fs.reason == CONTINUE) | (bs.reason == CONTINUE)   # still running after T steps: length unknown
-    accepted = sd.ok & ((total >= max(params.min_points, 2)) | (cut & (total >= 2)))
+    accepted = sd.ok & length_accepted(total, cut, params.min_points)
     acceptance, reach = seeds.new_ones(seeds.shape[:1]), seeds.new_zeros(seeds.shape[0], 0)   # no rules: 1, none
     if act is not None or regions is not None:
         from .act import act_seed_ok, soft_act

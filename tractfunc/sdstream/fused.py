@@ -12,15 +12,17 @@ in C (``csrc/sd_adjoint.c``), with the same decisions and the same derivative ru
 * **backward**: one reverse sweep per streamline (``sd_adjoint``), O(vertices x coefficients), no Newton
   iterations and no autograd graph: each peak's derivative is the implicit-function one
   (:mod:`tractfunc.core.implicit`), scattered into the 8 voxels of its trilinear sample (one dense gradient
-  buffer per thread, of which only touched voxels are reduced), RK4 by the chain rule through its four stages.  Saved for backward: the vertices and the
-  step directions, 24 (Euler) to 60 (RK4) bytes per vertex with tckgen's settings in float32, 48 to 120 in
-  double with exact peaks.
+  buffer per thread, of which only touched voxels are reduced), RK4 by the chain rule through its four stages.
+  Saved for backward: the vertices and the step records, 24 (Euler) to 60 (RK4) bytes per vertex with tckgen's
+  settings in float32, 48 to 120 in double with exact peaks; soft stopping adds the two margins per step (RK4 also
+  the peak at the new vertex and the minimal stage) and the weights.
 
-The decisions are locally constant, so they pass no derivative (hard stopping, as in every engine).  Reached
-through :func:`tractfunc.track` (``engine="follow"``, which "auto" picks for differentiable CPU runs); the PyTorch
-:func:`tractfunc.sdstream.follow.follow` stays the reference it is tested against (tests/sdstream/test_fused.py).
-Under plain autograd and ``torch.func.grad`` / ``vjp`` (the op unwraps to plain tensors); under ``vmap``
-(``jacrev``, ``jacfwd``) and ``torch.compile`` the engines of fixed shapes run instead (``engine.choose``), and
+The decisions are locally constant, so they pass no derivative (as in every engine; soft stopping's weights carry
+the derivative of its margins).  Reached through :func:`tractfunc.track` (``engine="follow"``, which "auto" picks
+for differentiable CPU runs); the PyTorch :func:`tractfunc.sdstream.follow.follow` and
+:func:`tractfunc.track_fixed` stay the references it is tested against (tests/sdstream/test_fused.py).  Under plain
+autograd and ``torch.func.grad`` / ``vjp`` (the op unwraps to plain tensors); under ``vmap`` and ``torch.compile``
+through :func:`tractfunc.follow_fixed` (custom ops, :mod:`tractfunc.sdstream.ops`), and
 :func:`tractfunc.seed_jacobian_packed` gives per-vertex seed Jacobians in C.
 """
 from __future__ import annotations

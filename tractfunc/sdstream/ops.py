@@ -31,7 +31,7 @@ from ..core.params import TrackParams
 from ..core.stop import Reason
 from ..core.tracing import is_vectorized, unwrap
 from ..errors import TractfuncError
-from .fixed import FixedTracks
+from .fixed import FixedTracks, length_accepted
 
 Tensor = torch.Tensor
 
@@ -94,8 +94,7 @@ def _follow_fixed(sh: Tensor, nonzero: Tensor, seeds: Tensor, init_dirs: Tensor,
     seed_index = torch.zeros(S, dtype=torch.long).index_copy_(0, ids, n_fwd)
     tot = torch.zeros(S, dtype=torch.long).index_copy_(0, ids, total)
     cut = (reasons == int(Reason.CONTINUE)).any(1)
-    accepted = (reasons[:, 0] != int(Reason.SEED_REJECTED)) & (
-        (tot >= max(params.min_points, 2)) | (cut & (tot >= 2)))
+    accepted = (reasons[:, 0] != int(Reason.SEED_REJECTED)) & length_accepted(tot, cut, params.min_points)
     return (verts.reshape(S, 2 * T + 1, 3), valid.reshape(S, 2 * T + 1), seed_index, accepted,
             reasons[:, 0].clone(), reasons[:, 1].clone(), w.reshape(S, 2 * T + 1))
 
