@@ -65,16 +65,20 @@ def test_auto_rule_and_its_errors(phantom_field):
     # soft stopping and checkpoints: the follow engine's fused C form where it applies, else fixed
     assert E.choose(E.describe(fld, prm, pts), stopping=tf.Soft(0.1)) == "follow"
     assert E.choose(E.describe(fld64, _short(f, exact=True), pts64), stopping=tf.Soft(0.1)) == "follow"
-    assert E.choose(E.describe(fld64, prm, pts64), stopping=tf.Soft(0.1)) == "fixed"
+    assert E.choose(E.describe(fld64, prm, pts64), stopping=tf.Soft(0.1)) == "follow"
+    narrow = prm._replace(state_dtype=torch.float32)   # float64 values on tckgen's float32 state: not fused
+    assert E.choose(E.describe(fld64, narrow, pts64), stopping=tf.Soft(0.1)) == "fixed"
     assert E.choose(E.describe(fld, prm, pts), gradient=tf.Checkpoint(5)) == "follow"
-    assert E.choose(E.describe(fld64, prm, pts64), gradient=tf.Checkpoint(5)) == "fixed"
+    assert E.choose(E.describe(fld64, prm, pts64), gradient=tf.Checkpoint(5)) == "follow"
+    assert E.choose(E.describe(fld64, narrow, pts64), gradient=tf.Checkpoint(5)) == "fixed"
     grad = E.describe(fld._replace(sh=fld.sh.clone().requires_grad_(True)), prm, pts)
     assert E.choose(grad) == "follow"
     for kw, msg in ((dict(engine="eager", stopping=tf.Soft(0.1)), "engine='fixed'"),
                     (dict(stopping=tf.Soft(0.0)), "temperature > 0"),
                     (dict(gradient=tf.Checkpoint(0)), "every >= 1"),
                     (dict(engine="native", stopping=tf.Soft(0.1)), "stops hard"),
-                    (dict(engine="follow", gradient=tf.Checkpoint(3), f64=True), "fused C form"),
+                    (dict(engine="follow", gradient=tf.Checkpoint(3), f64=True,
+                          params=prm._replace(state_dtype=torch.float32)), "fused C form"),
                     (dict(engine="fixed", compiled=True), "compiled"),
                     (dict(compiled=True, params=_short(f, rk4=True)), "not apply to RK4")):
         args = (fld64, kw.pop("params", prm), pts64, dirs64) if kw.pop("f64", False) else (

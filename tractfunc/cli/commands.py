@@ -64,7 +64,7 @@ def _engine(a) -> str:
     job = E.Job(dtype=a.dtype, device=device, grad=False, lut=not a.exact_sh, polish=0,
                 state32=a.state_dtype != "float64",
                 numeric_step=True, lmax_ok=True, compiled=a.compile, kernel=native.available()[0],
-                rk4=a.rk4)
+                rk4=a.rk4, narrow=a.dtype == "float64" and a.state_dtype == "float32")
     if processes:
         if a.engine == "native":
             raise TractfuncError("--engine native runs in this process; --workers and torchrun split seeds across "

@@ -9,9 +9,10 @@ native     the C kernel, tckgen's float32 arithmetic bit for   none             
            bit (:mod:`tractfunc.sdstream.native`)
 follow     values along the kernel's discrete decisions:       a C reverse sweep     hard, or soft (fused)
            tckgen's streamlines, in the field's dtype; fused   (fused), else direct
-           in C on the CPU with tckgen's float32 settings or
-           exact peaks (:mod:`tractfunc.sdstream.fused`), else
-           the PyTorch primitives (:mod:`~.follow`)
+           in C on the CPU with tckgen's settings (float32,
+           or float64 with a float64 state) or exact peaks
+           (:mod:`tractfunc.sdstream.fused`), else the
+           PyTorch primitives (:mod:`~.follow`)
 eager      the PyTorch primitives, own decisions, dead         direct                hard
            streamlines dropped between steps
 fixed      :func:`tractfunc.track_fixed`: fixed shapes and an  direct or             hard or soft
@@ -58,7 +59,8 @@ class Job(NamedTuple):
     iterations; state32: the state is float32 or the dtype's own; numeric_step: the step is a number, not a
     tensor; lmax_ok: lmax <= 12 (the kernel's limit); compiled: the eager engine's compiled Newton move;
     kernel: the native kernel builds and loads on this machine; rk4: the RK4 scheme; traced: under
-    ``torch.func.vmap`` (jacrev, jacfwd) or ``torch.compile`` (``grad`` / ``vjp`` alone do not count)."""
+    ``torch.func.vmap`` (jacrev, jacfwd) or ``torch.compile`` (``grad`` / ``vjp`` alone do not count); narrow: the
+    state is rounded to float32 under a float64 dtype."""
     dtype: str
     device: str
     grad: bool
@@ -71,6 +73,7 @@ class Job(NamedTuple):
     kernel: bool
     rk4: bool = False
     traced: bool = False
+    narrow: bool = False
 
 
 def _native_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
@@ -90,9 +93,10 @@ def _native_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[s
 
 def fused_fits(job: Job) -> bool:
     """Whether the follow engine runs in its fused C form (:mod:`tractfunc.sdstream.fused`): the CPU, lmax <= 12,
-    float32 with tckgen's settings or exact peaks (``peak_polish > 0``) in either dtype."""
-    return job.device == "cpu" and job.lmax_ok and (job.polish > 0 or (job.lut and job.dtype == "float32"
-                                                                         and job.state32))
+    exact peaks (``peak_polish > 0``) in either dtype, or tckgen's lookup-table peaks in float32 with tckgen's
+    settings or in float64 with a float64 state."""
+    lut = job.lut and ((job.dtype == "float32" and job.state32) or (job.dtype == "float64" and not job.narrow))
+    return job.device == "cpu" and job.lmax_ok and (job.polish > 0 or lut)
 
 
 def _follow_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
@@ -102,8 +106,8 @@ def _follow_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[s
         return ("it takes tckgen's lookup-table peaks (precomputed=True) or exact peaks (peak_polish > 0), "
                 "and lmax <= 12")
     if (stopping is not None or gradient is not None) and not fused_fits(job):
-        return ("soft stopping and checkpointing run on its fused C form only: the CPU, float32 with tckgen's "
-                "settings or exact peaks (peak_polish > 0)")
+        return ("soft stopping and checkpointing run on its fused C form only: the CPU, tckgen's settings in float32 "
+                "or float64 (a float64 state), or exact peaks (peak_polish > 0)")
     if job.compiled:
         return "compiled applies to the eager engine"
     return None if job.kernel else "the kernel is unavailable on this machine"
@@ -156,5 +160,6 @@ def describe(field, params, seeds, compiled: bool = False) -> Job:
                lut=bool(params.precomputed and field.table is not None), polish=int(params.peak_polish),
                state32=params.state_dtype in (None, torch.float32),
                numeric_step=not torch.is_tensor(params.step), lmax_ok=sh.shape[-1] <= 91, compiled=bool(compiled),
-               kernel=native.available()[0], rk4=bool(params.rk4), traced=is_vectorized(seeds, sh))
+               kernel=native.available()[0], rk4=bool(params.rk4), traced=is_vectorized(seeds, sh),
+               narrow=params.state_dtype == torch.float32 and sh.dtype == torch.float64)
 

@@ -28,6 +28,7 @@ through :func:`tractfunc.follow_fixed` (custom ops, :mod:`tractfunc.sdstream.ops
 from __future__ import annotations
 
 import ctypes
+import warnings
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -49,17 +50,22 @@ class _AdjConfig(ctypes.Structure):
                 ("ncoef", ctypes.c_int32), ("lmax", ctypes.c_int32), ("nonzero", ctypes.c_void_p),
                 ("w2v", ctypes.c_double * 12), ("step", ctypes.c_double), ("rk4", ctypes.c_int32),
                 ("polish", ctypes.c_int32), ("soft", ctypes.c_int32), ("temperature", ctypes.c_double),
-                ("cutoff", ctypes.c_double), ("cos_max", ctypes.c_double)]
+                ("cutoff", ctypes.c_double), ("cos_max", ctypes.c_double), ("lut", ctypes.c_void_p),
+                ("lut_inc", ctypes.c_double), ("lut_ndir", ctypes.c_int32), ("lut_l1", ctypes.c_int32)]
 
 
 def applies(field: FODField, params: TrackParams) -> bool:
-    """Whether the fused engine can run a follow job on ``field``: the CPU, lmax <= 12, float32 with tckgen's
-    settings or exact peaks (``peak_polish > 0``) in float32 or float64."""
+    """Whether the fused engine can run a follow job on ``field``: the CPU, lmax <= 12, and exact peaks
+    (``peak_polish > 0``) in float32 or float64, or tckgen's lookup-table peaks with the state in the field's own
+    dtype or float32 for a float32 field (the rule of :func:`tractfunc.sdstream.engine.fused_fits`)."""
     sh = field.sh
     if sh.device.type != "cpu" or sh.shape[-1] > 91 or sh.dtype not in (torch.float32, torch.float64):
         return False
-    exact = params.peak_polish > 0
-    return exact or (sh.dtype == torch.float32 and params.state_dtype in (None, torch.float32))
+    if params.peak_polish > 0:
+        return True
+    if sh.dtype == torch.float32:
+        return params.state_dtype in (None, torch.float32)
+    return field.table is not None and params.state_dtype in (None, torch.float64)
 
 
 class _Tape(NamedTuple):
@@ -77,6 +83,8 @@ class _Tape(NamedTuple):
 
 
 def _config(field: FODField, params: TrackParams, temperature: Optional[float] = None) -> tuple:
+    """The C config of a fused call and the arrays it points into (keep them alive while it is used): the
+    lookup table in double for a float64 field with tckgen's peaks (:func:`_replays_lut`)."""
     sh = field.sh.detach()
     nz = field.nonzero.to(torch.uint8).contiguous()
     c = _AdjConfig()
@@ -93,7 +101,19 @@ def _config(field: FODField, params: TrackParams, temperature: Optional[float] =
     if temperature is not None:
         c.soft, c.temperature, c.cutoff = 1, float(temperature), float(params.cutoff)
         c.cos_max = float(params.cos_angle_rk4 if params.rk4 else params.cos_angle_step)
-    return c, (sh, nz)
+    keep = (sh, nz)
+    if _replays_lut(field, params):
+        tab = np.ascontiguousarray(field.table.table.detach().cpu().numpy(), dtype=np.float64)   # (ndir, L+1, L+1)
+        c.lut, c.lut_inc = _ptr(tab), float(field.table.inc)
+        c.lut_ndir, c.lut_l1 = tab.shape[0], tab.shape[1]
+        keep = keep + (tab,)
+    return c, keep
+
+
+def _replays_lut(field: FODField, params: TrackParams) -> bool:
+    """Values recomputed in double with tckgen's peak search (a float64 field, tckgen's lookup-table peaks); float32
+    with tckgen's settings keeps the kernel's own values, exact peaks are polished instead."""
+    return params.peak_polish == 0 and field.sh.dtype == torch.float64 and field.table is not None
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -182,16 +202,25 @@ def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds
     starts = np.ascontiguousarray(np.cumsum(ln) - ln, dtype=np.int64)
     ln, si = np.ascontiguousarray(ln, dtype=np.int64), np.ascontiguousarray(si, dtype=np.int64)
     config, keep = _config(field, params, temperature)
-    if params.peak_polish > 0:
+    if params.peak_polish > 0 or config.lut:
         seeds_acc = np.ascontiguousarray(seeds.detach().cpu().double().numpy()[ids])
         sd32 = np.ascontiguousarray(sd32)
         verts = np.empty((v32.shape[0], 3), dtype=np.float64)
         sdirs = np.empty(sd32.shape, dtype=np.float64)
         ok = np.ones(ln.shape[0], dtype=np.uint8)
+        v32 = np.ascontiguousarray(v32)
+        init = None
+        if config.lut and temperature is not None:   # the seed peaks are searched again, from the start directions
+            d = init_dirs.detach().cpu().double()[torch.from_numpy(ids).long()]
+            init = np.ascontiguousarray((d / torch.linalg.vector_norm(d, dim=-1, keepdim=True)).numpy())
         native.library().sd_replay(ctypes.byref(config), ln.shape[0], _ptr(starts), _ptr(ln), _ptr(si),
-                                   _ptr(seeds_acc), _ptr(sd32), _ptr(verts), _ptr(sdirs),
+                                   _ptr(seeds_acc), None if init is None else _ptr(init), _ptr(sd32), _ptr(v32),
+                                   _ptr(verts), _ptr(sdirs),
                                    _ptr(ok), torch.get_num_threads())
         values = torch.from_numpy(verts).to(field.sh.dtype)
+        if config.lut and not ok.all():
+            warnings.warn(f"{int((ok == 0).sum())} streamline(s) could not take every step of the native kernel's "
+                          f"decisions in float64 (a peak search failed or a step left the image)")
     else:   # kept in float32 until a sweep needs them (12 + 12 or 48 bytes per vertex between forward and backward)
         verts, sdirs = v32, sd32
         values = torch.from_numpy(v32)

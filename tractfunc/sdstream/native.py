@@ -42,7 +42,7 @@ _SRC = Path(__file__).with_name("csrc") / "sd_stream.c"
 _SRC_ADJOINT = Path(__file__).with_name("csrc") / "sd_adjoint.c"   # the fused engine's reverse sweep (fused.py)
 # No contraction into fused multiply-adds and no reassociation: every rounding is part of the result.
 _CFLAGS = ["-O3", "-march=native", "-fPIC", "-shared", "-pthread", "-ffp-contract=off", "-fno-fast-math", "-fno-math-errno"]
-_ABI = 6
+_ABI = 7
 SEED_REJECTED = 6   # tractfunc.core.stop.Reason.SEED_REJECTED (this module does not import torch)
 _lib = None
 _error: Optional[str] = None
@@ -249,7 +249,7 @@ def _load():
         lib.sd_repack.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int32]
         # the fused engine's reverse sweep and exact replay (csrc/sd_adjoint.c; tractfunc.sdstream.fused)
         lib.sd_replay.restype = None
-        lib.sd_replay.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 8 + [ctypes.c_int32]
+        lib.sd_replay.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 10 + [ctypes.c_int32]
         lib.sd_adjoint.restype = ctypes.c_int32
         lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11 + [ctypes.c_int32]
         lib.sd_soft_weights.restype = None
@@ -424,7 +424,8 @@ class Kernel:
         accepted seed rows (A,), seed vertex index (A,), reasons (S, 2) int64, accepted (S,) bool), and with
         ``record`` also each vertex's step record (V, w) float32, what the adjoint needs
         (:mod:`tractfunc.sdstream.fused`): Euler w = 3, the peak the step moved along; RK4 w = 12, the four stage
-        peaks; zeros at seed vertices.  With soft stopping Euler w = 5 (the peak, the amplitude margin, the cosine
+        peaks; the seed vertex holds the seed peak (negated for a unidirectional streamline: its one half starts
+        from the negated record, as the second half of a two-sided one).  With soft stopping Euler w = 5 (the peak, the amplitude margin, the cosine
         margin; the seed vertex holds the seed peak) and RK4 w = 18 (the stage peaks, the peak at the new vertex,
         the two margins, the stage of the smallest amplitude).
         Memory follows the streamlines traced (each grows as it is tracked), not ``max_points``; MemoryError

@@ -2,8 +2,10 @@
  *
  * Given streamlines whose discrete decisions are fixed (how many steps each half takes; from the native kernel
  * sd_stream.c, which also records each step's peak directions), this file evaluates
- *   - sd_replay: the streamlines again along those decisions with every peak polished to the exact maximum of
- *     the exactly evaluated SH series (full tangent Newton iterations from the recorded direction), in double;
+ *   - sd_replay: the streamlines again along those decisions, in double, with every peak either polished to the
+ *     exact maximum of the exactly evaluated SH series (full tangent Newton iterations from the recorded
+ *     direction), or searched as tckgen does (its Newton iteration and tolerance, the Legendre lookup table) from
+ *     the directions tractfunc.sdstream.follow starts from;
  *   - sd_adjoint: the vector-Jacobian product of the vertices with respect to the FOD coefficients, the seeds
  *     and the step length, by one reverse sweep per streamline.  Each peak's derivative is the implicit-function
  *     one (proofs/peak_ift.md): du = -E H2^-1 E^T dF(u; dc), so its transpose applied to a cotangent ubar is the
@@ -48,6 +50,10 @@ typedef struct {
     int32_t polish;           /* sd_replay: at most this many exact Newton iterations per peak */
     int32_t soft;             /* soft stopping: margins recorded, survival weights (sd_soft_weights) */
     double temperature, cutoff, cos_max;   /* soft: T, the amplitude cutoff, the cosine limit of the scheme */
+    const double *lut;        /* sd_replay with tckgen's peaks: (lut_ndir, lut_l1, lut_l1) N_lm P_l^m(cos el) at
+                                 el = n lut_inc, indexed [n][l][m] (core.sh.LegendreTable), or NULL: exact peaks */
+    double lut_inc;
+    int32_t lut_ndir, lut_l1;
 } adj_config;
 
 /* Doubles per vertex in a step record (see the top of this file). */
@@ -64,6 +70,8 @@ static inline double sigmoid_neg(double x) { return x >= 0 ? exp(-x) / (1.0 + ex
 
 static int KL[A_MAXC], KM[A_MAXC], KNEG[A_MAXC];
 static double KN[A_MAXC];
+/* the (el, az) derivative constants of tckgen's peak search per coefficient (core.sh._mrtrix_deriv_consts) */
+static double DS_LO[A_MAXC], DS_HI[A_MAXC], DS_LO2[A_MAXC], DMID[A_MAXC], DS_HI2[A_MAXC];
 static pthread_once_t tables_once = PTHREAD_ONCE_INIT;
 
 static void init_tables(void) {
@@ -75,6 +83,18 @@ static void init_tables(void) {
             double n = sqrt((2 * l + 1) / (4.0 * M_PI) * ratio);
             if (am) n *= sqrt(2.0) * ((am & 1) ? -1.0 : 1.0);
             KL[k] = l; KM[k] = am; KNEG[k] = m < 0; KN[k] = n;
+            if (am == 0) {
+                DS_LO[k] = sqrt((double)(l * (l + 1))); DS_HI[k] = 0.0;
+                DS_LO2[k] = sqrt((double)(l * (l + 1) * (l - 1) * (l + 2))) / 2.0;
+                DMID[k] = -(double)(l * (l + 1)) / 2.0; DS_HI2[k] = 0.0;
+            } else {
+                DS_LO[k] = sqrt((double)((l + am) * (l - am + 1)));
+                DS_HI[k] = l > am ? sqrt((double)((l - am) * (l + am + 1))) : 0.0;
+                DMID[k] = -(double)((l + am) * (l - am + 1) + (l - am) * (l + am + 1)) / 4.0;
+                DS_LO2[k] = sqrt((double)((l + am) * (l - am + 1) * (l + am - 1) * (l - am + 2))) / 4.0;
+                DS_HI2[k] = l > am + 1 ? sqrt((double)((l - am) * (l + am + 1) * (l - am - 1) * (l + am + 2))) / 4.0
+                                       : 0.0;
+            }
         }
 }
 
@@ -270,6 +290,106 @@ static int polish_peak(const adj_config *c, const double *pos, double *u, double
     return ok;
 }
 
+/* What one step of tckgen's peak search needs at u: the amplitude, the unit tangent direction of steepest ascent
+ * (0 where the gradient vanishes), the slope and the curvature along it (core.sh.LineJet). */
+typedef struct { double amp, gdir[3], slope, curv; } line_jet;
+
+/* The line jet from the exact tangent jet (core.sh.exact_line_jet). */
+static void exact_line(const adj_config *c, const double *vals, const double *u, line_jet *o) {
+    double dB[A_MAXC][3], B[A_MAXC];
+    tangent_jet t;
+    tangent(c->lmax, c->ncoef, vals, u, &t, dB, B);
+    double amp = 0.0;
+    for (int k = 0; k < c->ncoef; k++) amp += vals[k] * B[k];
+    const double gn = sqrt(t.g0 * t.g0 + t.g1 * t.g1);
+    const double h0 = gn > 0 ? t.g0 / gn : 0.0, h1 = gn > 0 ? t.g1 / gn : 0.0;
+    for (int i = 0; i < 3; i++) o->gdir[i] = h0 * t.e1[i] + h1 * t.e2[i];
+    o->amp = amp; o->slope = gn;
+    o->curv = h0 * h0 * t.a + h0 * h1 * (t.b + t.c) + h1 * h1 * t.d;
+}
+
+/* The line jet as MRtrix3 3.0.3's get_peak computes it, in double (core.sh.mrtrix_line_jet): Legendre values
+ * linearly interpolated in the table, (el, az) partial derivatives; within 1e-3 rad of the z axis the exact one. */
+static void lut_line(const adj_config *c, const double *vals, const double *u, line_jet *o) {
+    const double z = u[2] < -1.0 ? -1.0 : (u[2] > 1.0 ? 1.0 : u[2]);
+    const double az = atan2(u[1], u[0]), el = acos(z), sel = sin(el), cel = cos(el);
+    if (sel < 1e-3) { exact_line(c, vals, u, o); return; }
+    const int L1 = c->lut_l1;
+    double t = el / c->lut_inc, fi = floor(t);
+    if (fi < 0.0) fi = 0.0;
+    if (fi > (double)(c->lut_ndir - 2)) fi = (double)(c->lut_ndir - 2);
+    double f2 = t - fi;
+    f2 = f2 < 0.0 ? 0.0 : (f2 > 1.0 ? 1.0 : f2);
+    const double f1 = 1.0 - f2;
+    const double *p1 = c->lut + (int64_t)fi * L1 * L1, *p2 = p1 + L1 * L1;
+#define AL(l, m) ((m) < 0 || (m) >= L1 ? 0.0 : f1 * p1[(l) * L1 + (m)] + f2 * p2[(l) * L1 + (m)])
+    double amp = 0.0, d_el = 0.0, d2_el = 0.0, daz_pole = 0.0, daz = 0.0, delaz = 0.0, daz2 = 0.0;
+    for (int k = 0; k < c->ncoef; k++) {
+        const int l = KL[k], m = KM[k];
+        if (KNEG[k]) continue;
+        const double a0 = AL(l, m), ap1 = AL(l, m + 1), ap2 = AL(l, m + 2);
+        if (m == 0) {
+            amp += vals[k] * a0;
+            d_el += vals[k] * (DS_LO[k] * ap1);
+            d2_el += vals[k] * (DS_LO2[k] * ap2 + DMID[k] * a0);
+            continue;
+        }
+        const double am1 = AL(l, m - 1), am2 = AL(l, m - 2), mf = (double)m;
+        const double caz = sqrt(2.0) * cos(mf * az), saz = sqrt(2.0) * sin(mf * az);
+        const double vp = vals[k], vm = vals[k - 2 * m];
+        const double w = vp * caz + vm * saz, wr = vm * caz - vp * saz;
+        const double tmp = -(DS_LO[k] * am1 - DS_HI[k] * ap1) / 2.0;
+        const double tmp2 = DMID[k] * a0 + (m == 1 ? -DS_LO2[k] * a0 : DS_LO2[k] * am2) + DS_HI2[k] * ap2;
+        amp += w * a0;
+        d_el += w * tmp;
+        d2_el += w * tmp2;
+        daz_pole += wr * tmp;
+        daz += mf * wr * a0;
+        delaz += mf * wr * tmp;
+        daz2 += -w * mf * mf * a0;
+    }
+#undef AL
+    const int atpole = sel < 1e-4;
+    const double d_az = atpole ? daz_pole : daz / sel;
+    const double d_elaz = atpole ? 0.0 : delaz / sel, d_az2 = atpole ? 0.0 : daz2 / (sel * sel);
+    const double gn = sqrt(d_el * d_el + d_az * d_az);
+    const double h_el = gn != 0 ? d_el / gn : 0.0, h_az = gn != 0 ? d_az / gn : 0.0;
+    const double ca = cos(az), sa = sin(az);
+    o->amp = amp;
+    o->slope = h_az * d_az + h_el * d_el;
+    o->curv = h_az * h_az * d_az2 + 2.0 * h_az * h_el * d_elaz + h_el * h_el * d2_el;
+    o->gdir[0] = h_el * ca * cel - h_az * sa;
+    o->gdir[1] = h_el * sa * cel + h_az * ca;
+    o->gdir[2] = -h_el * sel;
+}
+
+/* tckgen's peak search in double (core.newton.peak with the table: 1-D Newton moves along the steepest ascent,
+ * capped at 0.2 rad, until a move is below 1e-4 rad; the amplitude is the one before that last move) from u (in
+ * place) on the sample at pos.  Returns 0 where the sample is outside or 50 moves did not converge (u then keeps
+ * its start). */
+static int lut_peak(const adj_config *c, const double *pos, double *u, double *amp) {
+    double vals[A_MAXC];
+    sample_info si;
+    sample(c, pos, vals, &si);
+    if (!si.inside) return 0;
+    double v[3] = {u[0], u[1], u[2]};
+    for (int it = 0; it < 50; it++) {
+        line_jet j;
+        lut_line(c, vals, v, &j);
+        double dt = j.curv != 0 ? -j.slope / j.curv : 0.0;
+        dt = fabs(dt);
+        if (dt > 0.2) dt = 0.2;
+        for (int i = 0; i < 3; i++) v[i] += dt * j.gdir[i];
+        normalize(v);
+        if (dt < 1e-4) {
+            memcpy(u, v, sizeof v);
+            if (amp) *amp = j.amp;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* gpos += d(<ubar, u*> + abar f(u*))/dpos and gfod += the same wrt the FOD (when gfod is not NULL; float or
  * double like the FOD) for the peak u (unit) of the sample at pos and its amplitude f(u*) (envelope derivative
  * Y(u*)).  No contribution where outside or u is not finite; no direction term where the tangent Hessian is not
@@ -440,6 +560,78 @@ static int replay_half(const adj_config *c, const half_rows *h, const double *se
     return ok;
 }
 
+static void unit_diff(const float *a, const float *b, double *d) {
+    for (int i = 0; i < 3; i++) d[i] = (double)a[i] - (double)b[i];
+    normalize(d);
+}
+
+/* Replay one half with tckgen's peak search (c->lut).  The searches start where the reference engine's do, since
+ * the search's tolerance makes its answer depend on the start (about 1e-6 rad):
+ *   - hard stopping, as tractfunc.sdstream.follow: an Euler step from its own direction in the kernel's vertices
+ *     ref (float), RK4's first three stages from the previous step's (the first step: the seed peak recorded at
+ *     the seed row, times dsgn);
+ *   - soft stopping, as tractfunc.track_fixed (and tckgen): from the incoming direction, the previous replayed
+ *     peak (Euler) or step direction (RK4), the first step from the replayed seed peak (the seed row of sout);
+ * RK4's fourth stage from the mean of the second and third, its peak at the new vertex (soft) from the step's
+ * direction.  Returns 0 where a search failed or left the image (its start is then kept). */
+static int replay_half_lut(const adj_config *c, const half_rows *h, const double *seed, const float *sin,
+                           const float *ref, double *verts, double *sout) {
+    const int width = rec_width(c);
+    const double hs = c->step;
+    double x[3] = {seed[0], seed[1], seed[2]}, prev[3], pk[3];
+    for (int i = 0; i < 3; i++) {
+        pk[i] = h->dsgn * sout[width * h->seed_row + i];
+        prev[i] = c->soft ? pk[i] : h->dsgn * (double)sin[width * h->seed_row + i];
+    }
+    int ok = 1;
+    for (int64_t j = 0; j < h->steps; j++) {
+        const int64_t row = h->seed_row + h->sgn * (j + 1), row0 = row - h->sgn;
+        double *so = sout + width * row;
+        memset(so, 0, width * sizeof(double));
+        double d[3], dir[3], amp[5];
+        if (c->soft) memcpy(d, prev, sizeof d);
+        else unit_diff(ref + 3 * row, ref + 3 * row0, d);
+        if (!c->rk4) {
+            memcpy(so, d, sizeof d);
+            ok &= lut_peak(c, x, so, amp);
+            memcpy(dir, so, sizeof dir);
+            if (c->soft) {
+                so[3] = amp[0] - c->cutoff;
+                so[4] = pk[0] * so[0] + pk[1] * so[1] + pk[2] * so[2] - c->cos_max;
+                memcpy(pk, so, sizeof pk);
+            }
+        } else {
+            double *d1 = so, *d2 = so + 3, *d3 = so + 6, *d4 = so + 9, p[3];
+            memcpy(d1, prev, sizeof prev); memcpy(d2, prev, sizeof prev); memcpy(d3, prev, sizeof prev);
+            ok &= lut_peak(c, x, d1, amp);
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
+            ok &= lut_peak(c, p, d2, amp + 1);
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
+            ok &= lut_peak(c, p, d3, amp + 2);
+            for (int i = 0; i < 3; i++) { p[i] = x[i] + d3[i] * hs; d4[i] = d2[i] + d3[i]; }
+            normalize(d4);
+            ok &= lut_peak(c, p, d4, amp + 3);
+            for (int i = 0; i < 3; i++) dir[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
+            normalize(dir);
+        }
+        for (int i = 0; i < 3; i++) x[i] += dir[i] * hs;
+        memcpy(verts + 3 * row, x, sizeof x);
+        if (c->soft && c->rk4) {
+            double *m5 = so + 12;
+            memcpy(m5, dir, sizeof dir);
+            ok &= lut_peak(c, x, m5, amp + 4);
+            int arg = 0;
+            for (int k = 1; k < 5; k++) if (amp[k] < amp[arg]) arg = k;
+            so[15] = amp[arg] - c->cutoff;
+            so[16] = so[0] * m5[0] + so[1] * m5[1] + so[2] * m5[2] - c->cos_max;
+            so[17] = (double)arg;
+        }
+        if (c->soft) memcpy(prev, dir, sizeof dir);
+        else memcpy(prev, d, sizeof d);
+    }
+    return ok;
+}
+
 /* Survival weights of one half from its margins: weights[row(j)] = prod over its steps i <= j of
  * s(amp_margin_i / T) s(cos_margin_i / T) (1 at the seed). */
 static void weights_half(const adj_config *c, const half_rows *h, const double *rec, double *weights) {
@@ -546,6 +738,8 @@ typedef struct {
     const int64_t *lengths, *starts, *seed_index;
     const double *seeds;        /* replay: (A, 3) */
     const float *sdirs_in;      /* replay: (V, w) kernel directions */
+    const float *ref;           /* replay with tckgen's peaks: (V, 3) the kernel's vertices */
+    const double *init;         /* replay with tckgen's peaks and soft stopping: (A, 3) unit start directions */
     double *verts, *sdirs;      /* replay: out; adjoint: in */
     uint8_t *ok;                /* replay: (A,) out */
     const double *gverts;       /* adjoint: (V, 3) */
@@ -612,12 +806,20 @@ static void *adj_worker(void *arg) {
             memcpy(j->verts + 3 * h[0].seed_row, seed, 3 * sizeof(double));
             memset(srow, 0, w * sizeof(double));
             int ok = 1;
-            if (j->c->soft && !j->c->rk4) {   /* the seed peak, the first turns' reference */
+            if (j->c->soft && j->c->lut) {   /* the seed peak from the start direction, as track_fixed finds it */
+                memcpy(srow, j->init + 3 * i, 3 * sizeof(double));
+                ok &= lut_peak(j->c, seed, srow, NULL);
+            } else if (j->c->soft && !j->c->rk4) {   /* the seed peak, the first turns' reference */
                 for (int k = 0; k < 3; k++) srow[k] = (double)j->sdirs_in[w * h[0].seed_row + k];
                 ok &= polish_peak(j->c, seed, srow, NULL);
             }
-            ok &= replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
-            ok &= replay_half(j->c, &h[1], seed, j->sdirs_in, j->verts, j->sdirs);
+            if (j->c->lut) {
+                ok &= replay_half_lut(j->c, &h[0], seed, j->sdirs_in, j->ref, j->verts, j->sdirs);
+                ok &= replay_half_lut(j->c, &h[1], seed, j->sdirs_in, j->ref, j->verts, j->sdirs);
+            } else {
+                ok &= replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
+                ok &= replay_half(j->c, &h[1], seed, j->sdirs_in, j->verts, j->sdirs);
+            }
             j->ok[i] = (uint8_t)ok;
         } else {
             double a0[3], a1[3], s0[3], s1[3], g[3] = {0.0, 0.0, 0.0};
@@ -657,16 +859,17 @@ static int run_threads(adj_job *j, int nthreads) {
 }
 
 /* Replay A streamlines (packed rows: starts[i], lengths[i], seed_index[i]) from seeds (A, 3) along the kernel's
- * step directions sdirs_in (V, w) float: verts (V, 3) and sdirs (V, w) double out; ok (A,) 0 where a peak could
- * not be polished. */
+ * step records sdirs_in (V, w) float, and with tckgen's peaks (c->lut) its vertices ref (V, 3) float and, with
+ * soft stopping, each seed's start direction init (A, 3) double, unit (else NULL): verts
+ * (V, 3) and sdirs (V, w) double out; ok (A,) 0 where a peak could not be polished or searched. */
 void sd_replay(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
-               const int64_t *seed_index, const double *seeds, const float *sdirs_in, double *verts, double *sdirs,
-               uint8_t *ok, int32_t nthreads) {
+               const int64_t *seed_index, const double *seeds, const double *init, const float *sdirs_in,
+               const float *ref, double *verts, double *sdirs, uint8_t *ok, int32_t nthreads) {
     pthread_once(&tables_once, init_tables);
     adj_job j;
     memset(&j, 0, sizeof j);
     j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index; j.seeds = seeds;
-    j.sdirs_in = sdirs_in; j.verts = verts; j.sdirs = sdirs; j.ok = ok; j.replay = 1;
+    j.init = init; j.sdirs_in = sdirs_in; j.ref = ref; j.verts = verts; j.sdirs = sdirs; j.ok = ok; j.replay = 1;
     run_threads(&j, nthreads);
 }
 

@@ -1052,7 +1052,10 @@ static int64_t track_one(const sd_config *c, walker *w, const float *seed, const
     if (dout && !reserve(dout, 1)) return -1;
     float *v = out->v;
     memcpy(v, w->pos, 3 * sizeof(float));
-    if (dout) memset(dout->v, 0, dout->width * sizeof(float));   /* the seed vertex: no step */
+    if (dout) {   /* the seed vertex records the seed peak, the direction its (first) half starts from negated */
+        memset(dout->v, 0, dout->width * sizeof(float));
+        for (int k = 0; k < 3; k++) dout->v[k] = unidirectional ? -seed_dir[k] : seed_dir[k];
+    }
     if ((reasons[0] = act_half(c, w, out, dout, &n, &excluded)) == R_NO_MEMORY) return -1;
     if (excluded) { reasons[1] = R_CONTINUE; return 0; }
     if (unidirectional) {   /* the seed stays first, as tckgen writes it */
@@ -1140,7 +1143,7 @@ int32_t sd_track_batch(const sd_config *c, int64_t n, const float *seeds, const 
 int32_t sd_record_width(const sd_config *c) { return c->soft ? (c->rk4 ? 18 : 5) : (c->rk4 ? 12 : 3); }
 
 /* sd_track_batch that also records, when dlines is not NULL, each vertex's step directions (Euler: the peak u
- * the step moved along; RK4: the four stage peaks d1..d4; zeros at the seed vertex): dlines (n,) receives a
+ * the step moved along; RK4: the four stage peaks d1..d4; at the seed vertex the seed peak, negated for a unidirectional streamline): dlines (n,) receives a
  * malloc'd (lengths[i], 3 or 12) float array per accepted seed, in the vertices' order (sd_gather_width). */
 int32_t sd_track_batch_dirs(const sd_config *c, int64_t n, const float *seeds, const float *dirs, float **lines,
                             float **dlines, int64_t *lengths, int64_t *seed_index, int32_t *reasons,
@@ -1287,4 +1290,4 @@ int64_t sd_repack(const float *src, const int64_t *st, const int64_t *dim, float
     return j.bad;
 }
 
-int32_t sd_abi_version(void) { return 6; }
+int32_t sd_abi_version(void) { return 7; }
