@@ -8,7 +8,9 @@ in C (``csrc/sd_adjoint.c``), with the same decisions and the same derivative ru
   vertices are the kernel's, tckgen's bit for bit.  With exact peaks (``params.peak_polish > 0``, e.g.
   ``resolve(..., exact=True)``) every peak is polished to the exact maximum of the exactly evaluated SH series in
   double precision, from the recorded direction, along the same decisions (``sd_replay``): the follow engine's
-  values, in float64 or rounded to float32.
+  values, in float64 or rounded to float32.  With tckgen's settings on float64 the replay runs tckgen's peak search
+  (lookup table, Newton, tolerance) in double from the starts of its reference (:mod:`~.follow` with hard stopping,
+  :func:`tractfunc.track_fixed` with soft stopping: the search's answer depends on its start by ~1e-6 rad).
 * **backward**: one reverse sweep per streamline (``sd_adjoint``), O(vertices x coefficients), no Newton
   iterations and no autograd graph: each peak's derivative is the implicit-function one
   (:mod:`tractfunc.core.implicit`), scattered into the 8 voxels of its trilinear sample (one dense gradient

@@ -9,8 +9,8 @@ native forward measured in the same run (issue 15's measurement):
   (``resolve(exact=True)``), hard stopping; ``fixed_soft``: the same with ``Soft(T)``;
 * ``eager``: ``engine="eager"`` (own decisions, active set), exact SH and peaks;
 * ``follow``: ``engine="follow"`` (the native kernel's decisions, values in the dtype), tckgen's lookup-table
-  peaks: float32 runs the fused engine (the kernel's vertices, the C reverse sweep), float64 the PyTorch
-  primitives step by step;
+  peaks, the fused engine: float32 keeps the kernel's vertices, float64 replays tckgen's peak search in double in
+  C; the C reverse sweep in both;
 * ``follow_exact``: ``engine="follow"`` with exact peaks (``resolve(exact=True)``): the fused engine in both
   dtypes (the kernel decides, C replays every peak exactly in double, C reverse sweep);
 * ``follow_soft`` / ``follow_exact_soft``: the same two with ``Soft(T)`` and ``n_steps`` steps per half (the fused
@@ -269,8 +269,6 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                     secs, J, mem = _best(jac, repeats)
                     add(route, dname, "jvp x3", secs, valid, mem,
                         extra={"finite": bool(torch.isfinite(J).all())})
-                    continue
-                if route == "follow_soft" and dname != "float32":   # soft stopping runs fused: float32 there
                     continue
                 lut = route in ("follow", "follow_soft")
 
