@@ -785,7 +785,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_args.add_force(b)
     b.add_argument("--grad", action="store_true",
                    help="instead: differentiable routes vs the native forward in one run (tractfunc.tools.gradbench; "
-                        "options --data --n --steps --threads --dtype --routes --repeats --quick --json; see docs/benchmarks.md)")
+                        "options --data --n --steps --threads --dtype --routes --repeats --rk4 --quick --json; see docs/benchmarks.md)")
     b.set_defaults(func=cmd_bench)
     w = sub.add_parser("5tt2gmwmi", help="GM-WM interface map of a 5TT image, for seeding (MRtrix3 5tt2gmwmi)",
                        epilog=EXAMPLES_5TT2GMWMI, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -87,7 +87,10 @@ def empty(like: Tensor, n_seeds: int = 0, engine: str = "") -> Tracks:
 
 
 def concat(parts: List[Tracks], offsets: List[int]) -> Tracks:
-    """Join the results of consecutive seed chunks; ``offsets[i]`` is chunk i's first seed index."""
+    """Join the results of consecutive seed chunks; ``offsets[i]`` is chunk i's first seed index (one chunk from
+    seed 0 comes back as it is, without a copy)."""
+    if len(parts) == 1 and offsets[0] == 0:
+        return parts[0]
     w = [p.weights for p in parts]
     return Tracks(torch.cat([p.vertices for p in parts]), torch.cat([p.lengths for p in parts]),
                   torch.cat([p.seed_ids + o for p, o in zip(parts, offsets)]),

@@ -16,8 +16,9 @@ in C (``csrc/sd_adjoint.c``), with the same decisions and the same derivative ru
   (:mod:`tractfunc.core.implicit`), scattered into the 8 voxels of its trilinear sample (one dense gradient
   buffer per thread, of which only touched voxels are reduced), RK4 by the chain rule through its four stages.
   Saved for backward: the vertices and the step records, 24 (Euler) to 60 (RK4) bytes per vertex with tckgen's
-  settings in float32, 48 to 120 in double with exact peaks; soft stopping adds the two margins per step (RK4 also
-  the peak at the new vertex and the minimal stage) and the weights.
+  settings in float32, 48 (Euler) to 96 (RK4, its four stage peaks packed: two components each) in double; soft
+  stopping adds the margins per step (Euler: 16 bytes more in double; RK4: the peak at the new vertex, the
+  amplitude margin and the minimal stage, 24 more) and the weights (8).
 
 The decisions are locally constant, so they pass no derivative (as in every engine; soft stopping's weights carry
 the derivative of its margins).  Reached through :func:`tractfunc.track` (``engine="follow"``, which "auto" picks
@@ -53,7 +54,8 @@ class _AdjConfig(ctypes.Structure):
                 ("w2v", ctypes.c_double * 12), ("step", ctypes.c_double), ("rk4", ctypes.c_int32),
                 ("polish", ctypes.c_int32), ("soft", ctypes.c_int32), ("temperature", ctypes.c_double),
                 ("cutoff", ctypes.c_double), ("cos_max", ctypes.c_double), ("lut", ctypes.c_void_p),
-                ("lut_inc", ctypes.c_double), ("lut_ndir", ctypes.c_int32), ("lut_l1", ctypes.c_int32)]
+                ("lut_inc", ctypes.c_double), ("lut_ndir", ctypes.c_int32), ("lut_l1", ctypes.c_int32),
+                ("pack", ctypes.c_int32)]
 
 
 def applies(field: FODField, params: TrackParams) -> bool:
@@ -167,6 +169,29 @@ class _Fused(torch.autograd.Function):
         return gsh, g_seeds, g_step, None, None, None, None, None
 
 
+def saved_bytes(tracks_vertices: Tensor, tracks_weights: Optional[Tensor] = None) -> Optional[tuple]:
+    """What a fused forward keeps for its backward, from its output: (bytes in all, bytes beyond the returned
+    vertices and weights) of the vertices, step records and weights it holds (the packed rows' index arrays, 24
+    bytes per streamline, aside), or None when ``tracks_vertices`` did not come from the fused engine with a graph."""
+    tapes, todo, seen = [], [tracks_vertices.grad_fn], set()
+    while todo:   # the fused nodes behind the output (one per chunk of seeds, joined by torch.cat)
+        node = todo.pop()
+        if node is None or id(node) in seen or len(seen) > 1000:
+            continue
+        seen.add(id(node))
+        tape = getattr(node, "tape", None)
+        if isinstance(tape, _Tape):
+            tapes.append(tape)
+        else:
+            todo.extend(n for n, _ in node.next_functions)
+    if not tapes:
+        return None
+    held = [a for t in tapes for a in (t.verts, t.sdirs, t.weights) if a is not None]
+    outs = [t.detach().numpy() for t in (tracks_vertices, tracks_weights) if t is not None and t.numel()]
+    total = sum(a.nbytes for a in held)
+    return total, total - sum(a.nbytes for a in held if any(np.shares_memory(a, o) for o in outs))
+
+
 def adjoint(tape: _Tape, gv: Tensor, gw: Optional[Tensor], gsh: Optional[Tensor]):
     """One C reverse sweep over the tape's streamlines.
 
@@ -208,7 +233,9 @@ def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds
         seeds_acc = np.ascontiguousarray(seeds.detach().cpu().double().numpy()[ids])
         sd32 = np.ascontiguousarray(sd32)
         verts = np.empty((v32.shape[0], 3), dtype=np.float64)
-        sdirs = np.empty(sd32.shape, dtype=np.float64)
+        config.pack = int(params.rk4)   # RK4's double records packed (csrc/sd_adjoint.c: stored_width)
+        width = (12 if temperature is not None else 9) if params.rk4 else sd32.shape[1]
+        sdirs = np.empty((sd32.shape[0], width), dtype=np.float64)
         ok = np.ones(ln.shape[0], dtype=np.uint8)
         v32 = np.ascontiguousarray(v32)
         init = None

@@ -28,9 +28,10 @@ Each route runs forward with a graph (gradients wanted wrt the FOD and the seeds
 loss ``sum(w_v * <x_v, u>)`` (a weighted projection of the vertices: ``u`` a fixed unit vector, ``w`` the survival
 weights under soft stopping, else 1), in every requested dtype. Reported per row: best-of-``repeats`` wall
 seconds, valid vertices, vertices/s, ratio to the native forward, the peak resident memory added during the
-run (polled from ``/proc/self/statm``), and autograd's saved bytes per valid vertex (tensors saved by autograd
+run (polled from ``/proc/self/statm``), autograd's saved bytes per valid vertex (tensors saved by autograd
 outside checkpointed regions, counted once per storage; checkpointed chunks and the compact FOD sampler's
-context are not included).
+context are not included) and, for the fused engine, which saves outside autograd, what its tape holds per vertex
+(:func:`tractfunc.sdstream.fused.saved_bytes`: in all, and beyond the returned vertices and weights).
 """
 from __future__ import annotations
 
@@ -176,7 +177,7 @@ def _jax_rows(route, add, sh_np, affine, vs, mask, params, seeds, dirs, u, repea
 def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, threads: int = 2,
         dtypes=("float32", "float64"), checkpoint: int = 10, temperature: float = 0.01, repeats: int = 3,
         routes=ROUTES, seed: int = 0, max_length: Optional[float] = None, min_length: Optional[float] = None,
-        log=print) -> Dict:
+        log=print, rk4: bool = False) -> Dict:
     """Measure every route (see the module docstring) -> a JSON-ready dict with ``rows`` and ``setup``.
 
     data: directory with the Philips files (``dwi_fod_lmax8.nii.gz``, ``dwi_wmmask_FA0.3.nii.gz`` seeds,
@@ -186,7 +187,7 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
     quick run caps the length so that the eager and follow routes stay short)."""
     from ..core.field import make_field, make_mask
     from ..core.params import resolve
-    from ..sdstream import jacobian
+    from ..sdstream import fused, jacobian
     from ..sdstream.engine import Checkpoint, Soft
     from ..sdstream.fixed import track_fixed
     from ..sdstream.track import track
@@ -211,7 +212,7 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
 
         # the reference: native forward, float32, tckgen's settings
         f32 = make_field(torch.as_tensor(sh_np), affine, precomputed=True, voxel_sizes=vs)
-        p_lut = resolve(vs, max_length=max_length, min_length=min_length)
+        p_lut = resolve(vs, max_length=max_length, min_length=min_length, rk4=rk4)
         s32, d32 = seeds64.float(), dirs64.float()
         secs, tr, mem = _best(lambda: track(f32, p_lut, s32, d32, mask=mask, engine="native"), repeats)
         ref = add("native", "float32", "forward", secs, tr.vertices.shape[0], mem)
@@ -221,7 +222,7 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
             dt = getattr(torch, dname)
             base_exact = make_field(torch.as_tensor(sh_np).to(dt), affine, precomputed=False, voxel_sizes=vs)
             base_lut = make_field(torch.as_tensor(sh_np).to(dt), affine, precomputed=True, voxel_sizes=vs)
-            p_exact = resolve(vs, exact=True, max_length=max_length, min_length=min_length)
+            p_exact = resolve(vs, exact=True, max_length=max_length, min_length=min_length, rk4=rk4)
             u = u64.to(dt)
 
             def inputs(lut):
@@ -286,7 +287,11 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                 sb = _SavedBytes()   # one extra forward, untimed, for autograd's saved bytes
                 with torch.autograd.graph.saved_tensors_hooks(sb.pack, lambda t: t):
                     fwd()
-                add(route, dname, "forward", secs, tr.vertices.shape[0], mem, sb.total)
+                held = fused.saved_bytes(tr.vertices, tr.weights)
+                V = max(int(tr.vertices.shape[0]), 1)
+                add(route, dname, "forward", secs, tr.vertices.shape[0], mem, sb.total,
+                    extra=None if held is None else {"fused_saved_bytes_per_vertex": held[0] / V,
+                                                     "fused_saved_bytes_per_vertex_beyond_outputs": held[1] / V})
                 del tr
                 secs, (tr, gsh, gs), mem = _best(fwd_bwd, repeats)
                 add(route, dname, "fwd+bwd", secs, tr.vertices.shape[0], mem,
@@ -304,7 +309,7 @@ def run(data: Optional[str] = DEFAULT_DATA, n: int = 1000, steps: int = 200, thr
                         r["vertices"] / max(hard[0]["vertices"], 1))
         return {
             "setup": {"data": desc, "n_seeds": n, "n_steps": steps, "checkpoint": checkpoint,
-                      "temperature": temperature, "threads": threads, "max_length": max_length, "min_length": min_length, "repeats": repeats,
+                      "temperature": temperature, "threads": threads, "rk4": rk4, "max_length": max_length, "min_length": min_length, "repeats": repeats,
                       "dtypes": list(dtypes), "routes": list(routes),
                       "loss": "sum(w * <vertex, u>), u = (0.48, -0.6, 0.64), w = survival weights (soft) or 1",
                       "gradients_wrt": ["field.sh", "seeds"],
@@ -326,12 +331,16 @@ def format_table(res: Dict) -> str:
     s = res["setup"]
     out = [f"{s['data']}: {s['n_seeds']} seeds, fixed n_steps={s['n_steps']}, checkpoint={s['checkpoint']}, "
            f"{s['threads']} thread(s), best of {s['repeats']}; gradients wrt FOD and seeds",
-           "", "| route | dtype | mode | s | valid vertices | vertices/s | x native | peak RSS +MiB | saved B/vertex |",
-           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+           "", "| route | dtype | mode | s | valid vertices | vertices/s | x native | peak RSS +MiB | saved B/vertex |"
+           " fused tape B/vertex (beyond outputs) |",
+           "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for r in res["rows"]:
         sb = "" if r["saved_bytes_per_vertex"] is None else f"{r['saved_bytes_per_vertex']:.0f}"
+        ft = "" if r.get("fused_saved_bytes_per_vertex") is None else \
+            f"{r['fused_saved_bytes_per_vertex']:.0f} ({r['fused_saved_bytes_per_vertex_beyond_outputs']:.0f})"
         out.append(f"| {r['route']} | {r['dtype']} | {r['mode']} | {r['seconds']:.3f} | {r['vertices']} | "
-                   f"{r['vertices_per_s']:.0f} | {r['ratio_to_native']:.4f} | {r['peak_rss_added_mb']:.0f} | {sb} |")
+                   f"{r['vertices_per_s']:.0f} | {r['ratio_to_native']:.4f} | {r['peak_rss_added_mb']:.0f} | {sb} | "
+                   f"{ft} |")
     if res.get("soft_over_hard_speed"):
         out.append("")
         out.append("soft / hard throughput (vertices/s): " + ", ".join(
@@ -361,6 +370,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run on the phantom: 6 seeds, 6 steps, lengths 0.5-3 mm, float32, 1 thread, 1 repeat")
     ap.add_argument("--json", dest="json_path", help="write the result here")
+    ap.add_argument("--rk4", action="store_true", help="every route (the native reference too) with tckgen's -rk4")
 
 
 def run_cli(a) -> int:
@@ -371,7 +381,7 @@ def run_cli(a) -> int:
         n, steps, threads, dtypes, repeats, max_length, min_length = (
             a.n, a.steps, a.threads, tuple(a.dtype.split(",")), a.repeats, a.max_length, a.min_length)
     res = run(data, n, steps, threads, dtypes, a.checkpoint, a.temperature, repeats, tuple(a.routes.split(",")),
-              max_length=max_length, min_length=min_length)
+              max_length=max_length, min_length=min_length, rk4=bool(getattr(a, "rk4", False)))
     print(format_table(res))
     if a.json_path:
         with open(a.json_path, "w") as f:

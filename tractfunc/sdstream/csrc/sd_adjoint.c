@@ -54,11 +54,62 @@ typedef struct {
                                  el = n lut_inc, indexed [n][l][m] (core.sh.LegendreTable), or NULL: exact peaks */
     double lut_inc;
     int32_t lut_ndir, lut_l1;
+    int32_t pack;             /* RK4 records stored packed (sd_replay's double output; see stored_width) */
 } adj_config;
 
 /* Doubles per vertex in a step record (see the top of this file). */
 static inline int rec_width(const adj_config *c) { return c->soft ? (c->rk4 ? 18 : 5) : (c->rk4 ? 12 : 3); }
 #define AMP_OFF(c) ((c)->rk4 ? 15 : 3)   /* soft: the amplitude margin's slot; the cosine margin's is next */
+
+/* Packed RK4 records (c->pack), what sd_replay stores between forward and backward in double: each unit peak as two
+ * of its components, the one of largest magnitude dropped (|d_k| >= 1/sqrt 3, so d_k = +-sqrt(1 - a^2 - b^2) comes
+ * back to the last bit or two), its index and sign in 3 bits of a flags word; with soft stopping also the amplitude
+ * margin (the cosine margin is d1.m5 - cos_max again, the smallest stage is in the flags).  Hard: d1..d4 in 8
+ * doubles and the flags, 72 bytes instead of 96; soft: d1..d4, m5, the margin and the flags, 96 instead of 144. */
+static inline int stored_width(const adj_config *c) { return c->pack ? (c->soft ? 12 : 9) : rec_width(c); }
+
+static int encode_dir(const double *d, double *out) {
+    int k = 0;
+    for (int i = 1; i < 3; i++) if (fabs(d[i]) > fabs(d[k])) k = i;
+    out[0] = d[k == 0 ? 1 : 0];
+    out[1] = d[k == 2 ? 1 : 2];
+    return k | (d[k] < 0 ? 4 : 0);
+}
+
+static void decode_dir(const double *in, int code, double *d) {
+    const int k = code & 3;
+    const double r = 1.0 - in[0] * in[0] - in[1] * in[1];
+    d[k == 0 ? 1 : 0] = in[0];
+    d[k == 2 ? 1 : 2] = in[1];
+    d[k] = (code & 4 ? -1.0 : 1.0) * sqrt(r > 0.0 ? r : 0.0);
+}
+
+/* full (rec_width doubles) -> out (stored_width doubles) */
+static void encode_row(const adj_config *c, const double *full, double *out) {
+    const int n = c->soft ? 5 : 4;
+    int64_t flags = 0;
+    for (int p = 0; p < n; p++) flags |= (int64_t)encode_dir(full + 3 * p, out + 2 * p) << (3 * p);
+    if (c->soft) {
+        out[10] = full[15];
+        flags |= (int64_t)full[17] << 15;
+    }
+    out[stored_width(c) - 1] = (double)flags;
+}
+
+/* Row `row` of the records rec as rec_width doubles: rec's own row, or (packed) decoded into buf. */
+static const double *rec_row(const adj_config *c, const double *rec, int64_t row, double *buf) {
+    if (!c->pack) return rec + (int64_t)rec_width(c) * row;
+    const int sw = stored_width(c), n = c->soft ? 5 : 4;
+    const double *in = rec + (int64_t)sw * row;
+    const int64_t flags = (int64_t)in[sw - 1];
+    for (int p = 0; p < n; p++) decode_dir(in + 2 * p, (int)((flags >> (3 * p)) & 7), buf + 3 * p);
+    if (c->soft) {
+        buf[15] = in[10];
+        buf[16] = buf[0] * buf[12] + buf[1] * buf[13] + buf[2] * buf[14] - c->cos_max;
+        buf[17] = (double)((flags >> 15) & 7);
+    }
+    return buf;
+}
 
 /* log s(x) and its derivative s(-x), s the logistic function (stable for large |x|). */
 static inline double log_sigmoid(double x) { return x >= 0 ? -log1p(exp(-x)) : x - log1p(exp(x)); }
@@ -513,16 +564,16 @@ static void halves(int64_t start, int64_t len, int64_t seed_index, half_rows *h)
  * Returns 0 where a peak could not be polished (it then keeps the kernel's direction). */
 static int replay_half(const adj_config *c, const half_rows *h, const double *seed, const float *sin,
                        double *verts, double *sout) {
-    const int width = rec_width(c);
+    const int width = rec_width(c), sw = stored_width(c);
     const double hs = c->step;
-    double x[3] = {seed[0], seed[1], seed[2]}, prev[3];
-    const double *sp = sout + width * h->seed_row;   /* soft Euler: the (polished) seed peak */
+    double x[3] = {seed[0], seed[1], seed[2]}, prev[3], full[18];
+    const double *sp = sout + sw * h->seed_row;   /* soft Euler: the (polished) seed peak */
     for (int i = 0; i < 3; i++) prev[i] = h->dsgn * sp[i];
     int ok = 1;
     for (int64_t j = 0; j < h->steps; j++) {
         const int64_t row = h->seed_row + h->sgn * (j + 1);
         const float *s0 = sin + width * row;
-        double *so = sout + width * row;
+        double *so = c->pack ? full : sout + width * row;
         for (int i = 0; i < width; i++) so[i] = (double)s0[i];
         double dir[3], amp[5];
         if (!c->rk4) {
@@ -556,6 +607,7 @@ static int replay_half(const adj_config *c, const half_rows *h, const double *se
             so[16] = so[0] * m5[0] + so[1] * m5[1] + so[2] * m5[2] - c->cos_max;
             so[17] = (double)arg;
         }
+        if (c->pack) encode_row(c, full, sout + sw * row);
     }
     return ok;
 }
@@ -571,22 +623,22 @@ static void unit_diff(const float *a, const float *b, double *d) {
  *     ref (float), RK4's first three stages from the previous step's (the first step: the seed peak recorded at
  *     the seed row, times dsgn);
  *   - soft stopping, as tractfunc.track_fixed (and tckgen): from the incoming direction, the previous replayed
- *     peak (Euler) or step direction (RK4), the first step from the replayed seed peak (the seed row of sout);
+ *     peak (Euler) or step direction (RK4), the first step from the replayed seed peak seed_peak;
  * RK4's fourth stage from the mean of the second and third, its peak at the new vertex (soft) from the step's
  * direction.  Returns 0 where a search failed or left the image (its start is then kept). */
-static int replay_half_lut(const adj_config *c, const half_rows *h, const double *seed, const float *sin,
-                           const float *ref, double *verts, double *sout) {
-    const int width = rec_width(c);
+static int replay_half_lut(const adj_config *c, const half_rows *h, const double *seed, const double *seed_peak,
+                           const float *sin, const float *ref, double *verts, double *sout) {
+    const int width = rec_width(c), sw = stored_width(c);
     const double hs = c->step;
-    double x[3] = {seed[0], seed[1], seed[2]}, prev[3], pk[3];
+    double x[3] = {seed[0], seed[1], seed[2]}, prev[3], pk[3], full[18];
     for (int i = 0; i < 3; i++) {
-        pk[i] = h->dsgn * sout[width * h->seed_row + i];
+        pk[i] = h->dsgn * seed_peak[i];
         prev[i] = c->soft ? pk[i] : h->dsgn * (double)sin[width * h->seed_row + i];
     }
     int ok = 1;
     for (int64_t j = 0; j < h->steps; j++) {
         const int64_t row = h->seed_row + h->sgn * (j + 1), row0 = row - h->sgn;
-        double *so = sout + width * row;
+        double *so = c->pack ? full : sout + width * row;
         memset(so, 0, width * sizeof(double));
         double d[3], dir[3], amp[5];
         if (c->soft) memcpy(d, prev, sizeof d);
@@ -628,6 +680,7 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
         }
         if (c->soft) memcpy(prev, dir, sizeof dir);
         else memcpy(prev, d, sizeof d);
+        if (c->pack) encode_row(c, full, sout + sw * row);
     }
     return ok;
 }
@@ -635,13 +688,13 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
 /* Survival weights of one half from its margins: weights[row(j)] = prod over its steps i <= j of
  * s(amp_margin_i / T) s(cos_margin_i / T) (1 at the seed). */
 static void weights_half(const adj_config *c, const half_rows *h, const double *rec, double *weights) {
-    const int width = rec_width(c), off = AMP_OFF(c);
+    const int off = AMP_OFF(c);
     const double T = c->temperature;
-    double lw = 0.0;
+    double lw = 0.0, buf[18];
     weights[h->seed_row] = 1.0;
     for (int64_t j = 0; j < h->steps; j++) {
         const int64_t row = h->seed_row + h->sgn * (j + 1);
-        const double *r = rec + width * row;
+        const double *r = rec_row(c, rec, row, buf);
         lw += log_sigmoid(r[off] / T) + log_sigmoid(r[off + 1] / T);
         weights[row] = exp(lw);
     }
@@ -653,14 +706,15 @@ static void weights_half(const adj_config *c, const half_rows *h, const double *
 static void adjoint_half(const adj_config *c, const half_rows *h, const double *verts, const double *sdirs,
                          const double *gverts, const double *weights, const double *gweights, double *abar,
                          double *sbar, double *gh, void *gfod, uint8_t *dirty) {
-    const int width = rec_width(c), off = AMP_OFF(c), soft = c->soft && gweights;
+    const int off = AMP_OFF(c), soft = c->soft && gweights;
     const double hs = c->step, T = c->temperature;
+    double buf[18], pbuf[18];
     double a[3] = {0.0, 0.0, 0.0}, carry[3] = {0.0, 0.0, 0.0}, L = 0.0;
     sbar[0] = sbar[1] = sbar[2] = 0.0;
     for (int64_t j = h->steps - 1; j >= 0; j--) {
         const int64_t row1 = h->seed_row + h->sgn * (j + 1), row0 = h->seed_row + h->sgn * j;
         for (int i = 0; i < 3; i++) a[i] += gverts[3 * row1 + i];
-        const double *x = verts + 3 * row0, *sd = sdirs + width * row1;
+        const double *x = verts + 3 * row0, *sd = rec_row(c, sdirs, row1, buf);
         double g[3] = {0.0, 0.0, 0.0}, amp_bar = 0.0, cos_bar = 0.0;
         if (soft) {   /* L = dL/d(log factor of this step) = sum of gweights * weights from this vertex outwards */
             L += gweights[row1] * weights[row1];
@@ -670,7 +724,7 @@ static void adjoint_half(const adj_config *c, const half_rows *h, const double *
         if (!c->rk4) {
             double ubar[3] = {hs * a[0], hs * a[1], hs * a[2]};
             if (soft) {   /* the turn from prev (the previous step's peak, or the seed peak) */
-                const double *pv = sdirs + width * row0;
+                const double *pv = rec_row(c, sdirs, row0, pbuf);
                 const double sg = j ? 1.0 : h->dsgn;
                 for (int i = 0; i < 3; i++) ubar[i] += carry[i] + cos_bar * sg * pv[i];
                 for (int i = 0; i < 3; i++) carry[i] = cos_bar * sd[i];
@@ -791,31 +845,32 @@ static void *adj_worker(void *arg) {
             for (int side = 0; side < 2; side++) {
                 double M[3][3] = {{1, 0, 0}, {0, 1, 0}, {0, 0, 1}}, Jk[3][3];
                 memcpy(j->jout + 9 * h[side].seed_row, M, sizeof M);
-                const int w = rec_width(j->c);
+                double buf[18];
                 for (int64_t k = 0; k < h[side].steps; k++) {
                     const int64_t r0 = h[side].seed_row + h[side].sgn * k, r1 = r0 + h[side].sgn;
-                    step_jacobian(j->c, j->verts + 3 * r0, j->sdirs + w * r1, Jk);
+                    step_jacobian(j->c, j->verts + 3 * r0, rec_row(j->c, j->sdirs, r1, buf), Jk);
                     matmul3(Jk, M, M);
                     memcpy(j->jout + 9 * r1, M, sizeof M);
                 }
             }
         } else if (j->replay) {
             const double *seed = j->seeds + 3 * i;
-            const int w = rec_width(j->c);
-            double *srow = j->sdirs + w * h[0].seed_row;
+            const int w = rec_width(j->c), sw = stored_width(j->c);
+            double *srow = j->sdirs + sw * h[0].seed_row, pk[3] = {0.0, 0.0, 0.0};
             memcpy(j->verts + 3 * h[0].seed_row, seed, 3 * sizeof(double));
-            memset(srow, 0, w * sizeof(double));
+            memset(srow, 0, sw * sizeof(double));
             int ok = 1;
             if (j->c->soft && j->c->lut) {   /* the seed peak from the start direction, as track_fixed finds it */
-                memcpy(srow, j->init + 3 * i, 3 * sizeof(double));
-                ok &= lut_peak(j->c, seed, srow, NULL);
+                memcpy(pk, j->init + 3 * i, sizeof pk);
+                ok &= lut_peak(j->c, seed, pk, NULL);
             } else if (j->c->soft && !j->c->rk4) {   /* the seed peak, the first turns' reference */
-                for (int k = 0; k < 3; k++) srow[k] = (double)j->sdirs_in[w * h[0].seed_row + k];
-                ok &= polish_peak(j->c, seed, srow, NULL);
+                for (int k = 0; k < 3; k++) pk[k] = (double)j->sdirs_in[w * h[0].seed_row + k];
+                ok &= polish_peak(j->c, seed, pk, NULL);
             }
+            if (!j->c->pack) memcpy(srow, pk, sizeof pk);   /* (soft Euler: the seed peak's VJP reads it) */
             if (j->c->lut) {
-                ok &= replay_half_lut(j->c, &h[0], seed, j->sdirs_in, j->ref, j->verts, j->sdirs);
-                ok &= replay_half_lut(j->c, &h[1], seed, j->sdirs_in, j->ref, j->verts, j->sdirs);
+                ok &= replay_half_lut(j->c, &h[0], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
+                ok &= replay_half_lut(j->c, &h[1], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
             } else {
                 ok &= replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
                 ok &= replay_half(j->c, &h[1], seed, j->sdirs_in, j->verts, j->sdirs);
@@ -830,7 +885,8 @@ static void *adj_worker(void *arg) {
             if (j->c->soft && !j->c->rk4) {   /* the seed peak, through the first turns */
                 const int64_t r = h[0].seed_row;
                 const double sb[3] = {s0[0] + s1[0], s0[1] + s1[1], s0[2] + s1[2]};
-                peak_vjp(j->c, j->verts + 3 * r, j->sdirs + rec_width(j->c) * r, sb, 0.0, g, gfod, dirty);
+                double buf[18];
+                peak_vjp(j->c, j->verts + 3 * r, rec_row(j->c, j->sdirs, r, buf), sb, 0.0, g, gfod, dirty);
             }
             const double *gs = j->gverts + 3 * h[0].seed_row;
             for (int k = 0; k < 3; k++) j->gseeds[3 * i + k] = gs[k] + a0[k] + a1[k] + g[k];
