@@ -406,3 +406,23 @@ def test_soft_stopping_tends_to_hard(philips):
             checked += 1
     assert checked == int(common.sum())
     assert float(cold.weights.min()) < 1e-3   # the soft streamlines run on past the hard ends, weightless
+
+
+@pytest.mark.parametrize("dtype,rk4,soft,total,beyond", [
+    (torch.float32, False, False, 24, 12), (torch.float64, False, False, 48, 24), (torch.float64, False, True, 72, 40),
+    (torch.float64, True, False, 96, 72), (torch.float64, True, True, 128, 96)])
+def test_saved_bytes_per_vertex(phantom_field, dtype, rk4, soft, total, beyond):
+    """What the fused forward keeps for backward, per vertex, tckgen's settings: the vertices, the step records (RK4's
+    packed in double) and the weights; beyond the returned tensors (one chunk of seeds shares their memory) at most
+    100 bytes (issue 15)."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, rk4=rk4, max_length=15.0)
+    pts, dirs, fld = phantom_seeds(f, 6, 3, dtype)
+    sh = fld.sh.detach().clone().requires_grad_(True)
+    kw = dict(stopping=tf.Soft(0.1), n_steps=20) if soft else {}
+    tr = track(fld._replace(sh=sh), prm, pts, dirs, mask=f["mask"], **kw)
+    V = tr.vertices.shape[0]
+    assert tr.engine == "follow" and V > 30
+    got = fused.saved_bytes(tr.vertices, tr.weights)
+    assert (got[0] / V, got[1] / V) == (total, beyond) and beyond <= 100
+    assert fused.saved_bytes(track(fld, prm, pts, dirs, mask=f["mask"], engine="follow").vertices) is None

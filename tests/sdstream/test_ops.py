@@ -16,21 +16,23 @@ pytestmark = pytest.mark.skipif(not native.available()[0], reason="native kernel
 T = 12
 
 
-def _setup(f, rk4=False, n=5, seed=3):
-    prm = P.resolve(f["img"].voxel_sizes, exact=True, rk4=rk4, max_length=20.0)
+def _setup(f, rk4=False, n=5, seed=3, exact=True):
+    prm = P.resolve(f["img"].voxel_sizes, exact=exact, rk4=rk4, max_length=20.0)
     pts, dirs, fld = phantom_seeds(f, n, seed, torch.float64)
     return tracking_field(fld, prm), prm, pts, dirs / dirs.norm(dim=-1, keepdim=True)
 
 
-@pytest.mark.parametrize("rk4,temperature", [(False, None), (False, 0.1), (True, None)])
-def test_equals_track_fixed(phantom_field, rk4, temperature):
+@pytest.mark.parametrize("rk4,temperature,exact", [(False, None, True), (False, 0.1, True), (True, None, True),
+                                                    (False, None, False), (True, None, False)])
+def test_equals_track_fixed(phantom_field, rk4, temperature, exact):
     """follow_fixed is track_fixed computed by the fused engine: the same padded decisions, vertices within 1e-10 mm,
-    weights within 1e-12, gradients wrt the FOD, the seeds and the step within 1e-6 relative (measured 1e-15).
+    weights within 1e-12, gradients wrt the FOD, the seeds and the step within 1e-6 relative (measured 1e-15), with
+    exact peaks and with tckgen's peak search in double (whose searches start where track_fixed's do).
     (RK4 with soft stopping is compared on the Philips FOD in test_fused.py: the phantom's uniform FOD makes the
     five stage amplitudes tie, where the minimum's subgradient is a choice: torch splits it, the sweep takes the
     first stage.)"""
     f = phantom_field
-    fld, prm, pts, dirs = _setup(f, rk4)
+    fld, prm, pts, dirs = _setup(f, rk4, exact=exact)
     leaves = [(fld.sh.clone().requires_grad_(True), pts.clone().requires_grad_(True),
                torch.tensor(float(prm.step), dtype=torch.float64, requires_grad=True)) for _ in range(2)]
     outs = [fn(fld._replace(sh=sh), prm._replace(step=st), s, dirs, T, f["mask"], temperature)

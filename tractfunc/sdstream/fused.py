@@ -55,7 +55,7 @@ class _AdjConfig(ctypes.Structure):
                 ("polish", ctypes.c_int32), ("soft", ctypes.c_int32), ("temperature", ctypes.c_double),
                 ("cutoff", ctypes.c_double), ("cos_max", ctypes.c_double), ("lut", ctypes.c_void_p),
                 ("lut_inc", ctypes.c_double), ("lut_ndir", ctypes.c_int32), ("lut_l1", ctypes.c_int32),
-                ("pack", ctypes.c_int32)]
+                ("pack", ctypes.c_int32), ("own_starts", ctypes.c_int32)]
 
 
 def applies(field: FODField, params: TrackParams) -> bool:
@@ -220,9 +220,13 @@ def adjoint(tape: _Tape, gv: Tensor, gw: Optional[Tensor], gsh: Optional[Tensor]
 
 
 def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
-             temperature: Optional[float] = None):
+            temperature: Optional[float] = None, own_starts: bool = False):
     """The kernel's decisions and the forward values on plain tensors -> (values (V, 3) in the field's dtype, weights
-    (V,) or None, tape (what :func:`adjoint` reads), ids, reasons, accepted) (see :func:`track_fused`)."""
+    (V,) or None, tape (what :func:`adjoint` reads), ids, reasons, accepted) (see :func:`track_fused`).
+
+    own_starts: with tckgen's peaks in float64, start every peak search where :func:`tractfunc.track_fixed` does
+    (from the incoming direction; the seed peak from ``init_dirs``) rather than where :mod:`~.follow` does (always so
+    under soft stopping): the search's answer depends on its start by ~1e-6 rad."""
     s32 = seeds.detach().to("cpu", torch.float32).numpy()
     d32 = init_dirs.detach().to("cpu", torch.float32).numpy()
     v32, ln, ids, si, reasons, acc, sd32 = kernel.track(s32, d32, record=True)
@@ -239,7 +243,8 @@ def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds
         ok = np.ones(ln.shape[0], dtype=np.uint8)
         v32 = np.ascontiguousarray(v32)
         init = None
-        if config.lut and temperature is not None:   # the seed peaks are searched again, from the start directions
+        config.own_starts = int(own_starts or temperature is not None)
+        if config.lut and config.own_starts:   # the seed peaks are searched again, from the start directions
             d = init_dirs.detach().cpu().double()[torch.from_numpy(ids).long()]
             init = np.ascontiguousarray((d / torch.linalg.vector_norm(d, dim=-1, keepdim=True)).numpy())
         native.library().sd_replay(ctypes.byref(config), ln.shape[0], _ptr(starts), _ptr(ln), _ptr(si),

@@ -21,6 +21,7 @@ primitives (tests/sdstream/test_ops.py compares them with :func:`tractfunc.track
 """
 from __future__ import annotations
 
+import functools
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -28,6 +29,8 @@ import torch
 
 from ..core.field import FODField, MaskField, tracking_field
 from ..core.params import TrackParams
+from ..core.sh import LegendreTable
+from ..core.shsize import lmax_for
 from ..core.stop import Reason
 from ..core.tracing import is_vectorized, unwrap
 from ..errors import TractfuncError
@@ -57,14 +60,23 @@ def _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, 
     params)."""
     from . import fused
     from .track import decision_kernel
-    field = FODField(sh.contiguous(), nonzero, w2v, None, voxel_sizes=tuple(vs) if vs else None)
     params = _params(fp, ip)._replace(step=float(step))
+    table = None
+    if params.precomputed and params.peak_polish == 0 and sh.dtype == torch.float64:   # tckgen's search in double
+        table = _legendre_table(lmax_for(sh.shape[-1]))
+    field = FODField(sh.contiguous(), nonzero, w2v, table, voxel_sizes=tuple(vs) if vs else None)
     mfield = None if mask is None else MaskField(mask, mask_w2v, tuple(mvs) if mvs else None)
     T, temp = ip[5], (fp[3] if fp[3] > 0 else None)
     kernel = decision_kernel(field, params._replace(min_points=0), mfield, soft_steps=T if temp else None,
                              half_steps=0 if temp else T)
-    values, weights, tape, ids, reasons, acc = fused.forward(field, params, kernel, seeds, init_dirs, temp)
+    values, weights, tape, ids, reasons, acc = fused.forward(field, params, kernel, seeds, init_dirs, temp,
+                                                             own_starts=True)
     return values, weights, tape, ids, reasons, acc, params
+
+
+@functools.lru_cache(maxsize=None)
+def _legendre_table(lmax: int) -> LegendreTable:
+    return LegendreTable(lmax, dtype=torch.float64)
 
 
 def _layout(tape, ids: Tensor, S: int, T: int):
@@ -240,8 +252,9 @@ def follow_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
     ``vmap`` and ``jacrev`` go through it (custom ops with fake kernels, an autograd rule and vmap rules).
 
     Args:
-        field: the FOD on the CPU, float32 with tckgen's settings (``resolve(vox)``) or exact peaks
-            (``resolve(vox, exact=True)``) in float32 or float64; ``field.sh`` may require grad.
+        field: the FOD on the CPU, tckgen's settings (``resolve(vox)``; float64 replays its peak search in double,
+            from the starts :func:`tractfunc.track_fixed` takes) or exact peaks (``resolve(vox, exact=True)``), in
+            float32 or float64; ``field.sh`` may require grad.
         params: :func:`tractfunc.resolve`'s; ``params.step`` may be a 0-d tensor requiring grad.
         seeds: (S, 3) scanner mm; init_dirs: (S, 3) start directions (normalised by the kernel).
         n_steps: steps per half (None: ``params.max_points``); the outputs hold 2 n_steps + 1 vertices per seed.
@@ -256,8 +269,8 @@ def follow_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
     from . import fused
     field = tracking_field(field, params)
     if not fused.applies(field, params):
-        raise TractfuncError("follow_fixed runs the fused engine: the CPU, lmax <= 12, float32 with tckgen's settings "
-                             "or exact peaks (resolve(..., exact=True))")
+        raise TractfuncError("follow_fixed runs the fused engine: the CPU, lmax <= 12, tckgen's settings (a float32 "
+                             "state only on float32) or exact peaks (resolve(..., exact=True))")
     T = params.max_points if n_steps is None else int(n_steps)
     fp, ip = _pack(params, T, temperature)
     step = params.step if torch.is_tensor(params.step) else torch.tensor(float(params.step), dtype=field.sh.dtype)

@@ -103,7 +103,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         stopping: None (hard, tckgen) or :class:`tractfunc.Soft` (temperature): survival weights in
             ``Tracks.weights`` (fixed engine, and the follow engine's fused C form).
         gradient: None (direct autograd) or :class:`tractfunc.Checkpoint` (every k steps recomputed in backward; the
-            follow engine's fused C form stores 24 to 120 bytes per vertex and needs no checkpoints).
+            follow engine's fused C form stores 24 to 128 bytes per vertex and needs no checkpoints).
         n_steps: steps per half at most, for the fixed and follow engines (None: ``params.max_points`` under soft
             stopping, else no limit; a half cut there ends with reason CONTINUE and its streamline is kept from 2
             vertices, as :func:`tractfunc.track_fixed` does).

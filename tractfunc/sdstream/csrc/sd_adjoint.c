@@ -55,6 +55,7 @@ typedef struct {
     double lut_inc;
     int32_t lut_ndir, lut_l1;
     int32_t pack;             /* RK4 records stored packed (sd_replay's double output; see stored_width) */
+    int32_t own_starts;       /* sd_replay with tckgen's peaks: searches start as track_fixed's (replay_half_lut) */
 } adj_config;
 
 /* Doubles per vertex in a step record (see the top of this file). */
@@ -619,11 +620,12 @@ static void unit_diff(const float *a, const float *b, double *d) {
 
 /* Replay one half with tckgen's peak search (c->lut).  The searches start where the reference engine's do, since
  * the search's tolerance makes its answer depend on the start (about 1e-6 rad):
- *   - hard stopping, as tractfunc.sdstream.follow: an Euler step from its own direction in the kernel's vertices
+ *   - by default, as tractfunc.sdstream.follow: an Euler step from its own direction in the kernel's vertices
  *     ref (float), RK4's first three stages from the previous step's (the first step: the seed peak recorded at
  *     the seed row, times dsgn);
- *   - soft stopping, as tractfunc.track_fixed (and tckgen): from the incoming direction, the previous replayed
- *     peak (Euler) or step direction (RK4), the first step from the replayed seed peak seed_peak;
+ *   - with c->own_starts (always with soft stopping), as tractfunc.track_fixed (and tckgen): from the incoming
+ *     direction, the previous replayed peak (Euler) or step direction (RK4), the first step from the replayed seed
+ *     peak seed_peak;
  * RK4's fourth stage from the mean of the second and third, its peak at the new vertex (soft) from the step's
  * direction.  Returns 0 where a search failed or left the image (its start is then kept). */
 static int replay_half_lut(const adj_config *c, const half_rows *h, const double *seed, const double *seed_peak,
@@ -633,7 +635,7 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
     double x[3] = {seed[0], seed[1], seed[2]}, prev[3], pk[3], full[18];
     for (int i = 0; i < 3; i++) {
         pk[i] = h->dsgn * seed_peak[i];
-        prev[i] = c->soft ? pk[i] : h->dsgn * (double)sin[width * h->seed_row + i];
+        prev[i] = c->own_starts ? pk[i] : h->dsgn * (double)sin[width * h->seed_row + i];
     }
     int ok = 1;
     for (int64_t j = 0; j < h->steps; j++) {
@@ -641,7 +643,7 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
         double *so = c->pack ? full : sout + width * row;
         memset(so, 0, width * sizeof(double));
         double d[3], dir[3], amp[5];
-        if (c->soft) memcpy(d, prev, sizeof d);
+        if (c->own_starts) memcpy(d, prev, sizeof d);
         else unit_diff(ref + 3 * row, ref + 3 * row0, d);
         if (!c->rk4) {
             memcpy(so, d, sizeof d);
@@ -678,7 +680,7 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
             so[16] = so[0] * m5[0] + so[1] * m5[1] + so[2] * m5[2] - c->cos_max;
             so[17] = (double)arg;
         }
-        if (c->soft) memcpy(prev, dir, sizeof dir);
+        if (c->own_starts) memcpy(prev, dir, sizeof dir);
         else memcpy(prev, d, sizeof d);
         if (c->pack) encode_row(c, full, sout + sw * row);
     }
@@ -860,7 +862,7 @@ static void *adj_worker(void *arg) {
             memcpy(j->verts + 3 * h[0].seed_row, seed, 3 * sizeof(double));
             memset(srow, 0, sw * sizeof(double));
             int ok = 1;
-            if (j->c->soft && j->c->lut) {   /* the seed peak from the start direction, as track_fixed finds it */
+            if (j->c->lut && j->c->own_starts) {   /* the seed peak from the start direction, as track_fixed finds it */
                 memcpy(pk, j->init + 3 * i, sizeof pk);
                 ok &= lut_peak(j->c, seed, pk, NULL);
             } else if (j->c->soft && !j->c->rk4) {   /* the seed peak, the first turns' reference */
@@ -916,7 +918,7 @@ static int run_threads(adj_job *j, int nthreads) {
 
 /* Replay A streamlines (packed rows: starts[i], lengths[i], seed_index[i]) from seeds (A, 3) along the kernel's
  * step records sdirs_in (V, w) float, and with tckgen's peaks (c->lut) its vertices ref (V, 3) float and, with
- * soft stopping, each seed's start direction init (A, 3) double, unit (else NULL): verts
+ * c->own_starts, each seed's start direction init (A, 3) double, unit (else NULL): verts
  * (V, 3) and sdirs (V, w) double out; ok (A,) 0 where a peak could not be polished or searched. */
 void sd_replay(const adj_config *c, int64_t A, const int64_t *starts, const int64_t *lengths,
                const int64_t *seed_index, const double *seeds, const double *init, const float *sdirs_in,
