@@ -114,6 +114,12 @@ def _config(field: FODField, params: TrackParams, temperature: Optional[float] =
     return c, keep
 
 
+def replays(field: FODField, params: TrackParams) -> bool:
+    """Whether the fused forward recomputes the kernel's streamlines (exact peaks, or tckgen's peak search in float64)
+    rather than returning the kernel's own float32 vertices (tckgen's settings in float32)."""
+    return params.peak_polish > 0 or _replays_lut(field, params)
+
+
 def _replays_lut(field: FODField, params: TrackParams) -> bool:
     """Values recomputed in double with tckgen's peak search (a float64 field, tckgen's lookup-table peaks); float32
     with tckgen's settings keeps the kernel's own values, exact peaks are polished instead."""
@@ -130,25 +136,25 @@ def _double(a: np.ndarray) -> np.ndarray:
 
 class _Fused(torch.autograd.Function):
     """(sh, seeds (S, 3), step (0-d) or None, init_dirs, field, params, kernel, temperature) -> (vertices (V, 3),
-    weights (V,) (empty for hard stopping), lengths, seed_ids, seed_index, reasons, accepted): the kernel and the
-    replay run in forward (on plain tensors, also under ``torch.func.grad`` / ``vjp``, which unwrap them), the C
+    weights (V,) (empty for hard stopping), lengths, seed_ids, seed_index, reasons, accepted, tape, the kernel's
+    vertices (V, 3) float32): the kernel and the replay run in forward (on plain tensors, also under ``torch.func.grad`` / ``vjp``, which unwrap them), the C
     reverse sweep in backward."""
 
     @staticmethod
     def forward(sh, seeds, step, init_dirs, field, params, kernel, temperature):
         prm = params if step is None else params._replace(step=step)
-        values, weights, tape, ids, reasons, acc = forward(field._replace(sh=sh), prm, kernel, seeds, init_dirs,
-                                                            temperature)
+        values, weights, tape, ids, reasons, acc, decided = forward(field._replace(sh=sh), prm, kernel, seeds,
+                                                                     init_dirs, temperature)
         w = weights if weights is not None else values.new_zeros(0)
         return (values, w, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc,
-                tape)
+                tape, decided)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
         sh, seeds, step = inputs[:3]
         ctx.tape, ctx.ids = output[7], output[3]
         ctx.meta = (sh.dtype, seeds.dtype, seeds.shape[0], step is not None)
-        ctx.mark_non_differentiable(*output[2:7])
+        ctx.mark_non_differentiable(*output[2:7], output[8])
 
     @staticmethod
     def backward(ctx, gv, gw, *_unused):
@@ -222,7 +228,8 @@ def adjoint(tape: _Tape, gv: Tensor, gw: Optional[Tensor], gsh: Optional[Tensor]
 def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
             temperature: Optional[float] = None, own_starts: bool = False):
     """The kernel's decisions and the forward values on plain tensors -> (values (V, 3) in the field's dtype, weights
-    (V,) or None, tape (what :func:`adjoint` reads), ids, reasons, accepted) (see :func:`track_fused`).
+    (V,) or None, tape (what :func:`adjoint` reads), ids, reasons, accepted, the kernel's own vertices (V, 3) float32)
+    (see :func:`track_fused`).
 
     own_starts: with tckgen's peaks in float64, start every peak search where :func:`tractfunc.track_fixed` does
     (from the incoming direction; the seed peak from ``init_dirs``) rather than where :mod:`~.follow` does (always so
@@ -267,11 +274,11 @@ def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds
     tape = _Tape(config, keep, starts, ln, si, verts, sdirs, w)
     weights = None if w is None else torch.from_numpy(w).to(field.sh.dtype)
     return (values, weights, tape, torch.from_numpy(ids).to(torch.long), torch.from_numpy(reasons),
-            torch.from_numpy(acc))
+            torch.from_numpy(acc), torch.from_numpy(v32))
 
 
 def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor, init_dirs: Tensor,
-                temperature: Optional[float] = None):
+                temperature: Optional[float] = None, decided: Optional[list] = None):
     """Track with the kernel's decisions; values and gradients as :mod:`tractfunc.sdstream.follow`'s.
 
     Args:
@@ -282,6 +289,8 @@ def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", s
         seeds: (S, 3) scanner mm (may require grad); init_dirs: (S, 3) start directions.
         temperature: None (hard stopping) or soft stopping's T; the kernel must then have been built with
             ``soft_steps`` (the steps per half).
+        decided: a list that receives the kernel's own vertices (V, 3) float32 (its ``-crop_at_gmwmi`` decisions
+            for :func:`tractfunc.sdstream.act.crop_ends`), or None.
     Returns:
         (vertices (V, 3) in the field's dtype, differentiable wrt ``field.sh``, ``seeds`` and a tensor step;
         lengths (A,), seed_ids (A,), seed_index (A,), reasons (S, 2), accepted (S,), weights (V,) or None), as
@@ -290,9 +299,24 @@ def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", s
     step = params.step if torch.is_tensor(params.step) else None
     if needs_grad(field.sh, seeds, *(() if step is None else (step,))):
         out = _Fused.apply(field.sh, seeds, step, init_dirs, field._replace(sh=None), params, kernel, temperature)
+        if decided is not None:
+            decided.append(out[8])
         return (out[0], *out[2:7], out[1] if temperature is not None else None)
-    values, weights, tape, ids, reasons, acc = forward(field, params, kernel, seeds, init_dirs, temperature)
+    values, weights, tape, ids, reasons, acc, ref = forward(field, params, kernel, seeds, init_dirs, temperature)
+    if decided is not None:
+        decided.append(ref)
     return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc, weights
+
+
+def seed_jacobian_tape(tape: _Tape) -> Tensor:
+    """Every vertex's Jacobian wrt its seed along a forward's tape, (V, 3, 3) float64 (see
+    :func:`seed_jacobian_fused`)."""
+    J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
+    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
+    native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),
+                                      _ptr(tape.lengths), _ptr(tape.seed_index), _ptr(verts), _ptr(sdirs), _ptr(J),
+                                      torch.get_num_threads())
+    return torch.from_numpy(J)
 
 
 def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor,
@@ -302,11 +326,6 @@ def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Ke
     Returns (the same tuple as :func:`track_fused`, J (V, 3, 3) in the field's dtype, ``J[v, i, k] = d x_vi /
     d seed_k`` of the vertex's own seed; the identity at seed vertices), by forward propagation of each step's
     3 x 3 Jacobian in C (the implicit-function derivative of every peak, RK4 through its stages)."""
-    values, _, tape, ids, reasons, acc = forward(field, params, kernel, seeds, init_dirs)
-    J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
-    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
-    native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),
-                                      _ptr(tape.lengths), _ptr(tape.seed_index), _ptr(verts), _ptr(sdirs), _ptr(J),
-                                      torch.get_num_threads())
+    values, _, tape, ids, reasons, acc, _ = forward(field, params, kernel, seeds, init_dirs)
     out = (values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc)
-    return out, torch.from_numpy(J).to(field.sh.dtype)
+    return out, seed_jacobian_tape(tape).to(field.sh.dtype)

@@ -13,8 +13,12 @@ Two ops carry it, so that it stays a tensor function under every transform:
   forward is saved but its inputs.
 * vmap rules (``register_vmap``): a batch of seeds joins the seed dimension (one kernel call); a batch of
   cotangents joins the leading dimension of the backward (``jacrev``); a batch of FODs or steps runs one call per
-  element.  So ``vmap(jacrev(f))`` gives per-streamline Jacobians.  Forward-mode (``jacfwd``, ``jvp``) is not
-  defined for these ops: :func:`tractfunc.seed_jacobian_packed` gives seed Jacobians forward-mode in C.
+  element.  So ``vmap(jacrev(f))`` gives per-streamline Jacobians.
+* forward mode wrt the seeds under hard stopping (``torch.func.jvp``, ``jacfwd``; not under ``torch.compile``, which
+  does not trace a custom jvp): a third op, ``tractfunc::follow_fixed_seed_jacobian``, gives each padded vertex's
+  Jacobian wrt its seed by forward propagation in C (as :func:`tractfunc.seed_jacobian_packed`), and the tangent is
+  its product with the seeds' tangent.  Tangents of the FOD or the step, and soft stopping, are refused in one line
+  (use ``jacrev`` / ``vjp`` there).
 
 The decisions are discrete (locally constant), as in every engine; the values and derivatives are those of the
 primitives (tests/sdstream/test_ops.py compares them with :func:`tractfunc.track_fixed`).
@@ -69,8 +73,8 @@ def _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, 
     T, temp = ip[5], (fp[3] if fp[3] > 0 else None)
     kernel = decision_kernel(field, params._replace(min_points=0), mfield, soft_steps=T if temp else None,
                              half_steps=0 if temp else T)
-    values, weights, tape, ids, reasons, acc = fused.forward(field, params, kernel, seeds, init_dirs, temp,
-                                                             own_starts=True)
+    values, weights, tape, ids, reasons, acc, _ = fused.forward(field, params, kernel, seeds, init_dirs, temp,
+                                                                own_starts=True)
     return values, weights, tape, ids, reasons, acc, params
 
 
@@ -150,6 +154,38 @@ def _(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip,
     return g_sh, seeds.new_empty(K, S, 3), sh.new_empty(K)
 
 
+@torch.library.custom_op("tractfunc::follow_fixed_seed_jacobian", mutates_args=())
+def _follow_fixed_seed_jacobian(sh: Tensor, nonzero: Tensor, seeds: Tensor, init_dirs: Tensor, step: Tensor,
+                                w2v: Tensor, mask: Optional[Tensor], mask_w2v: Optional[Tensor], vs: List[float],
+                                mvs: List[float], fp: List[float], ip: List[int]) -> Tensor:
+    """Each padded vertex's Jacobian wrt its seed, (S, 2T+1, 3, 3) (zeros where not valid), by forward propagation
+    in C (hard stopping; the forward mode of the ops)."""
+    from . import fused
+    S, T = seeds.shape[0], ip[5]
+    _, _, tape, ids, _, _, _ = _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip)
+    slot, _, _ = _layout(tape, ids, S, T)
+    J = fused.seed_jacobian_tape(tape).to(sh.dtype)
+    return torch.zeros(S * (2 * T + 1), 3, 3, dtype=sh.dtype).index_copy_(0, slot, J).reshape(S, 2 * T + 1, 3, 3)
+
+
+@_follow_fixed_seed_jacobian.register_fake
+def _(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip):
+    return sh.new_empty(seeds.shape[0], 2 * ip[5] + 1, 3, 3)
+
+
+@_follow_fixed_seed_jacobian.register_vmap
+def _(info, in_dims, *args):
+    B = info.batch_size
+    seeds_b, other_b = _seed_dims(in_dims)
+    if other_b:
+        return _each(torch.ops.tractfunc.follow_fixed_seed_jacobian, B, args, in_dims, 1)[0][0], 0
+    s, d = _batch(args[2], in_dims[2], B), _batch(args[3], in_dims[3], B)   # (B, S, 3): one call for all
+    S = s.shape[1]
+    J = torch.ops.tractfunc.follow_fixed_seed_jacobian(args[0], args[1], s.reshape(B * S, 3), d.reshape(B * S, 3),
+                                                       *args[4:])
+    return J.reshape((B, S) + J.shape[1:]), 0
+
+
 _CONFIG = slice(5, 12)   # the non-differentiable arguments after step: w2v, mask, mask_w2v, vs, mvs, fp, ip
 
 
@@ -160,6 +196,17 @@ def _vjp(*args):
         return torch.ops.tractfunc.follow_fixed_vjp(*args)
     with torch._C._DisableFuncTorch():
         return torch.ops.tractfunc.follow_fixed_vjp(*[unwrap(a) if torch.is_tensor(a) else a for a in args])
+
+
+def _live(t: Optional[Tensor]) -> bool:
+    """Whether a forward-mode tangent can be non-zero: a batched one (jacfwd wrt that input), or a plain one with a
+    non-zero entry (the zeros torch.func passes for the inputs not differentiated are not)."""
+    if t is None:
+        return False
+    if is_vectorized(t):
+        return True
+    with torch._C._DisableFuncTorch():
+        return bool(unwrap(t).any())
 
 
 class _FollowFixed(torch.autograd.Function):
@@ -175,6 +222,7 @@ class _FollowFixed(torch.autograd.Function):
     @staticmethod
     def setup_context(ctx, inputs, output):
         ctx.save_for_backward(*inputs[:8])
+        ctx.save_for_forward(*inputs[:8])
         ctx.lists = inputs[8:]
         ctx.mark_non_differentiable(*output[1:6])
 
@@ -188,6 +236,27 @@ class _FollowFixed(torch.autograd.Function):
         g_sh, g_seeds, g_step = _vjp(*tensors, *ctx.lists, gv.unsqueeze(0), gw.unsqueeze(0), wants)
         return (g_sh[0] if wants[0] else None, None, g_seeds[0] if wants[1] else None, None,
                 g_step[0] if wants[2] else None) + (None,) * 7
+
+
+class _FollowFixedForward(_FollowFixed):
+    """:class:`_FollowFixed` with forward mode wrt the seeds (``jvp``, for ``torch.func.jvp`` / ``jacfwd``); Dynamo
+    does not trace a Function with a custom jvp, so :func:`follow_fixed` takes this one outside ``torch.compile``."""
+
+    @staticmethod
+    def jvp(ctx, t_sh, t_nonzero, t_seeds, t_dirs, t_step, *_):
+        """Forward mode wrt the seeds (hard stopping): each vertex moves by its seed Jacobian (C) times the tangent."""
+        if _live(t_sh) or _live(t_step) or ctx.lists[2][3] > 0:
+            raise TractfuncError("forward mode (jvp, jacfwd) through follow_fixed takes seed tangents under hard "
+                                 "stopping only; use jacrev / vjp for the FOD, the step or soft stopping")
+        tensors = ctx.saved_tensors
+        sh, seeds, T = tensors[0], tensors[2], ctx.lists[3][5]
+        L = 2 * T + 1
+        if t_seeds is None:
+            t_verts = sh.new_zeros(seeds.shape[0], L, 3)
+        else:
+            J = torch.ops.tractfunc.follow_fixed_seed_jacobian(*tensors, *ctx.lists)
+            t_verts = torch.einsum("slij,sj->sli", J, t_seeds.to(J.dtype))
+        return (t_verts, None, None, None, None, None, sh.new_zeros(seeds.shape[0], L))
 
 
 def _batch(x: Optional[Tensor], d: Optional[int], B: int) -> Optional[Tensor]:
@@ -277,6 +346,7 @@ def follow_fixed(field: FODField, params: TrackParams, seeds: Tensor, init_dirs:
     vs = list(field.voxel_sizes) if field.voxel_sizes else []
     m, mw, mvs = (None, None, []) if mask is None else (mask.mask, mask.world_to_voxel,
                                                          list(mask.voxel_sizes) if mask.voxel_sizes else [])
-    out = _FollowFixed.apply(field.sh, field.nonzero, seeds, init_dirs, step, field.world_to_voxel, m, mw, vs, mvs,
+    fn = _FollowFixed if torch.compiler.is_compiling() else _FollowFixedForward
+    out = fn.apply(field.sh, field.nonzero, seeds, init_dirs, step, field.world_to_voxel, m, mw, vs, mvs,
                              fp, ip)
     return FixedTracks(*out, acceptance=seeds.new_ones(seeds.shape[:1]), reach=seeds.new_zeros(seeds.shape[0], 0))

@@ -69,15 +69,15 @@ def _follow_chunk(field, params, kernel, seeds, init_dirs, act: Optional[ACTFiel
     return verts, ln, ids, si, r.to(dev), a.to(dev)
 
 
-def _cropped(act: Optional[ACTField], part: Tracks) -> Tracks:
+def _cropped(act: Optional[ACTField], part: Tracks, decided: Optional[Tensor] = None) -> Tracks:
     """``part`` (a fused follow engine's chunk) with tckgen's ``-crop_at_gmwmi`` applied when ``act`` asks for it
-    (the kernel cropped its own float32 vertices; the fused engine recomputes them as steps), deciding here which
-    ends straddle the interface."""
+    (the kernel cropped its own float32 vertices ``decided``; the fused engine recomputes them as steps): an end is
+    cropped where the kernel cropped it (:func:`tractfunc.sdstream.act.crop_ends`)."""
     if act is None or not act.crop_at_gmwmi or not part.lengths.numel():
         return part
     from .act import crop_ends
     return part._replace(vertices=crop_ends(act, part.vertices, part.lengths, part.seed_index,
-                                            part.reasons[part.seed_ids]))
+                                            part.reasons[part.seed_ids], decided))
 
 
 def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Optional[Tensor] = None, *,
@@ -164,8 +164,10 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
             if name == "native":
                 part = Tracks(*(torch.from_numpy(x) for x in kernel.track(s.numpy(), d.numpy())), None, name)
             elif use_fused:
+                decided = []
                 part = _cropped(act, Tracks(*fused.track_fused(field, params, kernel, s, d,
-                                                               stopping.temperature if soft else None), name))
+                                                               stopping.temperature if soft else None, decided),
+                                            name), decided[0] if fused.replays(field, params) else None)
             elif name == "follow":
                 part = Tracks(*_follow_chunk(field, params, kernel, s, d, act), None, name)
             elif name == "eager":
