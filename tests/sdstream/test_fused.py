@@ -426,3 +426,30 @@ def test_saved_bytes_per_vertex(phantom_field, dtype, rk4, soft, total, beyond):
     got = fused.saved_bytes(tr.vertices, tr.weights)
     assert (got[0] / V, got[1] / V) == (total, beyond) and beyond <= 100
     assert fused.saved_bytes(track(fld, prm, pts, dirs, mask=f["mask"], engine="follow").vertices) is None
+
+
+def test_rk4_halves_cut_by_n_steps_start_along_the_seed_peak(phantom_field):
+    """A two-sided RK4 streamline whose half is cut by ``n_steps`` ends that half with CONTINUE, as a unidirectional
+    one does: both follow routes take the seed peak's sign from the kernel's record, so the PyTorch route (float32
+    state) and the fused one (float64 state) give the same streamlines within the state's rounding."""
+    f = phantom_field
+    pts, dirs, fld = phantom_seeds(f, 6, 9, torch.float64)
+    prm = P.resolve(f["img"].voxel_sizes, rk4=True)
+    a = track(fld, prm._replace(state_dtype=torch.float32), pts, dirs, mask=f["mask"], engine="follow", n_steps=3)
+    b = track(fld, prm, pts, dirs, mask=f["mask"], engine="follow", n_steps=3)
+    assert torch.equal(a.lengths, b.lengths) and int((a.reasons == 0).sum()) > 0
+    assert float((a.vertices - b.vertices).norm(dim=-1).max()) < 1e-4
+
+
+def test_degenerate_start_direction_does_not_crash(phantom_field):
+    """A zero start direction with tckgen's peak search replayed in double (soft stopping searches the seed peak
+    again from it): no crash, finite or NaN values only where the search had no direction, and a warning."""
+    f = phantom_field
+    pts, dirs, fld = phantom_seeds(f, 3, 4, torch.float64)
+    dirs = dirs.clone()
+    dirs[1] = 0.0
+    prm = P.resolve(f["img"].voxel_sizes)
+    with pytest.warns(UserWarning):
+        tr = track(fld, prm, pts, dirs, mask=f["mask"], engine="follow", stopping=tf.Soft(0.1), n_steps=5)
+    ok = tr.seed_ids != 1
+    assert bool(torch.isfinite(tr.weights[torch.repeat_interleave(ok, tr.lengths)]).all())

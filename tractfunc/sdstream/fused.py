@@ -108,6 +108,8 @@ def _config(field: FODField, params: TrackParams, temperature: Optional[float] =
     keep = (sh, nz)
     if _replays_lut(field, params):
         tab = np.ascontiguousarray(field.table.table.detach().cpu().numpy(), dtype=np.float64)   # (ndir, L+1, L+1)
+        if tab.ndim != 3 or tab.shape[1] != tab.shape[2] or tab.shape[1] < c.lmax + 1 or tab.shape[0] < 2:
+            raise ValueError(f"Legendre table of shape {tab.shape} for lmax {c.lmax}")
         c.lut, c.lut_inc = _ptr(tab), float(field.table.inc)
         c.lut_ndir, c.lut_l1 = tab.shape[0], tab.shape[1]
         keep = keep + (tab,)
@@ -153,6 +155,9 @@ class _Fused(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         sh, seeds, step = inputs[:3]
         ctx.tape, ctx.ids = output[7], output[3]
+        # the returned vertices, weights and packing share memory with the tape: saving them makes autograd refuse a
+        # backward after an in-place change instead of sweeping changed data
+        ctx.save_for_backward(*output[:5])
         ctx.meta = (sh.dtype, seeds.dtype, seeds.shape[0], step is not None)
         ctx.mark_non_differentiable(*output[2:7], output[8])
 

@@ -16,7 +16,6 @@ from ..core.arrays import as_tensor
 from ..core.field import ACTField, FODField, MaskField, tracking_field
 from ..core.params import TrackParams
 from ..core.seeds import random_directions
-from ..core.stop import CONTINUE
 from ..core import tracks as T
 from ..core.tracks import Tracks
 from ..errors import TractfuncError
@@ -48,15 +47,14 @@ def _follow_chunk(field, params, kernel, seeds, init_dirs, act: Optional[ACTFiel
     ``-crop_at_gmwmi`` crops where the kernel made them)."""
     from .follow import follow
     s32, d32 = seeds.detach().float().cpu().numpy(), init_dirs.detach().float().cpu().numpy()
-    v, ln, ids, si, r, a = (torch.from_numpy(x) for x in kernel.track(s32, d32))
+    out = kernel.track(s32, d32, record=bool(params.rk4))
+    v, ln, ids, si, r, a = (torch.from_numpy(x) for x in out[:6])
     dev = seeds.device
     seed_peak = None
     if params.rk4:   # RK4's first stages search from the seed peak (Euler searches from each step's own direction)
-        rows = ids.numpy()
-        seed_peak = torch.from_numpy(kernel.seed_steps(s32[rows], d32[rows])[0])
-        # follow() starts the half after the seed from -peak: a unidirectional streamline's only half goes along it
-        uni = (r[ids][:, 1] == CONTINUE).unsqueeze(-1)
-        seed_peak = torch.where(uni, -seed_peak, seed_peak).to(dev)
+        # the kernel records it at the seed vertex, negated for a unidirectional streamline (follow() starts the
+        # half after the seed from -record: that streamline's only half goes along the peak)
+        seed_peak = torch.from_numpy(out[6])[torch.cumsum(ln, 0) - ln + si, :3].to(seeds.dtype).to(dev)
     ids, ln, si = ids.to(dev), ln.to(dev), si.to(dev)
     fol = follow(field, params, seeds[ids], v.to(dev), ln, si, seed_peak)
     verts = fol.vertices

@@ -67,7 +67,7 @@ static inline int rec_width(const adj_config *c) { return c->soft ? (c->rk4 ? 18
  * back to the last bit or two), its index and sign in 3 bits of a flags word; with soft stopping also the amplitude
  * margin (the cosine margin is d1.m5 - cos_max again, the smallest stage is in the flags).  Hard: d1..d4 in 8
  * doubles and the flags, 72 bytes instead of 96; soft: d1..d4, m5, the margin and the flags, 96 instead of 144. */
-static inline int stored_width(const adj_config *c) { return c->pack ? (c->soft ? 12 : 9) : rec_width(c); }
+static inline int stored_width(const adj_config *c) { return c->pack && c->rk4 ? (c->soft ? 12 : 9) : rec_width(c); }
 
 static int encode_dir(const double *d, double *out) {
     int k = 0;
@@ -99,7 +99,7 @@ static void encode_row(const adj_config *c, const double *full, double *out) {
 
 /* Row `row` of the records rec as rec_width doubles: rec's own row, or (packed) decoded into buf. */
 static const double *rec_row(const adj_config *c, const double *rec, int64_t row, double *buf) {
-    if (!c->pack) return rec + (int64_t)rec_width(c) * row;
+    if (!(c->pack && c->rk4)) return rec + (int64_t)rec_width(c) * row;
     const int sw = stored_width(c), n = c->soft ? 5 : 4;
     const double *in = rec + (int64_t)sw * row;
     const int64_t flags = (int64_t)in[sw - 1];
@@ -316,11 +316,12 @@ static double series_at(const adj_config *c, const double *vals, const double *u
 }
 
 /* Exact peak at pos from start u (in place): up to c->polish full tangent Newton iterations, stopping once
- * the move is below 1e-15 rad; *amp (when not NULL) its amplitude.  Returns 0 where the sample is outside or a
- * Hessian is not regular (u then keeps its last value). */
+ * the move is below 1e-15 rad; *amp (when not NULL) its amplitude (0 outside).  Returns 0 where the sample is
+ * outside or a Hessian is not regular (u then keeps its last value). */
 static int polish_peak(const adj_config *c, const double *pos, double *u, double *amp) {
     double vals[A_MAXC], dB[A_MAXC][3], B[A_MAXC];
     sample_info si;
+    if (amp) *amp = 0.0;
     sample(c, pos, vals, &si);
     if (!si.inside) return 0;
     normalize(u);
@@ -368,7 +369,7 @@ static void lut_line(const adj_config *c, const double *vals, const double *u, l
     if (sel < 1e-3) { exact_line(c, vals, u, o); return; }
     const int L1 = c->lut_l1;
     double t = el / c->lut_inc, fi = floor(t);
-    if (fi < 0.0) fi = 0.0;
+    if (!(fi >= 0.0)) fi = 0.0;   /* (NaN too) */
     if (fi > (double)(c->lut_ndir - 2)) fi = (double)(c->lut_ndir - 2);
     double f2 = t - fi;
     f2 = f2 < 0.0 ? 0.0 : (f2 > 1.0 ? 1.0 : f2);
@@ -417,17 +418,20 @@ static void lut_line(const adj_config *c, const double *vals, const double *u, l
 
 /* tckgen's peak search in double (core.newton.peak with the table: 1-D Newton moves along the steepest ascent,
  * capped at 0.2 rad, until a move is below 1e-4 rad; the amplitude is the one before that last move) from u (in
- * place) on the sample at pos.  Returns 0 where the sample is outside or 50 moves did not converge (u then keeps
- * its start). */
+ * place) on the sample at pos.  Returns 0 where the sample is outside, the start is not finite or 50 moves did not
+ * converge (u then keeps its start; *amp is 0, or the last amplitude evaluated). */
 static int lut_peak(const adj_config *c, const double *pos, double *u, double *amp) {
     double vals[A_MAXC];
     sample_info si;
+    if (amp) *amp = 0.0;
+    if (!(isfinite(u[0]) && isfinite(u[1]) && isfinite(u[2]))) return 0;
     sample(c, pos, vals, &si);
     if (!si.inside) return 0;
     double v[3] = {u[0], u[1], u[2]};
     for (int it = 0; it < 50; it++) {
         line_jet j;
         lut_line(c, vals, v, &j);
+        if (amp) *amp = j.amp;
         double dt = j.curv != 0 ? -j.slope / j.curv : 0.0;
         dt = fabs(dt);
         if (dt > 0.2) dt = 0.2;
@@ -576,7 +580,7 @@ static int replay_half(const adj_config *c, const half_rows *h, const double *se
         const float *s0 = sin + width * row;
         double *so = c->pack ? full : sout + width * row;
         for (int i = 0; i < width; i++) so[i] = (double)s0[i];
-        double dir[3], amp[5];
+        double dir[3], amp[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
         if (!c->rk4) {
             ok &= polish_peak(c, x, so, amp);
             memcpy(dir, so, sizeof dir);
@@ -642,7 +646,7 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
         const int64_t row = h->seed_row + h->sgn * (j + 1), row0 = row - h->sgn;
         double *so = c->pack ? full : sout + width * row;
         memset(so, 0, width * sizeof(double));
-        double d[3], dir[3], amp[5];
+        double d[3], dir[3], amp[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
         if (c->own_starts) memcpy(d, prev, sizeof d);
         else unit_diff(ref + 3 * row, ref + 3 * row0, d);
         if (!c->rk4) {
