@@ -50,6 +50,15 @@ def _rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def _same_gradients(got_v, leaves, ref_v, ref_leaves, seed):
+    """Gradients of a random projection of the vertices wrt each leaf within 1e-6 relative of the reference's."""
+    u = torch.randn(ref_v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    got = torch.autograd.grad((got_v * u).sum(), leaves)
+    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
+    for g, w in zip(got, want):
+        assert float(w.norm()) > 0 and _rel(g, w) < 1e-6, _rel(g, w)
+
+
 @pytest.mark.parametrize("rk4", [False, True])
 def test_matches_the_primitives_float64_exact_peaks(phantom_field, rk4):
     """Exact peaks in float64: the same decisions, vertices within 1e-10 mm and gradients wrt the FOD, the seeds
@@ -62,11 +71,7 @@ def test_matches_the_primitives_float64_exact_peaks(phantom_field, rk4):
     assert torch.equal(tr.lengths, ln) and torch.equal(tr.seed_index, si)
     assert tr.vertices.dtype == torch.float64 and tr.vertices.shape[0] > 150
     assert float((tr.vertices.detach() - ref_v.detach()).norm(dim=-1).max()) < 1e-10
-    u = torch.randn(ref_v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    got = torch.autograd.grad((tr.vertices * u).sum(), leaves)
-    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
-    for g, w in zip(got, want):
-        assert float(w.norm()) > 0 and _rel(g, w) < 1e-6, _rel(g, w)
+    _same_gradients(tr.vertices, leaves, ref_v, ref_leaves, 2)
 
 
 def test_central_differences_float64(phantom_field):
@@ -215,11 +220,7 @@ def test_float64_tckgen_peaks_match_the_primitives(philips, rk4):
     tr, leaves = _fused(fld, prm, pts, dirs)
     assert torch.equal(tr.lengths, ln) and torch.equal(tr.seed_index, si) and ln.sum() > 100
     assert float((tr.vertices.detach() - ref_v.detach()).norm(dim=-1).max()) < 1e-10
-    u = torch.randn(ref_v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    got = torch.autograd.grad((tr.vertices * u).sum(), leaves)
-    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
-    for gg, w in zip(got, want):
-        assert float(w.norm()) > 0 and _rel(gg, w) < 1e-6, _rel(gg, w)
+    _same_gradients(tr.vertices, leaves, ref_v, ref_leaves, 6)
 
 
 def test_real_data_float64_and_float32(philips):
@@ -232,11 +233,7 @@ def test_real_data_float64_and_float32(philips):
     tr, leaves = _fused(fld, prm, pts, dirs)
     assert torch.equal(tr.lengths, ln) and ln.sum() > 150
     assert float((tr.vertices.detach() - ref_v.detach()).norm(dim=-1).max()) < 1e-10
-    u = torch.randn(ref_v.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
-    got = torch.autograd.grad((tr.vertices * u).sum(), leaves)
-    want = torch.autograd.grad((ref_v * u).sum(), ref_leaves)
-    for gg, w in zip(got, want):
-        assert _rel(gg, w) < 1e-6, _rel(gg, w)
+    _same_gradients(tr.vertices, leaves, ref_v, ref_leaves, 6)
 
 
 @pytest.mark.parametrize("rk4", [False, True])
@@ -453,3 +450,34 @@ def test_degenerate_start_direction_does_not_crash(phantom_field):
         tr = track(fld, prm, pts, dirs, mask=f["mask"], engine="follow", stopping=tf.Soft(0.1), n_steps=5)
     ok = tr.seed_ids != 1
     assert bool(torch.isfinite(tr.weights[torch.repeat_interleave(ok, tr.lengths)]).all())
+
+
+@pytest.mark.parametrize("rk4,soft", [(False, False), (True, True)])
+def test_torch_func_jvp_through_the_front_door(phantom_field, rk4, soft):
+    """``torch.func.jvp`` of ``tf.track`` runs the fused engine's C forward mode: wrt the seeds it equals the
+    Jacobian (autograd) times the tangent; wrt the FOD and the step, <u, J v> equals the vjp's <J^T u, v>."""
+    f = phantom_field
+    prm = P.resolve(f["img"].voxel_sizes, exact=True, rk4=rk4, max_length=15.0)
+    pts, dirs, fld = phantom_seeds(f, 5, 21, torch.float64)
+    fld = tracking_field(fld, prm)
+    kw = dict(mask=f["mask"], engine="follow", **(dict(stopping=tf.Soft(0.1), n_steps=20) if soft else {}))
+    step = torch.tensor(float(prm.step), dtype=torch.float64)
+
+    def fn(sh, s, st):
+        tr = track(fld._replace(sh=sh), prm._replace(step=st), s, dirs, **kw)
+        return tr.vertices, (tr.weights if soft else tr.vertices[:, 0] * 0)
+
+    g = torch.Generator().manual_seed(8)
+    v_s = torch.randn(pts.shape, dtype=torch.float64, generator=g)
+    _, (tv, _) = torch.func.jvp(lambda s: fn(fld.sh, s, step), (pts,), (v_s,))
+    J = torch.autograd.functional.jacobian(lambda s: fn(fld.sh, s, step)[0], pts)
+    assert float(J.abs().max()) > 0.5 and float((tv - torch.einsum("visj,sj->vi", J, v_s)).abs().max()) < 1e-12
+    v_sh = torch.randn(fld.sh.shape, dtype=torch.float64, generator=g) * (fld.sh != 0)
+    v_st = torch.tensor(-0.4, dtype=torch.float64)
+    (verts, w), (tv, tw) = torch.func.jvp(lambda sh, st: fn(sh, pts, st), (fld.sh, step), (v_sh, v_st))
+    u, uw = torch.randn(verts.shape, dtype=torch.float64, generator=g), torch.randn(w.shape, dtype=torch.float64,
+                                                                                    generator=g)
+    _, pull = torch.func.vjp(lambda sh, st: fn(sh, pts, st), fld.sh, step)
+    g_sh, g_st = pull((u, uw))
+    lhs, rhs = float((u * tv).sum() + (uw * tw).sum()), float((g_sh * v_sh).sum() + g_st * v_st)
+    assert abs(rhs) > 1e-3 and abs(lhs - rhs) < 1e-10 * max(1.0, abs(rhs)), (lhs, rhs)

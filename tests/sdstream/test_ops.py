@@ -99,8 +99,8 @@ def test_torch_compile_fullgraph_no_recompiles(phantom_field):
 
 @pytest.mark.parametrize("rk4,exact", [(False, True), (True, False)])
 def test_jacfwd_wrt_seeds(phantom_field, rk4, exact):
-    """Forward mode through the ops wrt the seeds (hard stopping): jacfwd equals jacrev (measured 7e-16), also under
-    vmap over single-seed calls (the seed-Jacobian op's vmap rule); a tangent of the FOD is refused in one line."""
+    """Forward mode through the ops wrt the seeds: jacfwd equals jacrev (measured 7e-16), also under vmap over
+    single-seed calls (the forward-mode op's vmap rule), and a jvp is the Jacobian times the tangent."""
     f = phantom_field
     fld, prm, pts, dirs = _setup(f, rk4, exact=exact)
     fn = lambda s: follow_fixed(fld, prm, s, dirs, T, f["mask"]).vertices   # noqa: E731
@@ -115,6 +115,35 @@ def test_jacfwd_wrt_seeds(phantom_field, rk4, exact):
     assert float((Vf - Vr).abs().max()) < 1e-12
     _, t = torch.func.jvp(fn, (pts,), (torch.ones_like(pts),))
     assert torch.allclose(t, torch.einsum("slisj->sli", Jr), atol=1e-12)
-    with pytest.raises(tf.TractfuncError, match="seed tangents"):
-        torch.func.jvp(lambda sh: follow_fixed(fld._replace(sh=sh), prm, pts, dirs, T, f["mask"]).vertices,
-                       (fld.sh,), (torch.ones_like(fld.sh),))
+
+
+@pytest.mark.parametrize("rk4,temperature,exact", [(False, None, True), (False, 0.1, True), (True, None, False),
+                                                    (True, 0.1, True)])
+def test_jvp_wrt_fod_and_step_is_the_transpose_of_the_vjp(phantom_field, rk4, temperature, exact):
+    """Forward mode wrt the FOD and the step (hard and soft stopping): for random tangents v and cotangents u,
+    <u, J v> from jvp equals <J^T u, v> from vjp (within 1e-10 relative); jacfwd wrt the step equals jacrev."""
+    f = phantom_field
+    fld, prm, pts, dirs = _setup(f, rk4, exact=exact)
+    step = torch.tensor(float(prm.step), dtype=torch.float64)
+
+    def fn(sh, st):
+        o = follow_fixed(fld._replace(sh=sh), prm._replace(step=st), pts, dirs, T, f["mask"], temperature)
+        return o.vertices, o.weights
+
+    g = torch.Generator().manual_seed(4)
+    v_sh = torch.randn(fld.sh.shape, dtype=torch.float64, generator=g) * (fld.sh != 0)
+    v_st = torch.tensor(0.7, dtype=torch.float64)
+    (verts, weights), (tv, tw) = torch.func.jvp(fn, (fld.sh, step), (v_sh, v_st))
+    valid = follow_fixed(fld, prm, pts, dirs, T, f["mask"], temperature).valid
+    u = torch.randn(verts.shape, dtype=torch.float64, generator=g) * valid[..., None]
+    uw = torch.randn(weights.shape, dtype=torch.float64, generator=g) * valid * (temperature is not None)
+    _, pull = torch.func.vjp(fn, fld.sh, step)
+    g_sh, g_st = pull((u, uw))
+    lhs = float((u * tv).sum() + (uw * tw).sum())
+    rhs = float((g_sh * v_sh).sum() + g_st * v_st)
+    assert abs(rhs) > 1e-3 and abs(lhs - rhs) < 1e-10 * max(1.0, abs(rhs)), (lhs, rhs)
+    if temperature is not None:
+        assert float(tw.abs().max()) > 0
+    jf = torch.func.jacfwd(lambda st: fn(fld.sh, st)[0])(step)
+    jr = torch.func.jacrev(lambda st: fn(fld.sh, st)[0])(step)
+    assert float((jf - jr).abs().max()) < 1e-12 and float(jr.abs().max()) > 0.1

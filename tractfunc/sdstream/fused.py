@@ -26,7 +26,8 @@ for differentiable CPU runs); the PyTorch :func:`tractfunc.sdstream.follow.follo
 :func:`tractfunc.track_fixed` stay the references it is tested against (tests/sdstream/test_fused.py).  Under plain
 autograd and ``torch.func.grad`` / ``vjp`` (the op unwraps to plain tensors); under ``vmap`` and ``torch.compile``
 through :func:`tractfunc.follow_fixed` (custom ops, :mod:`tractfunc.sdstream.ops`), and
-:func:`tractfunc.seed_jacobian_packed` gives per-vertex seed Jacobians in C.
+:func:`tractfunc.seed_jacobian_packed` gives per-vertex seed Jacobians in C.  Forward mode (``torch.func.jvp``) is one C
+sweep too (``sd_jvp``, :func:`jvp`: the same derivative rules, propagated forward).
 """
 from __future__ import annotations
 
@@ -160,6 +161,19 @@ class _Fused(torch.autograd.Function):
         ctx.save_for_backward(*output[:5])
         ctx.meta = (sh.dtype, seeds.dtype, seeds.shape[0], step is not None)
         ctx.mark_non_differentiable(*output[2:7], output[8])
+
+    @staticmethod
+    def jvp(ctx, t_sh, t_seeds, t_step, *_unused):
+        """Forward mode (``torch.func.jvp``): one C forward-mode sweep along the tape."""
+        with torch._C._DisableFuncTorch():   # plain tensors for C
+            sh_dtype, seeds_dtype, S, has_step = ctx.meta
+            t_sh = None if t_sh is None else unwrap(t_sh)
+            if t_sh is not None and not bool(t_sh.any()):   # (torch.func passes zeros for an input it does not move)
+                t_sh = None
+            ts = unwrap(t_seeds)[ctx.ids] if t_seeds is not None else torch.zeros(ctx.ids.shape[0], 3)
+            dv, dw = jvp(ctx.tape, t_sh, ts, float(unwrap(t_step)) if t_step is not None else 0.0)
+            tw = dw.to(sh_dtype) if dw is not None else torch.zeros(0, dtype=sh_dtype)
+            return (dv.to(sh_dtype), tw) + (None,) * 7
 
     @staticmethod
     def backward(ctx, gv, gw, *_unused):
@@ -311,6 +325,31 @@ def track_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", s
     if decided is not None:
         decided.append(ref)
     return values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc, weights
+
+
+def jvp(tape: _Tape, t_sh: Optional[Tensor], t_seeds: Tensor, t_step: float):
+    """Forward mode along a forward's tape (one C sweep, :func:`adjoint`'s derivative rules).
+
+    Args:
+        tape: what :func:`forward` recorded; t_sh: None, or the FOD's tangent (like the FOD, C-contiguous, its
+            dtype); t_seeds: (A, 3) the tangents of each accepted streamline's seed; t_step: the step's tangent.
+    Returns:
+        (the vertices' tangents (V, 3) float64, the weights' (V,) float64 under soft stopping, else None).
+    """
+    V = tape.verts.shape[0]
+    dverts = np.zeros((V, 3), dtype=np.float64)
+    soft = tape.weights is not None
+    dweights = np.zeros(V, dtype=np.float64) if soft else None
+    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
+    ts = np.ascontiguousarray(t_seeds.detach().cpu().numpy(), dtype=np.float64)
+    dfod = None
+    if t_sh is not None:
+        dfod = t_sh.detach().to("cpu", tape.keep[0].dtype).contiguous()
+    native.library().sd_jvp(ctypes.byref(tape.config), None if dfod is None else dfod.data_ptr(),
+                            tape.lengths.shape[0], _ptr(tape.starts), _ptr(tape.lengths), _ptr(tape.seed_index),
+                            _ptr(verts), _ptr(sdirs), _ptr(tape.weights) if soft else None, _ptr(ts), float(t_step),
+                            _ptr(dverts), _ptr(dweights) if soft else None, torch.get_num_threads())
+    return torch.from_numpy(dverts), None if dweights is None else torch.from_numpy(dweights)
 
 
 def seed_jacobian_tape(tape: _Tape) -> Tensor:

@@ -254,6 +254,9 @@ def _load():
         lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11 + [ctypes.c_int32]
         lib.sd_soft_weights.restype = None
         lib.sd_soft_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+        lib.sd_jvp.restype = None
+        lib.sd_jvp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [
+            ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]
         lib.sd_seed_jacobian.restype = None
         lib.sd_seed_jacobian.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6 + [ctypes.c_int32]
         lib.sd_gmwmi_seeds.restype = None

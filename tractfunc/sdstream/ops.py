@@ -14,11 +14,9 @@ Two ops carry it, so that it stays a tensor function under every transform:
 * vmap rules (``register_vmap``): a batch of seeds joins the seed dimension (one kernel call); a batch of
   cotangents joins the leading dimension of the backward (``jacrev``); a batch of FODs or steps runs one call per
   element.  So ``vmap(jacrev(f))`` gives per-streamline Jacobians.
-* forward mode wrt the seeds under hard stopping (``torch.func.jvp``, ``jacfwd``; not under ``torch.compile``, which
-  does not trace a custom jvp): a third op, ``tractfunc::follow_fixed_seed_jacobian``, gives each padded vertex's
-  Jacobian wrt its seed by forward propagation in C (as :func:`tractfunc.seed_jacobian_packed`), and the tangent is
-  its product with the seeds' tangent.  Tangents of the FOD or the step, and soft stopping, are refused in one line
-  (use ``jacrev`` / ``vjp`` there).
+* forward mode (``torch.func.jvp``, ``jacfwd``; not under ``torch.compile``, which does not trace a custom jvp): a
+  third op, ``tractfunc::follow_fixed_jvp``, tracks again and runs one C forward-mode sweep per tangent row
+  (tangents of the FOD, the seeds and the step; hard or soft stopping), with a vmap rule like the backward's.
 
 The decisions are discrete (locally constant), as in every engine; the values and derivatives are those of the
 primitives (tests/sdstream/test_ops.py compares them with :func:`tractfunc.track_fixed`).
@@ -154,36 +152,59 @@ def _(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip,
     return g_sh, seeds.new_empty(K, S, 3), sh.new_empty(K)
 
 
-@torch.library.custom_op("tractfunc::follow_fixed_seed_jacobian", mutates_args=())
-def _follow_fixed_seed_jacobian(sh: Tensor, nonzero: Tensor, seeds: Tensor, init_dirs: Tensor, step: Tensor,
-                                w2v: Tensor, mask: Optional[Tensor], mask_w2v: Optional[Tensor], vs: List[float],
-                                mvs: List[float], fp: List[float], ip: List[int]) -> Tensor:
-    """Each padded vertex's Jacobian wrt its seed, (S, 2T+1, 3, 3) (zeros where not valid), by forward propagation
-    in C (hard stopping; the forward mode of the ops)."""
+@torch.library.custom_op("tractfunc::follow_fixed_jvp", mutates_args=())
+def _follow_fixed_jvp(sh: Tensor, nonzero: Tensor, seeds: Tensor, init_dirs: Tensor, step: Tensor, w2v: Tensor,
+                      mask: Optional[Tensor], mask_w2v: Optional[Tensor], vs: List[float], mvs: List[float],
+                      fp: List[float], ip: List[int], t_sh: Tensor, t_seeds: Tensor, t_step: Tensor,
+                      has_sh: bool) -> Tuple[Tensor, Tensor]:
+    """K tangents (FOD (K, ...) when ``has_sh``, else (0,); seeds (K, S, 3); step (K,)) -> the padded vertices' and
+    weights' tangents (K, S, 2T+1, 3), (K, S, 2T+1) (zero where not valid; weights' zero under hard stopping): one C
+    forward-mode sweep per tangent row, along the forward's tape (it tracks again, as the backward op does)."""
     from . import fused
-    S, T = seeds.shape[0], ip[5]
+    S, T, K = seeds.shape[0], ip[5], t_seeds.shape[0]
+    L = 2 * T + 1
     _, _, tape, ids, _, _, _ = _run(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip)
     slot, _, _ = _layout(tape, ids, S, T)
-    J = fused.seed_jacobian_tape(tape).to(sh.dtype)
-    return torch.zeros(S * (2 * T + 1), 3, 3, dtype=sh.dtype).index_copy_(0, slot, J).reshape(S, 2 * T + 1, 3, 3)
+    t_verts = torch.zeros(K, S * L, 3, dtype=sh.dtype)
+    t_weights = torch.zeros(K, S * L, dtype=sh.dtype)
+    for k in range(K):
+        dv, dw = fused.jvp(tape, t_sh[k] if has_sh else None, t_seeds[k][ids], float(t_step[k]))
+        t_verts[k].index_copy_(0, slot, dv.to(sh.dtype))
+        if dw is not None:
+            t_weights[k].index_copy_(0, slot, dw.to(sh.dtype))
+    return t_verts.reshape(K, S, L, 3), t_weights.reshape(K, S, L)
 
 
-@_follow_fixed_seed_jacobian.register_fake
-def _(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip):
-    return sh.new_empty(seeds.shape[0], 2 * ip[5] + 1, 3, 3)
+@_follow_fixed_jvp.register_fake
+def _(sh, nonzero, seeds, init_dirs, step, w2v, mask, mask_w2v, vs, mvs, fp, ip, t_sh, t_seeds, t_step, has_sh):
+    K, S, L = t_seeds.shape[0], seeds.shape[0], 2 * ip[5] + 1
+    return sh.new_empty(K, S, L, 3), sh.new_empty(K, S, L)
 
 
-@_follow_fixed_seed_jacobian.register_vmap
+@_follow_fixed_jvp.register_vmap
 def _(info, in_dims, *args):
     B = info.batch_size
     seeds_b, other_b = _seed_dims(in_dims)
-    if other_b:
-        return _each(torch.ops.tractfunc.follow_fixed_seed_jacobian, B, args, in_dims, 1)[0][0], 0
-    s, d = _batch(args[2], in_dims[2], B), _batch(args[3], in_dims[3], B)   # (B, S, 3): one call for all
-    S = s.shape[1]
-    J = torch.ops.tractfunc.follow_fixed_seed_jacobian(args[0], args[1], s.reshape(B * S, 3), d.reshape(B * S, 3),
-                                                       *args[4:])
-    return J.reshape((B, S) + J.shape[1:]), 0
+    has_sh = args[15]
+    if other_b or (seeds_b and (has_sh or in_dims[14] is not None)):   # FOD or step tangents per batch element
+        return _each(torch.ops.tractfunc.follow_fixed_jvp, B, args, in_dims, 2)
+    ts = _batch(args[13], in_dims[13], B)   # (B, K, S, 3)
+    K, S = ts.shape[1], ts.shape[2]
+    if not seeds_b:   # a batch of tangents (jacfwd): more rows of the leading dimension
+        th = args[12]
+        if has_sh:
+            th = _batch(th, in_dims[12], B)
+            th = th.reshape((B * K,) + th.shape[2:])
+        tstep = _batch(args[14], in_dims[14], B).reshape(B * K)
+        tv, tw = torch.ops.tractfunc.follow_fixed_jvp(*args[:12], th, ts.reshape(B * K, S, 3), tstep, has_sh)
+        return (tv.reshape((B, K) + tv.shape[1:]), tw.reshape((B, K) + tw.shape[1:])), (0, 0)
+    # a batch of seeds (vmap over streamlines), seed tangents only: the blocks join the seed dimension
+    s, d = _batch(args[2], in_dims[2], B), _batch(args[3], in_dims[3], B)
+    tv, tw = torch.ops.tractfunc.follow_fixed_jvp(
+        args[0], args[1], s.reshape(B * S, 3), d.reshape(B * S, 3), *args[4:12], args[12],
+        ts.transpose(0, 1).reshape(K, B * S, 3), args[14], has_sh)
+    L = tv.shape[2]
+    return (tv.reshape(K, B, S, L, 3).transpose(0, 1), tw.reshape(K, B, S, L).transpose(0, 1)), (0, 0)
 
 
 _CONFIG = slice(5, 12)   # the non-differentiable arguments after step: w2v, mask, mask_w2v, vs, mvs, fp, ip
@@ -239,24 +260,20 @@ class _FollowFixed(torch.autograd.Function):
 
 
 class _FollowFixedForward(_FollowFixed):
-    """:class:`_FollowFixed` with forward mode wrt the seeds (``jvp``, for ``torch.func.jvp`` / ``jacfwd``); Dynamo
-    does not trace a Function with a custom jvp, so :func:`follow_fixed` takes this one outside ``torch.compile``."""
+    """:class:`_FollowFixed` with forward mode (``jvp``, for ``torch.func.jvp`` / ``jacfwd``); Dynamo does not trace a
+    Function with a custom jvp, so :func:`follow_fixed` takes this one outside ``torch.compile``."""
 
     @staticmethod
     def jvp(ctx, t_sh, t_nonzero, t_seeds, t_dirs, t_step, *_):
-        """Forward mode wrt the seeds (hard stopping): each vertex moves by its seed Jacobian (C) times the tangent."""
-        if _live(t_sh) or _live(t_step) or ctx.lists[2][3] > 0:
-            raise TractfuncError("forward mode (jvp, jacfwd) through follow_fixed takes seed tangents under hard "
-                                 "stopping only; use jacrev / vjp for the FOD, the step or soft stopping")
+        """Forward mode wrt the FOD, the seeds and the step (hard or soft stopping): the forward-mode op."""
         tensors = ctx.saved_tensors
-        sh, seeds, T = tensors[0], tensors[2], ctx.lists[3][5]
-        L = 2 * T + 1
-        if t_seeds is None:
-            t_verts = sh.new_zeros(seeds.shape[0], L, 3)
-        else:
-            J = torch.ops.tractfunc.follow_fixed_seed_jacobian(*tensors, *ctx.lists)
-            t_verts = torch.einsum("slij,sj->sli", J, t_seeds.to(J.dtype))
-        return (t_verts, None, None, None, None, None, sh.new_zeros(seeds.shape[0], L))
+        sh, seeds, step = tensors[0], tensors[2], tensors[4]
+        has_sh = _live(t_sh)
+        th = t_sh.to(sh.dtype).unsqueeze(0) if has_sh else sh.new_zeros(0)
+        ts = (t_seeds if t_seeds is not None else torch.zeros_like(seeds)).to(sh.dtype).unsqueeze(0)
+        tstep = (t_step if t_step is not None else torch.zeros_like(step)).to(sh.dtype).reshape(1)
+        tv, tw = torch.ops.tractfunc.follow_fixed_jvp(*tensors, *ctx.lists, th, ts, tstep, has_sh)
+        return (tv[0], None, None, None, None, None, tw[0])
 
 
 def _batch(x: Optional[Tensor], d: Optional[int], B: int) -> Optional[Tensor]:

@@ -6,6 +6,8 @@
  *     exact maximum of the exactly evaluated SH series (full tangent Newton iterations from the recorded
  *     direction), or searched as tckgen does (its Newton iteration and tolerance, the Legendre lookup table) from
  *     the directions tractfunc.sdstream.follow starts from;
+ *   - sd_jvp: the Jacobian-vector product of the vertices (and soft stopping's weights), forward mode along the same
+ *     records, with the same derivative rules;
  *   - sd_adjoint: the vector-Jacobian product of the vertices with respect to the FOD coefficients, the seeds
  *     and the step length, by one reverse sweep per streamline.  Each peak's derivative is the implicit-function
  *     one (proofs/peak_ift.md): du = -E H2^-1 E^T dF(u; dc), so its transpose applied to a cotangent ubar is the
@@ -55,7 +57,7 @@ typedef struct {
     double lut_inc;
     int32_t lut_ndir, lut_l1;
     int32_t pack;             /* RK4 records stored packed (sd_replay's double output; see stored_width) */
-    int32_t own_starts;       /* sd_replay with tckgen's peaks: searches start as track_fixed's (replay_half_lut) */
+    int32_t own_starts;       /* sd_replay with tckgen's peaks: searches start as track_fixed's (replay_half) */
 } adj_config;
 
 /* Doubles per vertex in a step record (see the top of this file). */
@@ -446,22 +448,45 @@ static int lut_peak(const adj_config *c, const double *pos, double *u, double *a
     return 0;
 }
 
+/* The derivative of corner k's trilinear weight wrt the voxel coordinates into gw; returns 0 (gw zero) where the
+ * weight was dropped as negligible (the sum then does not depend on it). */
+static int corner_grad(const sample_info *si, int k, double *gw) {
+    const int o[3] = {(k >> 2) & 1, (k >> 1) & 1, k & 1};
+    const int kept = !(si->w[k] == 0.0 && ((o[0] ? si->frac[0] : 1 - si->frac[0]) * (o[1] ? si->frac[1] : 1 - si->frac[1])
+                                           * (o[2] ? si->frac[2] : 1 - si->frac[2])) != 0.0);
+    for (int a = 0; a < 3; a++) {
+        const int b = a == 0 ? 1 : 0, cc = a == 2 ? 1 : 2;
+        const double fb = o[b] ? si->frac[b] : 1 - si->frac[b], fc = o[cc] ? si->frac[cc] : 1 - si->frac[cc];
+        gw[a] = kept ? (o[a] ? 1.0 : -1.0) * (fb * fc) * si->sgn_free[a] : 0.0;
+    }
+    return kept;
+}
+
+/* The tangent jet at the peak u of the sample at pos (si, t, dB, B; *regular: the tangent Hessian is); 0 where u is
+ * not finite or pos is outside (no derivative there). */
+static int peak_jet(const adj_config *c, const double *pos, const double *u, sample_info *si, tangent_jet *t,
+                    double (*dB)[3], double *B, int *regular) {
+    if (!(isfinite(u[0]) && isfinite(u[1]) && isfinite(u[2]))) return 0;
+    double vals[A_MAXC];
+    sample(c, pos, vals, si);
+    if (!si->inside) return 0;
+    *regular = tangent(c->lmax, c->ncoef, vals, u, t, dB, B);
+    return 1;
+}
+
 /* gpos += d(<ubar, u*> + abar f(u*))/dpos and gfod += the same wrt the FOD (when gfod is not NULL; float or
  * double like the FOD) for the peak u (unit) of the sample at pos and its amplitude f(u*) (envelope derivative
  * Y(u*)).  No contribution where outside or u is not finite; no direction term where the tangent Hessian is not
  * regular (core.implicit.attach_peak's rules). */
 static void peak_vjp(const adj_config *c, const double *pos, const double *u, const double *ubar, double abar,
                      double *gpos, void *gfod, uint8_t *dirty) {
-    if (!(isfinite(u[0]) && isfinite(u[1]) && isfinite(u[2]))) return;
     if (ubar[0] == 0.0 && ubar[1] == 0.0 && ubar[2] == 0.0 && abar == 0.0) return;
     const int n = c->ncoef;
-    double vals[A_MAXC], dB[A_MAXC][3], B[A_MAXC], cbar[A_MAXC];
+    double dB[A_MAXC][3], B[A_MAXC], cbar[A_MAXC];
     sample_info si;
-    sample(c, pos, vals, &si);
-    if (!si.inside) return;
     tangent_jet t;
-    const int regular = tangent(c->lmax, n, vals, u, &t, dB, B);
-    if (!regular && abar == 0.0) return;
+    int regular;
+    if (!peak_jet(c, pos, u, &si, &t, dB, B, &regular) || (!regular && abar == 0.0)) return;
     const double y0 = t.e1[0] * ubar[0] + t.e1[1] * ubar[1] + t.e1[2] * ubar[2];
     const double y1 = t.e2[0] * ubar[0] + t.e2[1] * ubar[1] + t.e2[2] * ubar[2];
     /* x = -H2^-1 g2 as tangent_newton writes it; its transpose on (y0, y1): g2bar = -H2^-T y */
@@ -471,19 +496,11 @@ static void peak_vjp(const adj_config *c, const double *pos, const double *u, co
     for (int k = 0; k < n; k++) cbar[k] = tv[0] * dB[k][0] + tv[1] * dB[k][1] + tv[2] * dB[k][2] + abar * B[k];
     double gvox[3] = {0.0, 0.0, 0.0};
     for (int k = 0; k < 8; k++) {
-        const int o[3] = {(k >> 2) & 1, (k >> 1) & 1, k & 1};
         const int64_t r = si.row[k] * n;
-        double dot = 0.0;
+        double dot = 0.0, gw[3];
         for (int j = 0; j < n; j++) dot += fod_at(c, r + j) * cbar[j];
-        const int kept = !(si.w[k] == 0.0 && ((o[0] ? si.frac[0] : 1 - si.frac[0]) * (o[1] ? si.frac[1] : 1 - si.frac[1])
-                                                * (o[2] ? si.frac[2] : 1 - si.frac[2])) != 0.0);
-        if (kept) {
-            for (int a = 0; a < 3; a++) {
-                const int b = a == 0 ? 1 : 0, cc = a == 2 ? 1 : 2;
-                const double fb = o[b] ? si.frac[b] : 1 - si.frac[b], fc = o[cc] ? si.frac[cc] : 1 - si.frac[cc];
-                gvox[a] += dot * (o[a] ? 1.0 : -1.0) * (fb * fc) * si.sgn_free[a];
-            }
-        }
+        if (corner_grad(&si, k, gw))
+            for (int a = 0; a < 3; a++) gvox[a] += dot * gw[a];
         if (gfod && si.w[k] != 0.0) {
             const double w = si.w[k];
             if (dirty) dirty[si.row[k]] = 1;
@@ -565,93 +582,47 @@ static void halves(int64_t start, int64_t len, int64_t seed_index, half_rows *h)
     h[1].steps = len - seed_index - 1; h[1].sgn = 1; h[1].dsgn = -1;
 }
 
-/* Replay one half from the seed: verts / sdirs (double) rows written; stage starts read from sdirs_in (float).
- * Returns 0 where a peak could not be polished (it then keeps the kernel's direction). */
-static int replay_half(const adj_config *c, const half_rows *h, const double *seed, const float *sin,
-                       double *verts, double *sout) {
-    const int width = rec_width(c), sw = stored_width(c);
-    const double hs = c->step;
-    double x[3] = {seed[0], seed[1], seed[2]}, prev[3], full[18];
-    const double *sp = sout + sw * h->seed_row;   /* soft Euler: the (polished) seed peak */
-    for (int i = 0; i < 3; i++) prev[i] = h->dsgn * sp[i];
-    int ok = 1;
-    for (int64_t j = 0; j < h->steps; j++) {
-        const int64_t row = h->seed_row + h->sgn * (j + 1);
-        const float *s0 = sin + width * row;
-        double *so = c->pack ? full : sout + width * row;
-        for (int i = 0; i < width; i++) so[i] = (double)s0[i];
-        double dir[3], amp[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-        if (!c->rk4) {
-            ok &= polish_peak(c, x, so, amp);
-            memcpy(dir, so, sizeof dir);
-            if (c->soft) {
-                so[3] = amp[0] - c->cutoff;
-                so[4] = prev[0] * so[0] + prev[1] * so[1] + prev[2] * so[2] - c->cos_max;
-                memcpy(prev, so, sizeof prev);
-            }
-        } else {
-            double *d1 = so, *d2 = so + 3, *d3 = so + 6, *d4 = so + 9, p[3];
-            ok &= polish_peak(c, x, d1, amp);
-            for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
-            ok &= polish_peak(c, p, d2, amp + 1);
-            for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
-            ok &= polish_peak(c, p, d3, amp + 2);
-            for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
-            ok &= polish_peak(c, p, d4, amp + 3);
-            for (int i = 0; i < 3; i++) dir[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
-            normalize(dir);
-        }
-        for (int i = 0; i < 3; i++) x[i] += dir[i] * hs;
-        memcpy(verts + 3 * row, x, sizeof x);
-        if (c->soft && c->rk4) {   /* the peak m5 at the new vertex, the smallest stage amplitude, the turn */
-            double *m5 = so + 12;
-            ok &= polish_peak(c, x, m5, amp + 4);
-            int arg = 0;
-            for (int k = 1; k < 5; k++) if (amp[k] < amp[arg]) arg = k;
-            so[15] = amp[arg] - c->cutoff;
-            so[16] = so[0] * m5[0] + so[1] * m5[1] + so[2] * m5[2] - c->cos_max;
-            so[17] = (double)arg;
-        }
-        if (c->pack) encode_row(c, full, sout + sw * row);
-    }
-    return ok;
-}
-
 static void unit_diff(const float *a, const float *b, double *d) {
     for (int i = 0; i < 3; i++) d[i] = (double)a[i] - (double)b[i];
     normalize(d);
 }
 
-/* Replay one half with tckgen's peak search (c->lut).  The searches start where the reference engine's do, since
- * the search's tolerance makes its answer depend on the start (about 1e-6 rad):
- *   - by default, as tractfunc.sdstream.follow: an Euler step from its own direction in the kernel's vertices
- *     ref (float), RK4's first three stages from the previous step's (the first step: the seed peak recorded at
- *     the seed row, times dsgn);
- *   - with c->own_starts (always with soft stopping), as tractfunc.track_fixed (and tckgen): from the incoming
- *     direction, the previous replayed peak (Euler) or step direction (RK4), the first step from the replayed seed
- *     peak seed_peak;
- * RK4's fourth stage from the mean of the second and third, its peak at the new vertex (soft) from the step's
- * direction.  Returns 0 where a search failed or left the image (its start is then kept). */
-static int replay_half_lut(const adj_config *c, const half_rows *h, const double *seed, const double *seed_peak,
-                           const float *sin, const float *ref, double *verts, double *sout) {
-    const int width = rec_width(c), sw = stored_width(c);
+/* Replay one half from the seed: verts / sdirs (double) rows written (packed with c->pack).  seed_peak: the seed
+ * peak (soft Euler's first turn; with tckgen's peaks and c->own_starts the first step's start), else unused.
+ *   - exact peaks (c->lut NULL): every peak polished from the kernel's recorded direction (sin, float);
+ *   - tckgen's peak search (c->lut): the searches start where the reference engine's do, since the search's
+ *     tolerance makes its answer depend on the start (about 1e-6 rad): by default as tractfunc.sdstream.follow (an
+ *     Euler step from its own direction in the kernel's vertices ref, RK4's first three stages from the previous
+ *     step's, the first step from the seed peak recorded at the seed row, times dsgn); with c->own_starts (always
+ *     with soft stopping) as tractfunc.track_fixed and tckgen (the incoming direction: the previous replayed peak
+ *     or step direction, the first step from seed_peak); RK4's fourth stage from the mean of the second and third,
+ *     its peak at the new vertex (soft) from the step's direction.
+ * Returns 0 where a peak could not be polished or searched (its start is then kept). */
+static int replay_half(const adj_config *c, const half_rows *h, const double *seed, const double *seed_peak,
+                       const float *sin, const float *ref, double *verts, double *sout) {
+    const int width = rec_width(c), sw = stored_width(c), lut = c->lut != NULL;
+    int (*find)(const adj_config *, const double *, double *, double *) = lut ? lut_peak : polish_peak;
     const double hs = c->step;
     double x[3] = {seed[0], seed[1], seed[2]}, prev[3], pk[3], full[18];
     for (int i = 0; i < 3; i++) {
         pk[i] = h->dsgn * seed_peak[i];
-        prev[i] = c->own_starts ? pk[i] : h->dsgn * (double)sin[width * h->seed_row + i];
+        prev[i] = !lut || c->own_starts ? pk[i] : h->dsgn * (double)sin[width * h->seed_row + i];
     }
     int ok = 1;
     for (int64_t j = 0; j < h->steps; j++) {
         const int64_t row = h->seed_row + h->sgn * (j + 1), row0 = row - h->sgn;
         double *so = c->pack ? full : sout + width * row;
-        memset(so, 0, width * sizeof(double));
-        double d[3], dir[3], amp[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
-        if (c->own_starts) memcpy(d, prev, sizeof d);
-        else unit_diff(ref + 3 * row, ref + 3 * row0, d);
+        double d[3] = {0.0, 0.0, 0.0}, dir[3], amp[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+        if (lut) {   /* the starts */
+            memset(so, 0, width * sizeof(double));
+            if (c->own_starts) memcpy(d, prev, sizeof d);
+            else unit_diff(ref + 3 * row, ref + 3 * row0, d);
+            for (int k = 0; k < (c->rk4 ? 3 : 1); k++) memcpy(so + 3 * k, c->rk4 ? prev : d, sizeof d);
+        } else {
+            for (int i = 0; i < width; i++) so[i] = (double)sin[width * row + i];
+        }
         if (!c->rk4) {
-            memcpy(so, d, sizeof d);
-            ok &= lut_peak(c, x, so, amp);
+            ok &= find(c, x, so, amp);
             memcpy(dir, so, sizeof dir);
             if (c->soft) {
                 so[3] = amp[0] - c->cutoff;
@@ -660,32 +631,33 @@ static int replay_half_lut(const adj_config *c, const half_rows *h, const double
             }
         } else {
             double *d1 = so, *d2 = so + 3, *d3 = so + 6, *d4 = so + 9, p[3];
-            memcpy(d1, prev, sizeof prev); memcpy(d2, prev, sizeof prev); memcpy(d3, prev, sizeof prev);
-            ok &= lut_peak(c, x, d1, amp);
+            ok &= find(c, x, d1, amp);
             for (int i = 0; i < 3; i++) p[i] = x[i] + d1[i] * (0.5 * hs);
-            ok &= lut_peak(c, p, d2, amp + 1);
+            ok &= find(c, p, d2, amp + 1);
             for (int i = 0; i < 3; i++) p[i] = x[i] + d2[i] * (0.5 * hs);
-            ok &= lut_peak(c, p, d3, amp + 2);
-            for (int i = 0; i < 3; i++) { p[i] = x[i] + d3[i] * hs; d4[i] = d2[i] + d3[i]; }
-            normalize(d4);
-            ok &= lut_peak(c, p, d4, amp + 3);
+            ok &= find(c, p, d3, amp + 2);
+            for (int i = 0; i < 3; i++) p[i] = x[i] + d3[i] * hs;
+            if (lut) {
+                for (int i = 0; i < 3; i++) d4[i] = d2[i] + d3[i];
+                normalize(d4);
+            }
+            ok &= find(c, p, d4, amp + 3);
             for (int i = 0; i < 3; i++) dir[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
             normalize(dir);
         }
         for (int i = 0; i < 3; i++) x[i] += dir[i] * hs;
         memcpy(verts + 3 * row, x, sizeof x);
-        if (c->soft && c->rk4) {
+        if (c->soft && c->rk4) {   /* the peak m5 at the new vertex, the smallest stage amplitude, the turn */
             double *m5 = so + 12;
-            memcpy(m5, dir, sizeof dir);
-            ok &= lut_peak(c, x, m5, amp + 4);
+            if (lut) memcpy(m5, dir, sizeof dir);
+            ok &= find(c, x, m5, amp + 4);
             int arg = 0;
             for (int k = 1; k < 5; k++) if (amp[k] < amp[arg]) arg = k;
             so[15] = amp[arg] - c->cutoff;
             so[16] = so[0] * m5[0] + so[1] * m5[1] + so[2] * m5[2] - c->cos_max;
             so[17] = (double)arg;
         }
-        if (c->own_starts) memcpy(prev, dir, sizeof dir);
-        else memcpy(prev, d, sizeof d);
+        memcpy(prev, lut && !c->own_starts ? d : dir, sizeof dir);
         if (c->pack) encode_row(c, full, sout + sw * row);
     }
     return ok;
@@ -790,6 +762,109 @@ static void adjoint_half(const adj_config *c, const half_rows *h, const double *
 }
 
 /* ------------------------------------------------------------------------------------------------ */
+/* Forward mode (sd_jvp)                                                                              */
+
+/* The tangent of the peak u (unit) of the sample at pos and of its amplitude, for a tangent dpos of pos and (with
+ * ct, a config whose fod is the FOD's tangent; or NULL) of the FOD: du = -E H2^-1 E^T dg (the implicit-function
+ * derivative whose transpose peak_vjp applies), da = sum dc_k Y_k(u) (the envelope derivative), dc the tangent of
+ * the sampled coefficients.  Zero where outside, u is not finite, or (du) the tangent Hessian is not regular. */
+static void peak_jvp(const adj_config *c, const adj_config *ct, const double *pos, const double *dpos,
+                     const double *u, double *du, double *da) {
+    du[0] = du[1] = du[2] = 0.0;
+    *da = 0.0;
+    const int n = c->ncoef;
+    double dB[A_MAXC][3], B[A_MAXC], dc[A_MAXC];
+    sample_info si;
+    tangent_jet t;
+    int regular;
+    if (!peak_jet(c, pos, u, &si, &t, dB, B, &regular)) return;
+    double dvox[3];
+    for (int a = 0; a < 3; a++) dvox[a] = c->w2v[4 * a] * dpos[0] + c->w2v[4 * a + 1] * dpos[1] + c->w2v[4 * a + 2] * dpos[2];
+    memset(dc, 0, n * sizeof(double));
+    for (int k = 0; k < 8; k++) {
+        const int64_t r = si.row[k] * n;
+        double gw[3];
+        corner_grad(&si, k, gw);
+        const double dw = gw[0] * dvox[0] + gw[1] * dvox[1] + gw[2] * dvox[2];
+        if (dw != 0.0) for (int j = 0; j < n; j++) dc[j] += dw * fod_at(c, r + j);
+        if (ct && si.w[k] != 0.0) for (int j = 0; j < n; j++) dc[j] += si.w[k] * fod_at(ct, r + j);
+    }
+    double q[3] = {0.0, 0.0, 0.0}, a = 0.0;
+    for (int k = 0; k < n; k++) {
+        for (int i = 0; i < 3; i++) q[i] += dc[k] * dB[k][i];
+        a += dc[k] * B[k];
+    }
+    *da = a;
+    if (!regular) return;
+    const double q0 = t.e1[0] * q[0] + t.e1[1] * q[1] + t.e1[2] * q[2];
+    const double q1 = t.e2[0] * q[0] + t.e2[1] * q[1] + t.e2[2] * q[2];
+    const double x0 = -(t.d * q0 - t.b * q1) / t.det, x1 = -(t.a * q1 - t.c * q0) / t.det;
+    for (int i = 0; i < 3; i++) du[i] = t.e1[i] * x0 + t.e2[i] * x1;
+}
+
+/* Tangents of one half's vertices (dverts rows) and, with soft stopping, weights (dweights rows, given the
+ * forward's weights), from the seed's tangent dseed, the FOD's (ct, or NULL) and the step's (dh); dpk: soft
+ * Euler: the seed peak's tangent (the first turn's reference). */
+static void jvp_half(const adj_config *c, const adj_config *ct, const half_rows *h, const double *verts,
+                     const double *sdirs, const double *weights, const double *dseed, const double *dpk, double dh,
+                     double *dverts, double *dweights) {
+    const int off = AMP_OFF(c), soft = c->soft && dweights;
+    const double hs = c->step, T = c->temperature;
+    double dx[3] = {dseed[0], dseed[1], dseed[2]}, buf[18], pbuf[18], dprev[3], dlw = 0.0;
+    for (int i = 0; i < 3; i++) dprev[i] = h->dsgn * dpk[i];
+    for (int64_t j = 0; j < h->steps; j++) {
+        const int64_t row0 = h->seed_row + h->sgn * j, row1 = row0 + h->sgn;
+        const double *x = verts + 3 * row0, *sd = rec_row(c, sdirs, row1, buf);
+        double dn[3], dam = 0.0, dcm = 0.0;
+        if (!c->rk4) {
+            double du[3], da;
+            peak_jvp(c, ct, x, dx, sd, du, &da);
+            for (int i = 0; i < 3; i++) dn[i] = dx[i] + hs * du[i] + dh * sd[i];
+            if (soft) {   /* the turn from prev (the previous step's peak, or the seed peak) */
+                const double *pv = rec_row(c, sdirs, row0, pbuf);
+                const double sg = j ? 1.0 : h->dsgn;
+                dam = da;
+                for (int i = 0; i < 3; i++) dcm += dprev[i] * sd[i] + sg * pv[i] * du[i];
+                memcpy(dprev, du, sizeof du);
+            }
+        } else {
+            const double *d1 = sd, *d2 = sd + 3, *d3 = sd + 6, *d4 = sd + 9;
+            double p[3], dp[3], dd1[3], dd2[3], dd3[3], dd4[3], da[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
+            peak_jvp(c, ct, x, dx, d1, dd1, da);
+            for (int i = 0; i < 3; i++) { p[i] = x[i] + d1[i] * (0.5 * hs); dp[i] = dx[i] + 0.5 * hs * dd1[i] + 0.5 * dh * d1[i]; }
+            peak_jvp(c, ct, p, dp, d2, dd2, da + 1);
+            for (int i = 0; i < 3; i++) { p[i] = x[i] + d2[i] * (0.5 * hs); dp[i] = dx[i] + 0.5 * hs * dd2[i] + 0.5 * dh * d2[i]; }
+            peak_jvp(c, ct, p, dp, d3, dd3, da + 2);
+            for (int i = 0; i < 3; i++) { p[i] = x[i] + d3[i] * hs; dp[i] = dx[i] + hs * dd3[i] + dh * d3[i]; }
+            peak_jvp(c, ct, p, dp, d4, dd4, da + 3);
+            double s[3], ds[3], D[3];
+            for (int i = 0; i < 3; i++) {
+                s[i] = d1[i] + d2[i] * 2.0 + d3[i] * 2.0 + d4[i];
+                ds[i] = dd1[i] + dd2[i] * 2.0 + dd3[i] * 2.0 + dd4[i];
+            }
+            const double ns = sqrt(s[0] * s[0] + s[1] * s[1] + s[2] * s[2]);
+            for (int i = 0; i < 3; i++) D[i] = s[i] / ns;
+            const double Dds = D[0] * ds[0] + D[1] * ds[1] + D[2] * ds[2];
+            for (int i = 0; i < 3; i++) dn[i] = dx[i] + hs * (ds[i] - D[i] * Dds) / ns + dh * D[i];
+            if (soft) {   /* m5, the peak at the new vertex: the turn from d1, maybe the smallest amplitude */
+                const double *m5 = sd + 12;
+                double dm5[3];
+                peak_jvp(c, ct, verts + 3 * row1, dn, m5, dm5, da + 4);
+                const int arg = (int)sd[17];
+                dam = da[arg < 0 || arg > 4 ? 0 : arg];
+                for (int i = 0; i < 3; i++) dcm += dd1[i] * m5[i] + d1[i] * dm5[i];
+            }
+        }
+        if (soft) {
+            dlw += sigmoid_neg(sd[off] / T) / T * dam + sigmoid_neg(sd[off + 1] / T) / T * dcm;
+            dweights[row1] = weights[row1] * dlw;
+        }
+        memcpy(dverts + 3 * row1, dn, sizeof dn);
+        memcpy(dx, dn, sizeof dn);
+    }
+}
+
+/* ------------------------------------------------------------------------------------------------ */
 /* Batches over threads                                                                              */
 
 typedef struct {
@@ -817,6 +892,11 @@ typedef struct {
     int jac;
     int weights_only;
     double *jout;               /* seed Jacobian: (V, 3, 3) out */
+    int jvp;                    /* forward mode (sd_jvp): */
+    const adj_config *ct;       /*   the config with the FOD's tangent, or NULL */
+    const double *dseeds;       /*   (A, 3) the seeds' tangents */
+    double dh;                  /*   the step's tangent */
+    double *dverts, *dweights;  /*   (V, 3) out, (V,) out (soft stopping) or NULL */
 } adj_job;
 
 typedef struct { adj_job *j; int t; } adj_arg;
@@ -859,6 +939,16 @@ static void *adj_worker(void *arg) {
                     memcpy(j->jout + 9 * r1, M, sizeof M);
                 }
             }
+        } else if (j->jvp) {
+            const double *ds = j->dseeds + 3 * i;
+            const int64_t r = h[0].seed_row;
+            double dpk[3] = {0.0, 0.0, 0.0}, da, buf[18];
+            memcpy(j->dverts + 3 * r, ds, 3 * sizeof(double));
+            if (j->dweights) j->dweights[r] = 0.0;
+            if (j->c->soft && !j->c->rk4 && j->dweights)   /* the seed peak, the first turns' reference */
+                peak_jvp(j->c, j->ct, j->verts + 3 * r, ds, rec_row(j->c, j->sdirs, r, buf), dpk, &da);
+            jvp_half(j->c, j->ct, &h[0], j->verts, j->sdirs, j->weights, ds, dpk, j->dh, j->dverts, j->dweights);
+            jvp_half(j->c, j->ct, &h[1], j->verts, j->sdirs, j->weights, ds, dpk, j->dh, j->dverts, j->dweights);
         } else if (j->replay) {
             const double *seed = j->seeds + 3 * i;
             const int w = rec_width(j->c), sw = stored_width(j->c);
@@ -874,13 +964,8 @@ static void *adj_worker(void *arg) {
                 ok &= polish_peak(j->c, seed, pk, NULL);
             }
             if (!j->c->pack) memcpy(srow, pk, sizeof pk);   /* (soft Euler: the seed peak's VJP reads it) */
-            if (j->c->lut) {
-                ok &= replay_half_lut(j->c, &h[0], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
-                ok &= replay_half_lut(j->c, &h[1], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
-            } else {
-                ok &= replay_half(j->c, &h[0], seed, j->sdirs_in, j->verts, j->sdirs);
-                ok &= replay_half(j->c, &h[1], seed, j->sdirs_in, j->verts, j->sdirs);
-            }
+            ok &= replay_half(j->c, &h[0], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
+            ok &= replay_half(j->c, &h[1], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
             j->ok[i] = (uint8_t)ok;
         } else {
             double a0[3], a1[3], s0[3], s1[3], g[3] = {0.0, 0.0, 0.0};
@@ -969,6 +1054,24 @@ int32_t sd_adjoint(const adj_config *c, int64_t A, const int64_t *starts, const 
         free(j.dirty_t[t]);
     }
     return j.failed ? -2 : 0;
+}
+
+/* Forward mode: the tangents of the vertices dverts (V, 3) and, with soft stopping and weights (V,) the forward's,
+ * of the weights dweights (V,) (or NULL), for tangents dseeds (A, 3) of the seeds, dstep of the step and dfod
+ * (X*Y*Z*N like the FOD, or NULL) of the FOD, along the forward's vertices and step records. */
+void sd_jvp(const adj_config *c, const void *dfod, int64_t A, const int64_t *starts, const int64_t *lengths,
+            const int64_t *seed_index, const double *verts, const double *sdirs, const double *weights,
+            const double *dseeds, double dstep, double *dverts, double *dweights, int32_t nthreads) {
+    pthread_once(&tables_once, init_tables);
+    adj_config ct = *c;
+    ct.fod = dfod;
+    adj_job j;
+    memset(&j, 0, sizeof j);
+    j.c = c; j.A = A; j.starts = starts; j.lengths = lengths; j.seed_index = seed_index;
+    j.verts = (double *)verts; j.sdirs = (double *)sdirs; j.weights = weights; j.jvp = 1;
+    j.ct = dfod ? &ct : NULL; j.dseeds = dseeds; j.dh = dstep; j.dverts = dverts;
+    j.dweights = c->soft && weights ? dweights : NULL;
+    run_threads(&j, nthreads);
 }
 
 /* Per-vertex seed Jacobians d x_v / d seed (V, 3, 3) out, by forward propagation of the step Jacobians along each
