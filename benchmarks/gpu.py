@@ -81,7 +81,7 @@ def check_against_cpu(prm, fld, msk, wm, n, dev, a):
     for compiled in (False, True):
         res = track(fld, prm, pts, dirs, mask=msk, compiled=compiled, engine="eager")
         a_ids, b_ids = ref.seed_ids.tolist(), res.seed_ids.cpu().tolist()
-        ra, rb = ref.split(), [x.cpu() for x in res.split()]
+        ra, rb = ref.streamlines(), [x.cpu() for x in res.streamlines()]
         la, lb = dict(zip(a_ids, ra)), dict(zip(b_ids, rb))
         common = sorted(set(a_ids) & set(b_ids))
         d = []
