@@ -1,9 +1,10 @@
-"""The fused engine as ``torch.library`` custom ops of fixed shapes: what ``torch.compile``, ``vmap`` and ``jacrev`` see.
+"""The fused engine as ``torch.library`` custom ops of fixed shapes: what ``torch.compile``, ``vmap``, ``jacrev`` and
+``jacfwd`` see.
 
 :func:`follow_fixed` has :func:`tractfunc.track_fixed`'s contract -- every seed, ``n_steps`` steps per half at most,
 padded outputs (:class:`tractfunc.sdstream.fixed.FixedTracks`) -- computed by the fused C engine
 (:mod:`tractfunc.sdstream.fused`: the native kernel's decisions, exact or tckgen's values, the C reverse sweep).
-Two ops carry it, so that it stays a tensor function under every transform:
+Three ops carry it, so that it stays a tensor function under every transform:
 
 * ``tractfunc::follow_fixed`` (forward): a fake kernel gives its shapes from the inputs alone, so
   ``torch.compile(fullgraph=True)`` traces it without a graph break, with the seed count symbolic (no recompile
