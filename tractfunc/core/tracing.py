@@ -31,6 +31,18 @@ def is_vectorized(*tensors: torch.Tensor) -> bool:
     return False
 
 
+def live_tangent(t) -> bool:
+    """Whether a forward-mode tangent (from an ``autograd.Function``'s ``jvp``) can be non-zero: a batched one
+    (``jacfwd`` wrt that input), or a plain one with a non-zero entry (torch.func passes zeros for the inputs it does
+    not move; None when there is none)."""
+    if t is None:
+        return False
+    if is_vectorized(t):
+        return True
+    with torch._C._DisableFuncTorch():
+        return bool(unwrap(t).any())
+
+
 def unwrap(t: torch.Tensor) -> torch.Tensor:
     """The plain tensor under any torch.func wrappers of ``t`` (its primal value, for code that leaves PyTorch)."""
     F = torch._C._functorch

@@ -96,7 +96,8 @@ def fused_fits(job: Job) -> bool:
     exact peaks (``peak_polish > 0``) in either dtype, or tckgen's lookup-table peaks in float32 with tckgen's
     settings or in float64 with a float64 state."""
     lut = job.lut and ((job.dtype == "float32" and job.state32) or (job.dtype == "float64" and not job.narrow))
-    return job.device == "cpu" and job.lmax_ok and (job.polish > 0 or lut)
+    return (job.device == "cpu" and job.lmax_ok and job.dtype in ("float32", "float64")
+            and (job.polish > 0 or lut))
 
 
 def _follow_fits(job: Job, stopping: Stopping, gradient: Gradient) -> Optional[str]:
@@ -148,18 +149,27 @@ def choose(job: Job, engine: str = "auto", stopping: Stopping = None, gradient: 
     return engine
 
 
+def settings(field, params) -> Job:
+    """The :class:`Job` fields that ``field`` (:class:`FODField`) and ``params`` fix by their values alone (no
+    gradient, no compile, no kernel, not traced): what :func:`fused_fits` reads, and traceable by ``torch.compile``."""
+    import torch
+    sh = field.sh
+    return Job(dtype=str(sh.dtype).replace("torch.", ""), device=sh.device.type, grad=False,
+               lut=bool(params.precomputed and field.table is not None), polish=int(params.peak_polish),
+               state32=params.state_dtype in (None, torch.float32),
+               numeric_step=not torch.is_tensor(params.step), lmax_ok=sh.shape[-1] <= 91, compiled=False,
+               kernel=False, rk4=bool(params.rk4),
+               narrow=params.state_dtype == torch.float32 and sh.dtype == torch.float64)
+
+
 def describe(field, params, seeds, compiled: bool = False) -> Job:
     """The :class:`Job` of a Python-API call on ``field`` (:class:`FODField`), ``params`` and ``seeds`` (S, 3)."""
     import torch
     from . import native
     from ..core.tracing import is_tracing, is_vectorized, needs_grad
     sh = field.sh
-    return Job(dtype=str(sh.dtype).replace("torch.", ""), device=sh.device.type,
-               grad=bool(needs_grad(seeds, sh) or is_tracing(seeds, sh) or torch.is_tensor(params.step)
-                         and params.step.requires_grad),
-               lut=bool(params.precomputed and field.table is not None), polish=int(params.peak_polish),
-               state32=params.state_dtype in (None, torch.float32),
-               numeric_step=not torch.is_tensor(params.step), lmax_ok=sh.shape[-1] <= 91, compiled=bool(compiled),
-               kernel=native.available()[0], rk4=bool(params.rk4), traced=is_vectorized(seeds, sh),
-               narrow=params.state_dtype == torch.float32 and sh.dtype == torch.float64)
+    return settings(field, params)._replace(
+        grad=bool(needs_grad(seeds, sh) or is_tracing(seeds, sh) or torch.is_tensor(params.step)
+                  and params.step.requires_grad),
+        compiled=bool(compiled), kernel=native.available()[0], traced=is_vectorized(seeds, sh))
 

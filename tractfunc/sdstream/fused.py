@@ -41,7 +41,7 @@ import torch
 from ..core.field import FODField
 from ..core.params import TrackParams
 from ..core.shsize import lmax_for
-from ..core.tracing import needs_grad, unwrap
+from ..core.tracing import live_tangent, needs_grad, unwrap
 from . import native
 
 Tensor = torch.Tensor
@@ -60,17 +60,11 @@ class _AdjConfig(ctypes.Structure):
 
 
 def applies(field: FODField, params: TrackParams) -> bool:
-    """Whether the fused engine can run a follow job on ``field``: the CPU, lmax <= 12, and exact peaks
-    (``peak_polish > 0``) in float32 or float64, or tckgen's lookup-table peaks with the state in the field's own
-    dtype or float32 for a float32 field (the rule of :func:`tractfunc.sdstream.engine.fused_fits`)."""
-    sh = field.sh
-    if sh.device.type != "cpu" or sh.shape[-1] > 91 or sh.dtype not in (torch.float32, torch.float64):
-        return False
-    if params.peak_polish > 0:
-        return True
-    if sh.dtype == torch.float32:
-        return params.state_dtype in (None, torch.float32)
-    return field.table is not None and params.state_dtype in (None, torch.float64)
+    """Whether the fused engine can run a follow job on ``field``: :func:`tractfunc.sdstream.engine.fused_fits` (the
+    CPU, lmax <= 12, float32 or float64, and exact peaks, or tckgen's lookup-table peaks with a float32 field or a
+    float64 state) on this field's and these params' values."""
+    from .engine import fused_fits, settings
+    return fused_fits(settings(field, params))
 
 
 class _Tape(NamedTuple):
@@ -167,9 +161,7 @@ class _Fused(torch.autograd.Function):
         """Forward mode (``torch.func.jvp``): one C forward-mode sweep along the tape."""
         with torch._C._DisableFuncTorch():   # plain tensors for C
             sh_dtype, seeds_dtype, S, has_step = ctx.meta
-            t_sh = None if t_sh is None else unwrap(t_sh)
-            if t_sh is not None and not bool(t_sh.any()):   # (torch.func passes zeros for an input it does not move)
-                t_sh = None
+            t_sh = unwrap(t_sh) if live_tangent(t_sh) else None
             ts = unwrap(t_seeds)[ctx.ids] if t_seeds is not None else torch.zeros(ctx.ids.shape[0], 3)
             dv, dw = jvp(ctx.tape, t_sh, ts, float(unwrap(t_step)) if t_step is not None else 0.0)
             tw = dw.to(sh_dtype) if dw is not None else torch.zeros(0, dtype=sh_dtype)
@@ -263,9 +255,8 @@ def forward(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds
         seeds_acc = np.ascontiguousarray(seeds.detach().cpu().double().numpy()[ids])
         sd32 = np.ascontiguousarray(sd32)
         verts = np.empty((v32.shape[0], 3), dtype=np.float64)
-        config.pack = int(params.rk4)   # RK4's double records packed (csrc/sd_adjoint.c: stored_width)
-        width = (12 if temperature is not None else 9) if params.rk4 else sd32.shape[1]
-        sdirs = np.empty((sd32.shape[0], width), dtype=np.float64)
+        config.pack = 1   # RK4's double records packed (csrc/sd_adjoint.c: stored_width)
+        sdirs = np.empty((sd32.shape[0], native.library().sd_stored_width(ctypes.byref(config))), dtype=np.float64)
         ok = np.ones(ln.shape[0], dtype=np.uint8)
         v32 = np.ascontiguousarray(v32)
         init = None
@@ -352,17 +343,6 @@ def jvp(tape: _Tape, t_sh: Optional[Tensor], t_seeds: Tensor, t_step: float):
     return torch.from_numpy(dverts), None if dweights is None else torch.from_numpy(dweights)
 
 
-def seed_jacobian_tape(tape: _Tape) -> Tensor:
-    """Every vertex's Jacobian wrt its seed along a forward's tape, (V, 3, 3) float64 (see
-    :func:`seed_jacobian_fused`)."""
-    J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
-    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
-    native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),
-                                      _ptr(tape.lengths), _ptr(tape.seed_index), _ptr(verts), _ptr(sdirs), _ptr(J),
-                                      torch.get_num_threads())
-    return torch.from_numpy(J)
-
-
 def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Kernel", seeds: Tensor,
                         init_dirs: Tensor):
     """:func:`track_fused`'s streamlines (detached) and every vertex's Jacobian with respect to its seed.
@@ -371,5 +351,10 @@ def seed_jacobian_fused(field: FODField, params: TrackParams, kernel: "native.Ke
     d seed_k`` of the vertex's own seed; the identity at seed vertices), by forward propagation of each step's
     3 x 3 Jacobian in C (the implicit-function derivative of every peak, RK4 through its stages)."""
     values, _, tape, ids, reasons, acc, _ = forward(field, params, kernel, seeds, init_dirs)
+    J = np.empty((tape.verts.shape[0], 3, 3), dtype=np.float64)
+    verts, sdirs = _double(tape.verts), _double(tape.sdirs)   # (held: the C call reads them)
+    native.library().sd_seed_jacobian(ctypes.byref(tape.config), tape.lengths.shape[0], _ptr(tape.starts),
+                                      _ptr(tape.lengths), _ptr(tape.seed_index), _ptr(verts), _ptr(sdirs), _ptr(J),
+                                      torch.get_num_threads())
     out = (values, torch.from_numpy(tape.lengths), ids, torch.from_numpy(tape.seed_index), reasons, acc)
-    return out, seed_jacobian_tape(tape).to(field.sh.dtype)
+    return out, torch.from_numpy(J).to(field.sh.dtype)

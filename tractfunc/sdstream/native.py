@@ -254,6 +254,8 @@ def _load():
         lib.sd_adjoint.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 11 + [ctypes.c_int32]
         lib.sd_soft_weights.restype = None
         lib.sd_soft_weights.argtypes = [ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 5 + [ctypes.c_int32]
+        lib.sd_stored_width.restype = ctypes.c_int32
+        lib.sd_stored_width.argtypes = [ctypes.c_void_p]
         lib.sd_jvp.restype = None
         lib.sd_jvp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 7 + [
             ctypes.c_double, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32]

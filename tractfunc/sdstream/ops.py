@@ -35,7 +35,7 @@ from ..core.params import TrackParams
 from ..core.sh import LegendreTable
 from ..core.shsize import lmax_for
 from ..core.stop import Reason
-from ..core.tracing import is_vectorized, unwrap
+from ..core.tracing import is_vectorized, live_tangent, unwrap
 from ..errors import TractfuncError
 from .fixed import FixedTracks, length_accepted
 
@@ -220,17 +220,6 @@ def _vjp(*args):
         return torch.ops.tractfunc.follow_fixed_vjp(*[unwrap(a) if torch.is_tensor(a) else a for a in args])
 
 
-def _live(t: Optional[Tensor]) -> bool:
-    """Whether a forward-mode tangent can be non-zero: a batched one (jacfwd wrt that input), or a plain one with a
-    non-zero entry (the zeros torch.func passes for the inputs not differentiated are not)."""
-    if t is None:
-        return False
-    if is_vectorized(t):
-        return True
-    with torch._C._DisableFuncTorch():
-        return bool(unwrap(t).any())
-
-
 class _FollowFixed(torch.autograd.Function):
     """The forward op with the backward op as its derivative (an autograd.Function rather than the op's own
     ``register_autograd``, so that torch.func's grad transforms go through it too; its vmap rule is generated from
@@ -269,7 +258,7 @@ class _FollowFixedForward(_FollowFixed):
         """Forward mode wrt the FOD, the seeds and the step (hard or soft stopping): the forward-mode op."""
         tensors = ctx.saved_tensors
         sh, seeds, step = tensors[0], tensors[2], tensors[4]
-        has_sh = _live(t_sh)
+        has_sh = live_tangent(t_sh)
         th = t_sh.to(sh.dtype).unsqueeze(0) if has_sh else sh.new_zeros(0)
         ts = (t_seeds if t_seeds is not None else torch.zeros_like(seeds)).to(sh.dtype).unsqueeze(0)
         tstep = (t_step if t_step is not None else torch.zeros_like(step)).to(sh.dtype).reshape(1)

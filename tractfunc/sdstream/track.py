@@ -149,7 +149,7 @@ def track(field: FODField, params: TrackParams, seeds: Tensor, init_dirs: Option
         steps = (params.max_points if n_steps is None else int(n_steps)) if soft else None
         kernel = decision_kernel(field, params, mask, act, regions, steps, 0 if n_steps is None else int(n_steps))
     from . import fused
-    use_fused = name == "follow" and fused.applies(field, params)
+    use_fused = name == "follow" and E.fused_fits(job)
     if name == "eager" or (name == "follow" and not use_fused):   # one compact FOD-gradient buffer for the call
         token, sink = fodgrad.attach(field.sh)
         if sink is not None:

@@ -69,7 +69,11 @@ static inline int rec_width(const adj_config *c) { return c->soft ? (c->rk4 ? 18
  * back to the last bit or two), its index and sign in 3 bits of a flags word; with soft stopping also the amplitude
  * margin (the cosine margin is d1.m5 - cos_max again, the smallest stage is in the flags).  Hard: d1..d4 in 8
  * doubles and the flags, 72 bytes instead of 96; soft: d1..d4, m5, the margin and the flags, 96 instead of 144. */
-static inline int stored_width(const adj_config *c) { return c->pack && c->rk4 ? (c->soft ? 12 : 9) : rec_width(c); }
+static inline int packed(const adj_config *c) { return c->pack && c->rk4; }
+static inline int stored_width(const adj_config *c) { return packed(c) ? (c->soft ? 12 : 9) : rec_width(c); }
+
+/* Doubles per vertex sd_replay writes into its sdirs (what the caller allocates). */
+int32_t sd_stored_width(const adj_config *c) { return stored_width(c); }
 
 static int encode_dir(const double *d, double *out) {
     int k = 0;
@@ -101,7 +105,7 @@ static void encode_row(const adj_config *c, const double *full, double *out) {
 
 /* Row `row` of the records rec as rec_width doubles: rec's own row, or (packed) decoded into buf. */
 static const double *rec_row(const adj_config *c, const double *rec, int64_t row, double *buf) {
-    if (!(c->pack && c->rk4)) return rec + (int64_t)rec_width(c) * row;
+    if (!packed(c)) return rec + (int64_t)rec_width(c) * row;
     const int sw = stored_width(c), n = c->soft ? 5 : 4;
     const double *in = rec + (int64_t)sw * row;
     const int64_t flags = (int64_t)in[sw - 1];
@@ -441,7 +445,6 @@ static int lut_peak(const adj_config *c, const double *pos, double *u, double *a
         normalize(v);
         if (dt < 1e-4) {
             memcpy(u, v, sizeof v);
-            if (amp) *amp = j.amp;
             return 1;
         }
     }
@@ -611,7 +614,7 @@ static int replay_half(const adj_config *c, const half_rows *h, const double *se
     int ok = 1;
     for (int64_t j = 0; j < h->steps; j++) {
         const int64_t row = h->seed_row + h->sgn * (j + 1), row0 = row - h->sgn;
-        double *so = c->pack ? full : sout + width * row;
+        double *so = packed(c) ? full : sout + width * row;
         double d[3] = {0.0, 0.0, 0.0}, dir[3], amp[5] = {0.0, 0.0, 0.0, 0.0, 0.0};
         if (lut) {   /* the starts */
             memset(so, 0, width * sizeof(double));
@@ -658,7 +661,7 @@ static int replay_half(const adj_config *c, const half_rows *h, const double *se
             so[17] = (double)arg;
         }
         memcpy(prev, lut && !c->own_starts ? d : dir, sizeof dir);
-        if (c->pack) encode_row(c, full, sout + sw * row);
+        if (packed(c)) encode_row(c, full, sout + sw * row);
     }
     return ok;
 }
@@ -963,7 +966,7 @@ static void *adj_worker(void *arg) {
                 for (int k = 0; k < 3; k++) pk[k] = (double)j->sdirs_in[w * h[0].seed_row + k];
                 ok &= polish_peak(j->c, seed, pk, NULL);
             }
-            if (!j->c->pack) memcpy(srow, pk, sizeof pk);   /* (soft Euler: the seed peak's VJP reads it) */
+            if (!packed(j->c)) memcpy(srow, pk, sizeof pk);   /* (soft Euler: the seed peak's VJP reads it) */
             ok &= replay_half(j->c, &h[0], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
             ok &= replay_half(j->c, &h[1], seed, pk, j->sdirs_in, j->ref, j->verts, j->sdirs);
             j->ok[i] = (uint8_t)ok;
