@@ -24,3 +24,14 @@ def test_quick_run_reports_every_route_with_a_positive_ratio(tmp_path, capsys):
         assert r.get("grad_finite", True) and r.get("finite", True), r
     assert all(math.isfinite(v) and v > 0 for v in res["soft_over_hard_speed"].values())
     assert "| native | float32 | forward |" in capsys.readouterr().out
+
+
+def test_an_existing_json_is_refused_without_force(tmp_path, capsys):
+    """As every command that writes: an existing --json is an error (one line, before any work, the file left as
+    it was) unless --force is given."""
+    out = tmp_path / "grad.json"
+    out.write_text("keep")
+    assert main(["bench", "--grad", "--quick", "--json", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; use --force" in err and len(err.strip().splitlines()) == 1
+    assert out.read_text() == "keep"

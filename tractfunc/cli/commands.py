@@ -855,15 +855,17 @@ def main(argv: Optional[list] = None) -> int:
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["bench"] and "--grad" in args:   # differentiable speed: tractfunc.tools.gradbench's own options
         from ..tools import gradbench
-        return gradbench.main([x for x in args[1:] if x != "--grad"])
-    p = build_parser()
-    a = p.parse_args(argv)
-    a.argv = list(sys.argv[1:] if argv is None else argv)
+        a = gradbench.parser().parse_args([x for x in args[1:] if x != "--grad"])
+        a.cmd, a.func = "bench", _bench_grad
+    else:
+        a = build_parser().parse_args(argv)
+        a.argv = list(args)
     try:
-        cli_args.check_ranges(a)
-        if getattr(a, "threads", None) == 0:
-            a.threads = 1   # tckgen -nthreads 0: no extra threads, the work runs on the main thread
-        outputs.check(a)
+        if a.func is not _bench_grad:
+            cli_args.check_ranges(a)
+            if getattr(a, "threads", None) == 0:
+                a.threads = 1   # tckgen -nthreads 0: no extra threads, the work runs on the main thread
+            outputs.check(a)
         return a.func(a)
     except KeyboardInterrupt:
         sys.stderr.write(f"tractfunc {a.cmd}: interrupted; no output written\n")
@@ -884,6 +886,15 @@ def main(argv: Optional[list] = None) -> int:
         sys.stderr.write(f"tractfunc {a.cmd}: internal error: {type(e).__name__}: {_one_line(e)} "
                          "(TRACTFUNC_DEBUG=1 shows the traceback; please report it)\n")
         return 1
+
+
+def _bench_grad(a) -> int:
+    """``tractfunc bench --grad``: its ``--json`` checked as every output is (an existing file only with ``--force``)
+    before the run; the file is written whole or not at all."""
+    from ..tools import gradbench
+    if a.json_path:
+        outputs.check_output(a.json_path, "--json", a.force)
+    return gradbench.run_cli(a)
 
 
 def _one_line(e: BaseException) -> str:

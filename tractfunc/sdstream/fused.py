@@ -322,10 +322,12 @@ def jvp(tape: _Tape, t_sh: Optional[Tensor], t_seeds: Tensor, t_step: float):
     """Forward mode along a forward's tape (one C sweep, :func:`adjoint`'s derivative rules).
 
     Args:
-        tape: what :func:`forward` recorded; t_sh: None, or the FOD's tangent (like the FOD, C-contiguous, its
-            dtype); t_seeds: (A, 3) the tangents of each accepted streamline's seed; t_step: the step's tangent.
+        tape: what :func:`forward` recorded; t_sh: None, or the FOD's tangent (X, Y, Z, N) in the FOD's voxel grid
+            (any layout or dtype: converted to the FOD's); t_seeds: (A, 3) scanner mm, the tangents of each accepted
+            streamline's seed; t_step: mm, the step's tangent.
     Returns:
-        (the vertices' tangents (V, 3) float64, the weights' (V,) float64 under soft stopping, else None).
+        (the vertices' tangents (V, 3) scanner mm, float64; the weights' (V,) float64 under soft stopping, else
+        None).
     """
     V = tape.verts.shape[0]
     dverts = np.zeros((V, 3), dtype=np.float64)

@@ -348,11 +348,16 @@ def format_table(res: Dict) -> str:
     return "\n".join(out)
 
 
-def main(argv=None) -> int:
+def parser():
+    """The options of ``tractfunc bench --grad`` (and of ``python -m tractfunc.tools.gradbench``)."""
     import argparse
     ap = argparse.ArgumentParser(prog="tractfunc bench --grad", description=__doc__.split("\n\n")[0])
     add_arguments(ap)
-    return run_cli(ap.parse_args(argv))
+    return ap
+
+
+def main(argv=None) -> int:
+    return run_cli(parser().parse_args(argv))
 
 
 def add_arguments(ap) -> None:
@@ -370,6 +375,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="smoke run on the phantom: 6 seeds, 6 steps, lengths 0.5-3 mm, float32, 1 thread, 1 repeat")
     ap.add_argument("--json", dest="json_path", help="write the result here")
+    ap.add_argument("--force", action="store_true", help="overwrite an existing --json (as tckgen -force)")
     ap.add_argument("--rk4", action="store_true", help="every route (the native reference too) with tckgen's -rk4")
 
 
@@ -383,8 +389,9 @@ def run_cli(a) -> int:
     res = run(data, n, steps, threads, dtypes, a.checkpoint, a.temperature, repeats, tuple(a.routes.split(",")),
               max_length=max_length, min_length=min_length, rk4=bool(getattr(a, "rk4", False)))
     print(format_table(res))
-    if a.json_path:
-        with open(a.json_path, "w") as f:
+    if a.json_path:   # whole or not at all
+        from ..io.atomic import atomic_path
+        with atomic_path(a.json_path) as tmp, open(tmp, "w") as f:
             json.dump(res, f, indent=1)
     return 0
 
